@@ -1,0 +1,198 @@
+"""The ``ltstudy`` command: parse, validate, call. Expected failures are one line and exit code 2."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ltstudy.errors import LtstudyError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help=__doc__)
+datasets_app = typer.Typer(no_args_is_help=True, help="Inspect long-tailed datasets.")
+bench_app = typer.Typer(no_args_is_help=True, help="Throughput and memory benchmarks.")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(bench_app, name="bench")
+
+console = Console(highlight=False)
+OVERRIDES = typer.Argument(None, metavar="[KEY=VALUE]...", help="override any config key")
+METHOD = typer.Option(None, "--method", "-m", help="method name (see `ltstudy methods`)")
+DATASET = typer.Option(None, "--dataset", "-d", help="cifar10-lt | cifar100-lt | filelist | synthetic")
+IMBALANCE = typer.Option(None, "--imbalance", help="imbalance factor n_max/n_min (>= 1)")
+DATA_ROOT = typer.Option(None, "--data-root", help="folder holding the dataset")
+CONFIG = typer.Option(None, "--config", "-c", help="YAML config file")
+DOWNLOAD = typer.Option(None, "--download/--no-download", help="fetch missing CIFAR data")
+
+
+def pct(value: float) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+def metrics_table(rows: dict[str, dict[str, float]], title: str = "metrics (%)") -> Table:
+    table = Table(title=title)
+    for col in ("split", "top-1", "many", "medium", "few", "loss"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for split, m in rows.items():
+        table.add_row(split, pct(m.get("top1")), pct(m.get("many")), pct(m.get("medium")),
+                      pct(m.get("few")), f"{m.get('loss', math.nan):.4f}")
+    return table
+
+
+def split_metrics(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix) and
+            not k.endswith("per_class")}
+
+
+def _print_epoch(epochs: int) -> Any:
+    def report(m: dict[str, Any], checkpoint: str | None) -> None:
+        console.print(
+            f"epoch {m['epoch']:>3}/{epochs}  loss {m['train_loss']:.4f}  lr {m['lr']:.4g}  "
+            f"val top-1 {pct(m['val_top1'])}  many/med/few {pct(m['val_many'])}/"
+            f"{pct(m['val_medium'])}/{pct(m['val_few'])}  {m['epoch_seconds']:.1f}s"
+        )
+    return report
+
+
+@app.command()
+def train(
+    method: Optional[str] = METHOD,
+    dataset: Optional[str] = DATASET,
+    imbalance: Optional[float] = IMBALANCE,
+    data_root: Optional[str] = DATA_ROOT,
+    config: Optional[Path] = CONFIG,
+    download: Optional[bool] = DOWNLOAD,
+    checkpoint_dir: Optional[Path] = typer.Option(None, help="write a checkpoint after every epoch"),
+    resume: bool = typer.Option(False, help="continue from the checkpoint in --checkpoint-dir"),
+    save_config: Optional[Path] = typer.Option(None, help="write the resolved config as YAML"),
+    overrides: Optional[list[str]] = OVERRIDES,
+) -> None:
+    """Train and evaluate one configuration; ends with a metrics table."""
+    import yaml
+
+    from ltstudy.config import load_config
+    from ltstudy.train import run_trial
+
+    cfg = load_config(config, overrides or [], method=method, dataset=dataset, imbalance=imbalance,
+                      data_root=data_root, download=download)
+    if resume and checkpoint_dir is None:
+        raise LtstudyError("--resume needs --checkpoint-dir")
+    if save_config:
+        save_config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    t = cfg.train
+    console.print(f"ltstudy train: {t.method} on {t.dataset} (IF {t.imbalance:g}), "
+                  f"{t.model}, {t.epochs} epochs, seed {t.seed}")
+    from ltstudy.train import TrialContext
+
+    ctx = TrialContext(checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+                       resume_from=str(checkpoint_dir) if resume else None)
+    metrics = run_trial(cfg, _print_epoch(t.epochs), ctx)
+    if not metrics:
+        console.print("nothing to do: the checkpoint is already at the last epoch")
+        return
+    console.print(metrics_table({"val": split_metrics(metrics, "val_"),
+                                 "test": split_metrics(metrics, "test_")}))
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods with their hyperparameters and published defaults."""
+    from ltstudy.methods import get_method, iter_hyperparameters, list_methods
+
+    for name in list_methods():
+        spec = get_method(name)
+        console.print(f"[bold]{name}[/bold] ({spec.stage}) — {spec.summary}")
+        for key, kind, default, desc in iter_hyperparameters(name):
+            console.print(f"    {key:<22} {kind:<8} default {default!r:<10} {desc}")
+        if spec.train_defaults:
+            recipe = ", ".join(f"{k}={v}" for k, v in spec.train_defaults.items())
+            console.print(f"    recipe: {recipe}")
+
+
+@datasets_app.command("show")
+def datasets_show(
+    dataset: Optional[str] = DATASET,
+    imbalance: Optional[float] = IMBALANCE,
+    data_root: Optional[str] = DATA_ROOT,
+    config: Optional[Path] = CONFIG,
+    split: str = typer.Option("train", help="train | val | test"),
+    overrides: Optional[list[str]] = OVERRIDES,
+) -> None:
+    """Print the class counts of a split, head to tail, with the many/medium/few buckets."""
+    from ltstudy.config import load_config
+    from ltstudy.metrics import shot_masks
+    from ltstudy.train import load_data
+
+    if split not in ("train", "val", "test"):
+        raise LtstudyError(f"unknown split {split!r}; choose train, val or test")
+    cfg = load_config(config, overrides or [], dataset=dataset, imbalance=imbalance,
+                      data_root=data_root)
+    t = cfg.train
+    data = load_data(cfg)
+    labels = getattr(data, split).labels
+    counts = [int((labels == c).sum()) for c in range(data.num_classes)]
+    masks = shot_masks(data.class_counts, t.many_threshold, t.few_threshold)
+    bucket = {c: g for g, m in masks.items() for c in m.nonzero().flatten().tolist()}
+    order = sorted(range(data.num_classes), key=lambda c: -int(data.class_counts[c]))
+    table = Table(title=f"{data.name} {split} (IF {t.imbalance:g}, {len(labels)} images)")
+    for col in ("class", "name", "images", "bucket"):
+        table.add_column(col)
+    for c in order:
+        table.add_row(str(c), data.class_names[c], str(counts[c]), bucket[c])
+    console.print(table)
+    summary = ", ".join(f"{g} {int(m.sum())} classes (n {'>' if g == 'many' else '<' if g == 'few' else 'in'} "
+                        f"{t.many_threshold if g == 'many' else t.few_threshold if g == 'few' else f'[{t.few_threshold}, {t.many_threshold}]'})"
+                        for g, m in masks.items())
+    console.print(f"buckets by training count: {summary}")
+
+
+@bench_app.command("train")
+def bench_train(
+    method: str = typer.Option("ce", "--method", "-m"),
+    model: str = typer.Option("resnet32", help="backbone"),
+    batch_size: int = typer.Option(128),
+    steps: int = typer.Option(30, help="timed steps per repeat"),
+    repeats: int = typer.Option(5, help="repeats; the median is reported"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Training and evaluation images/s and peak memory on the current device."""
+    from ltstudy.bench import bench_train as run
+
+    result = run(method=method, model=model, batch_size=batch_size, steps=steps, repeats=repeats,
+                 device=device)
+    table = Table(title=f"bench train: {method} / {model}, batch {batch_size} on {result['device']}")
+    for col in ("train img/s", "eval img/s", "peak memory MiB"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{result['train_images_per_s']:.0f}", f"{result['eval_images_per_s']:.0f}",
+                  f"{result['peak_memory_mib']:.0f}")
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning expected failures into one line and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="ltstudy", standalone_mode=False)
+    except LtstudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else str(exc))
+        sys.exit(0)
+    except click.ClickException as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""One configuration path: YAML file → typed config → ``key=value`` overrides → resolved config.
+
+A trial is described by a flat mapping of keys. Each key is either a training setting (a field of
+:class:`TrainConfig`) or a hyperparameter declared by the chosen method (a field of its ``Params``).
+Unset keys fall back to the method's published recipe (``Method.train_defaults``), then to the
+defaults below. Unknown keys and values of the wrong type raise :class:`~ltstudy.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ltstudy.errors import ConfigError
+
+#: Keys a config file may carry that are not settings (kept for provenance, ignored when resolving).
+META_KEYS = ("provenance",)
+
+
+class TrainConfig(BaseModel):
+    """Settings shared by every method: data, model, optimisation, evaluation, runtime."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    method: str = Field("ce", description="registered method name (`ltstudy methods`)")
+    # data
+    dataset: str = Field("cifar10-lt", description="cifar10-lt | cifar100-lt | filelist | synthetic")
+    data_root: str | None = Field(None, description="folder holding the dataset")
+    download: bool = Field(False, description="fetch a missing CIFAR folder with torchvision")
+    imbalance: float = Field(100.0, ge=1.0, description="imbalance factor n_max/n_min")
+    profile: Literal["exp", "step"] = Field("exp", description="long-tail profile")
+    val_per_class: int = Field(20, ge=1, description="balanced validation images per class")
+    train_list: str | None = Field(None, description="file-list datasets: train list")
+    val_list: str | None = Field(None, description="file-list datasets: validation list")
+    test_list: str | None = Field(None, description="file-list datasets: test list")
+    image_size: int = Field(224, ge=8, description="file-list datasets: crop size")
+    synthetic_classes: int = Field(10, ge=2, description="synthetic dataset: number of classes")
+    # augmentation and sampling
+    crop_padding: int = Field(4, ge=0, description="random-crop padding (0 = no crop)")
+    flip: bool = Field(True, description="random horizontal flip")
+    cutout: int = Field(0, ge=0, description="Cutout square size (0 = off)")
+    autoaugment: bool = Field(False, description="AutoAugment (CIFAR-10 policy)")
+    sampler: Literal["instance", "class_balanced", "sqrt", "power"] = Field(
+        "instance", description="training sampler"
+    )
+    sampler_q: float = Field(0.5, ge=0.0, description="exponent q of the power sampler (n_c^-q)")
+    # model
+    model: str = Field("resnet32", description="backbone (`ltstudy/models`)")
+    # optimisation
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(2e-4, ge=0.0)
+    warmup_epochs: int = Field(5, ge=0, description="linear warm-up epochs")
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    milestones: tuple[float, ...] = Field(
+        (0.8, 0.9), description="step schedule: fractions of the epochs where lr *= gamma"
+    )
+    gamma: float = Field(0.01, gt=0.0, description="step schedule factor")
+    # evaluation
+    many_threshold: int = Field(100, ge=0, description="many-shot: more than this many train images")
+    few_threshold: int = Field(20, ge=0, description="few-shot: fewer than this many train images")
+    eval_batch_size: int = Field(512, ge=1)
+    # runtime
+    seed: int = 0
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    amp: bool = Field(True, description="mixed precision on CUDA")
+    channels_last: bool = Field(True, description="channels-last memory format on CUDA")
+    num_workers: int | None = Field(None, ge=0, description="decoding workers for file-list data")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """A resolved trial: the training settings plus the method's typed hyperparameters."""
+
+    train: TrainConfig
+    params: BaseModel
+
+    @property
+    def method(self) -> str:
+        return self.train.method
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat mapping of every resolved key, suitable for YAML and for ``resolve_config``."""
+        flat = self.train.model_dump(mode="json")
+        flat.update(self.params.model_dump(mode="json"))
+        return flat
+
+    def replace(self, **changes: Any) -> TrialConfig:
+        """A copy with some keys changed (validated like any override)."""
+        return resolve_config({**self.to_dict(), **changes})
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config or search-space file as a mapping; any problem is one ``ConfigError`` line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of key: value, not {type(data).__name__}")
+    return data
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Turn ``["lr=0.05", "milestones=[0.5,0.75]"]`` into a mapping; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def _unknown_key(key: str, method: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(
+        f"unknown key {key!r}: not a training setting nor a hyperparameter of method {method!r}{hint}"
+    )
+
+
+def _validation_error(exc: ValidationError, method: str) -> ConfigError:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "config"
+    got = err.get("input")
+    return ConfigError(f"bad value for {key!r} ({method}): {err['msg']}, got {got!r}")
+
+
+def resolve_config(values: dict[str, Any] | None = None, **explicit: Any) -> TrialConfig:
+    """Resolve a flat mapping (plus explicit keyword settings that win) into a :class:`TrialConfig`.
+
+    Precedence, lowest first: ``TrainConfig`` defaults, the method's published recipe, ``values``,
+    then ``explicit`` entries that are not ``None``.
+    """
+    from ltstudy.methods import get_method  # local import: methods sit below config's callers
+
+    merged = {k: v for k, v in (values or {}).items() if k not in META_KEYS}
+    merged.update({k: v for k, v in explicit.items() if v is not None})
+    method_name = merged.get("method", TrainConfig.model_fields["method"].default)
+    spec = get_method(method_name)
+    train_keys = set(TrainConfig.model_fields)
+    param_keys = set(spec.Params.model_fields)
+    train_values = {**spec.train_defaults, "method": spec.name}
+    param_values: dict[str, Any] = {}
+    for key, value in merged.items():
+        if key in train_keys:
+            train_values[key] = value
+        elif key in param_keys:
+            param_values[key] = value
+        else:
+            raise _unknown_key(key, spec.name, sorted(train_keys | param_keys))
+    try:
+        train = TrainConfig(**train_values)
+        params = spec.Params(**param_values)
+    except ValidationError as exc:
+        raise _validation_error(exc, spec.name) from None
+    return TrialConfig(train=train, params=params)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                **explicit: Any) -> TrialConfig:
+    """The CLI's path: optional YAML file, then explicit flags, then ``key=value`` overrides."""
+    values = load_yaml(path) if path else {}
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    values.update(parse_overrides(overrides))
+    return resolve_config(values)
