@@ -1,0 +1,114 @@
+"""Backbones, classifier heads and a registry that joins them.
+
+Pure torch/torchvision. Every backbone has ``forward_features(x) -> (B, D, H, W)``,
+``forward(x) -> (B, D)``, ``feature_dim`` and ``stages`` (ordered residual stages).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ltstudy.errors import ConfigError
+from ltstudy.models.heads import CosineHead, LinearHead, NormedHead
+from ltstudy.models.imagenet import TorchvisionResNet, resnet50, resnext50_32x4d
+from ltstudy.models.resnet_cifar import CifarResNet, resnet32, resnet32_w4, resnet34_cifar
+
+__all__ = [
+    "Classifier",
+    "CifarResNet",
+    "TorchvisionResNet",
+    "LinearHead",
+    "NormedHead",
+    "CosineHead",
+    "build_model",
+    "build_backbone",
+    "build_head",
+    "list_models",
+    "list_heads",
+    "param_count",
+]
+
+_BACKBONES: dict[str, Callable[[], nn.Module]] = {
+    "resnet32": resnet32,
+    "resnet32_w4": resnet32_w4,
+    "resnet34_cifar": resnet34_cifar,
+    "resnet50": resnet50,
+    "resnext50_32x4d": resnext50_32x4d,
+}
+
+_HEADS: dict[str, Callable[[int, int], nn.Module]] = {
+    "linear": LinearHead,
+    "normed": NormedHead,
+    "cosine": CosineHead,
+}
+
+
+class Classifier(nn.Module):
+    """A backbone followed by a head: ``forward(x) = head(backbone(x))``."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.feature_dim: int = int(backbone.feature_dim)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (B, D)."""
+        return self.backbone(x)
+
+    def logits_from_features(self, f: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) from pooled features."""
+        return self.head(f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`build_model`."""
+    return list(_BACKBONES)
+
+
+def list_heads() -> list[str]:
+    """Head names accepted by :func:`build_model`."""
+    return list(_HEADS)
+
+
+def _choices(names: list[str]) -> str:
+    return ", ".join(names)
+
+
+def build_backbone(name: str) -> nn.Module:
+    """A randomly initialised backbone by name; unknown names raise :class:`ConfigError`."""
+    try:
+        factory = _BACKBONES[name]
+    except KeyError:
+        raise ConfigError(f"unknown model {name!r}; choose one of: {_choices(list_models())}") from None
+    return factory()
+
+
+def build_head(name: str, in_features: int, num_classes: int) -> nn.Module:
+    """A classifier head by name; unknown names raise :class:`ConfigError`."""
+    try:
+        factory = _HEADS[name]
+    except KeyError:
+        raise ConfigError(f"unknown head {name!r}; choose one of: {_choices(list_heads())}") from None
+    return factory(in_features, num_classes)
+
+
+def build_model(name: str, num_classes: int, head: str = "linear") -> Classifier:
+    """Backbone ``name`` with a ``head`` classifier over ``num_classes`` classes."""
+    if head not in _HEADS:  # check before building a possibly large backbone
+        raise ConfigError(f"unknown head {head!r}; choose one of: {_choices(list_heads())}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    backbone = build_backbone(name)
+    return Classifier(backbone, build_head(head, int(backbone.feature_dim), num_classes))
+
+
+def param_count(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (optionally only those with ``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
