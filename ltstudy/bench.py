@@ -1,0 +1,89 @@
+"""Benchmarks behind ``ltstudy bench``: whole-loop throughput and peak memory on the current device.
+
+Figures are medians over repeats of the real training step (the method's ``train_step`` with the batch
+augmentation and the device-resident loader) and of the evaluation forward pass, so they include
+augmentation and data movement, not just the model.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from ltstudy.config import resolve_config
+from ltstudy.data import AugmentSpec, make_loader
+from ltstudy.train import _amp, _optimizer, _prepare_model, build_method, load_data, resolve_device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _timed(loop: Any, steps: int, batch: int, device: torch.device) -> float:
+    _sync(device)
+    tic = time.perf_counter()
+    loop(steps)
+    _sync(device)
+    return steps * batch / (time.perf_counter() - tic)
+
+
+def bench_train(method: str = "ce", model: str = "resnet32", batch_size: int = 128, steps: int = 30,
+                repeats: int = 5, device: str = "auto", **overrides: Any) -> dict[str, Any]:
+    """Median train and eval images/s and peak memory of ``method`` on synthetic CIFAR-sized data."""
+    dev = resolve_device(device)
+    cfg = resolve_config({"method": method, "model": model, "dataset": "synthetic",
+                          "batch_size": batch_size, "device": str(dev), **overrides})
+    t = cfg.train
+    data = load_data(cfg)
+    torch.manual_seed(0)
+    meth = build_method(cfg, data, dev)
+    net = _prepare_model(meth, t, dev, 1)
+    opt = _optimizer(net, t)
+    amp = _amp(t, dev)
+    cl = dev.type == "cuda" and t.channels_last
+    loader = make_loader(data, "train", batch_size=batch_size, device=dev, train=True,
+                         augment=AugmentSpec(), seed=0, channels_last=cl)
+
+    def batches() -> Any:
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    stream = batches()
+
+    def train_steps(n: int) -> None:
+        net.train()
+        for _ in range(n):
+            x, y = next(stream)
+            meth.train_step(net, x, y, opt, amp)
+
+    @torch.no_grad()
+    def eval_steps(n: int) -> None:
+        net.eval()
+        for _ in range(n):
+            x, _ = next(stream)
+            with amp.autocast():
+                meth.predict(net, x)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    train_steps(3)  # warm-up: allocator, cudnn autotune
+    train = [_timed(train_steps, steps, batch_size, dev) for _ in range(repeats)]
+    evals = [_timed(eval_steps, steps, batch_size, dev) for _ in range(repeats)]
+    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "train_images_per_s": statistics.median(train),
+            "eval_images_per_s": statistics.median(evals),
+            "peak_memory_mib": _peak_memory_mib(dev)}
