@@ -52,8 +52,8 @@ def bench_train(method: str = "ce", model: str = "resnet32", batch_size: int = 1
     opt = _optimizer(net, t)
     amp = _amp(t, dev)
     cl = dev.type == "cuda" and t.channels_last
-    loader = make_loader(data, "train", batch_size=batch_size, device=dev, train=True,
-                         augment=AugmentSpec(), seed=0, channels_last=cl)
+    loader = meth.train_loader(batch_size=batch_size, train=True, augment=AugmentSpec(),
+                               channels_last=cl)
 
     def batches() -> Any:
         epoch = 0
@@ -63,18 +63,19 @@ def bench_train(method: str = "ce", model: str = "resnet32", batch_size: int = 1
             epoch += 1
 
     stream = batches()
+    eval_batch = next(iter(make_loader(data, "train", batch_size=batch_size, device=dev,
+                                       train=False, channels_last=cl)))[0]
 
     def train_steps(n: int) -> None:
         net.train()
         for _ in range(n):
-            x, y = next(stream)
-            meth.train_step(net, x, y, opt, amp)
+            meth.train_step(net, next(stream), opt, amp)
 
     @torch.no_grad()
     def eval_steps(n: int) -> None:
         net.eval()
         for _ in range(n):
-            x, _ = next(stream)
+            x = eval_batch
             with amp.autocast():
                 meth.predict(net, x)
 

@@ -173,8 +173,8 @@ def _train_epoch(method: Method, model: nn.Module, loader: Any, optimizer: torch
     model.train()
     total = torch.zeros((), device=next(model.parameters()).device)
     steps = 0
-    for x, y in loader:
-        total += method.train_step(model, x, y, optimizer, amp).float()
+    for batch in loader:
+        total += method.train_step(model, batch, optimizer, amp).float()
         steps += 1
     loss = total.item() / max(steps, 1)
     if not math.isfinite(loss):
@@ -198,10 +198,10 @@ def run_trial(cfg: TrialConfig, report: Report | None = None,
     channels_last = device.type == "cuda" and t.channels_last
     augment = AugmentSpec(crop_padding=t.crop_padding, flip=t.flip, cutout=t.cutout,
                           autoaugment=t.autoaugment)
-    train_loader = make_loader(
-        data, "train", batch_size=t.batch_size, device=device, train=True, augment=augment,
-        sampler=t.sampler, sampler_q=t.sampler_q, seed=t.seed, rank=ctx.rank,
-        world_size=ctx.world_size, channels_last=channels_last, num_workers=t.num_workers,
+    train_loader = method.train_loader(
+        batch_size=t.batch_size, train=True, augment=augment, sampler=t.sampler,
+        sampler_q=t.sampler_q, rank=ctx.rank, world_size=ctx.world_size,
+        channels_last=channels_last, num_workers=t.num_workers,
     )
     eval_kw = dict(batch_size=t.eval_batch_size, device=device, train=False,
                    channels_last=channels_last, num_workers=t.num_workers)

@@ -6,8 +6,12 @@ talks to a method through the hooks below, so a new method needs no trainer chan
 
 * ``build_model()`` — the network (backbone + the head the method needs);
 * ``on_epoch_start(epoch)`` — schedules such as deferred re-weighting;
-* ``train_step(model, x, y, optimizer, amp)`` — one optimisation step (default: forward, ``loss``,
-  backward, step); methods with their own update rule (SAM, meta steps) override it;
+* ``train_loader(**kw)`` — the epoch's batches (default: the standard augmented ``(x, y)`` loader);
+  a method that needs other batches (two views, a second sampler) returns its own loader with the
+  same ``set_epoch`` / ``__iter__`` / ``__len__`` / ``num_samples`` interface;
+* ``train_step(model, batch, optimizer, amp)`` — one optimisation step on one batch of that loader
+  (default: forward, ``loss``, backward, step); methods with their own update rule (SAM, meta steps)
+  override it;
 * ``predict(model, x)`` — test-time logits;
 * ``state_dict()`` / ``load_state_dict()`` — method state that a checkpoint must carry.
 """
@@ -98,9 +102,15 @@ class Method:
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def train_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                   optimizer: torch.optim.Optimizer, amp: Amp) -> torch.Tensor:
-        """One update; returns the detached training loss."""
+    def train_loader(self, **kw: Any) -> Any:
+        """The training batches; ``kw`` are the trainer's ``make_loader`` arguments."""
+        assert self.ctx.make_loader is not None
+        return self.ctx.make_loader("train", **kw)
+
+    def train_step(self, model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
+                   amp: Amp) -> torch.Tensor:
+        """One update on one batch of :meth:`train_loader`; returns the detached training loss."""
+        x, y = batch
         with amp.autocast():
             loss = self.loss(model(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
