@@ -81,5 +81,15 @@ def split_in_memory(
     train = subset(train_idx)
     test = Split(labels=test_y.clone(), indices=torch.arange(len(test_y)), images=test_x)
     counts = torch.bincount(train.labels, minlength=num_classes)
-    return LTData(name, num_classes, list(class_names), train, subset(val_idx), test, counts,
-                  tuple(mean), tuple(std), int(train_x.shape[-1]))
+    return LTData(
+        name,
+        num_classes,
+        list(class_names),
+        train,
+        subset(val_idx),
+        test,
+        counts,
+        tuple(mean),
+        tuple(std),
+        int(train_x.shape[-1]),
+    )

@@ -33,8 +33,16 @@ def _build_cifar(name: str, data_root, download, imbalance, profile, val_per_cla
         raise ConfigError(f"{name}-lt needs a data root (the folder holding the CIFAR pickles)")
     mean, std = CIFAR_STATS[name]
     arrays = load_cifar(data_root, name, download)
-    return split_in_memory(f"{name}-lt", arrays, imbalance=imbalance, profile=profile,
-                           val_per_class=val_per_class, seed=seed, mean=mean, std=std)
+    return split_in_memory(
+        f"{name}-lt",
+        arrays,
+        imbalance=imbalance,
+        profile=profile,
+        val_per_class=val_per_class,
+        seed=seed,
+        mean=mean,
+        std=std,
+    )
 
 
 def _list_split(path, role: str) -> Split:
@@ -51,12 +59,25 @@ def _build_filelist(data_root, train_list, val_list, test_list, image_size: int)
         raise ConfigError("the filelist dataset needs a data root (the image folder)")
     if not Path(data_root).is_dir():
         raise DataError(f"image root {data_root} is not a folder")
-    train, val, test = (_list_split(p, r) for p, r in ((train_list, "train"), (val_list, "val"), (test_list, "test")))
+    train, val, test = (
+        _list_split(p, r) for p, r in ((train_list, "train"), (val_list, "val"), (test_list, "test"))
+    )
     num_classes = int(max(s.labels.max() for s in (train, val, test))) + 1
     counts = torch.bincount(train.labels, minlength=num_classes)
     mean, std = IMAGENET_STATS
-    return LTData("filelist", num_classes, [str(c) for c in range(num_classes)], train, val, test, counts,
-                  mean, std, image_size, image_root=str(data_root))
+    return LTData(
+        "filelist",
+        num_classes,
+        [str(c) for c in range(num_classes)],
+        train,
+        val,
+        test,
+        counts,
+        mean,
+        std,
+        image_size,
+        image_root=str(data_root),
+    )
 
 
 def build_data(
@@ -97,8 +118,14 @@ def build_data(
     if dataset == "filelist":
         return _build_filelist(data_root, train_list, val_list, test_list, image_size or 224)
     if dataset == "synthetic":
-        return make_synthetic(num_classes=synthetic_classes, imbalance=imbalance, image_size=image_size or 32,
-                              val_per_class=val_per_class, seed=seed, profile=profile)
+        return make_synthetic(
+            num_classes=synthetic_classes,
+            imbalance=imbalance,
+            image_size=image_size or 32,
+            val_per_class=val_per_class,
+            seed=seed,
+            profile=profile,
+        )
     raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
@@ -144,12 +171,25 @@ def make_loader(
     if train:
         counts = torch.bincount(part.labels, minlength=data.num_classes)
         weights = sample_weights(part.labels, counts, sampler, sampler_q)
-    common = dict(batch_size=batch_size, device=device, mean=data.mean, std=data.std, train=train,
-                  augment=augment, sampler_weights=weights, seed=seed, rank=rank, world_size=world_size,
-                  drop_last=drop_last, channels_last=channels_last)
+    common = dict(
+        batch_size=batch_size,
+        device=device,
+        mean=data.mean,
+        std=data.std,
+        train=train,
+        augment=augment,
+        sampler_weights=weights,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        drop_last=drop_last,
+        channels_last=channels_last,
+    )
     if part.images is not None:
         return TensorLoader(part.images, part.labels, **common)
-    dataset = FileListDataset(data.image_root, part.paths, part.labels.numpy(), size=data.image_size, train=train)
+    dataset = FileListDataset(
+        data.image_root, part.paths, part.labels.numpy(), size=data.image_size, train=train
+    )
     return FileListLoader(dataset, num_workers=num_workers, **common)
 
 

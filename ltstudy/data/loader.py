@@ -25,7 +25,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def derive_seed(seed: int, epoch: int, stream: int) -> int:
     """A 63-bit seed for one random stream (0 = order, 1 = augmentation, ...) of one epoch."""
-    state = np.random.SeedSequence([seed, epoch, stream]).generate_state(2, dtype=np.uint32)
+    state = np.random.SeedSequence([seed % 2**64, epoch % 2**64, stream]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
 
@@ -38,7 +38,9 @@ def per_rank_batch(batch_size: int, rank: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def global_batches(order: torch.Tensor, batch_size: int, world_size: int, drop_last: bool) -> list[torch.Tensor]:
+def global_batches(
+    order: torch.Tensor, batch_size: int, world_size: int, drop_last: bool
+) -> list[torch.Tensor]:
     """Cut an epoch order into global batches; a last partial batch is kept only if every rank gets one."""
     batches = list(order.split(batch_size))
     if batches and len(batches[-1]) < batch_size and (drop_last or len(batches[-1]) < world_size):
@@ -148,7 +150,7 @@ class _BatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         o = self.order
-        base = derive_seed(o.seed, o.epoch if o.epoch is not None else -1, 2)
+        base = derive_seed(o.seed, o.epoch or 0, 2)
         for b, batch in enumerate(o.batches()):
             start = b * o.batch_size + sum(len(s) for s in torch.tensor_split(batch, o.world_size)[: o.rank])
             local = shard(batch, o.rank, o.world_size).tolist()

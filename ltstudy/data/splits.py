@@ -23,9 +23,11 @@ def largest_n_max(available: list[int], num_classes: int, imbalance: float, prof
         ``min_c floor(available_c / r_c)``, capped by the largest pool.
     """
     ratios = profile_ratios(num_classes, imbalance, profile)
-    n_max = min(min(math.floor(a / r + 1e-9) for a, r in zip(available, ratios)), max(available))
+    n_max = min(min(math.floor(a / r + 1e-9) for a, r in zip(available, ratios, strict=True)), max(available))
     # Guard against float rounding: step down until every class fits.
-    while n_max > 0 and any(n > a for n, a in zip(lt_counts(n_max, num_classes, imbalance, profile), available)):
+    while n_max > 0 and any(
+        n > a for n, a in zip(lt_counts(n_max, num_classes, imbalance, profile), available, strict=True)
+    ):
         n_max -= 1
     return n_max
 
@@ -74,5 +76,5 @@ def make_lt_splits(
         pools.append(idx[val_per_class:])
     n_max = largest_n_max([p.size for p in pools], num_classes, imbalance, profile)
     counts = lt_counts(n_max, num_classes, imbalance, profile)
-    train = [p[:n] for p, n in zip(pools, counts)]
+    train = [p[:n] for p, n in zip(pools, counts, strict=True)]
     return np.sort(np.concatenate(train)).astype(np.int64), np.sort(np.concatenate(val)).astype(np.int64)

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from ltstudy.data.containers import LTData, split_in_memory
 
 
-def _class_images(patterns: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, noise: float) -> torch.Tensor:
+def _class_images(
+    patterns: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, noise: float
+) -> torch.Tensor:
     """Class pattern plus Gaussian pixel noise, as uint8."""
     x = patterns[labels] + noise * torch.randn(patterns[labels].shape, generator=gen)
     return x.round().clamp(0, 255).to(torch.uint8)
@@ -53,5 +55,13 @@ def make_synthetic(
     mean = tuple((train_x.float() / 255).mean(dim=(0, 2, 3)).tolist())
     std = tuple((train_x.float() / 255).std(dim=(0, 2, 3)).tolist())
     names = [f"class_{c}" for c in range(num_classes)]
-    return split_in_memory("synthetic", (train_x, train_y, test_x, test_y, names), imbalance=imbalance,
-                           profile=profile, val_per_class=val_per_class, seed=seed, mean=mean, std=std)
+    return split_in_memory(
+        "synthetic",
+        (train_x, train_y, test_x, test_y, names),
+        imbalance=imbalance,
+        profile=profile,
+        val_per_class=val_per_class,
+        seed=seed,
+        mean=mean,
+        std=std,
+    )

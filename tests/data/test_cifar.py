@@ -24,7 +24,9 @@ def _fake_cifar100(root, per_class=25, classes=100):
     for name, n in (("train", per_class), ("test", 2)):
         labels = np.repeat(np.arange(classes), n)
         data = rng.integers(0, 256, (labels.size, 3072), dtype=np.uint8)
-        _write(folder / name, {"data": data, "fine_labels": labels.tolist(), "coarse_labels": [0] * labels.size})
+        _write(
+            folder / name, {"data": data, "fine_labels": labels.tolist(), "coarse_labels": [0] * labels.size}
+        )
     _write(folder / "meta", {"fine_label_names": [f"c{i}" for i in range(classes)], "coarse_label_names": []})
     return folder
 

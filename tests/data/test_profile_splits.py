@@ -68,7 +68,7 @@ def test_split_seeded(subset_labels):
     a = make_lt_splits(subset_labels, 10, 100, "exp", 20, seed=3)
     b = make_lt_splits(subset_labels, 10, 100, "exp", 20, seed=3)
     c = make_lt_splits(subset_labels, 10, 100, "exp", 20, seed=4)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[1], c[1])
 
 
@@ -82,4 +82,4 @@ def test_exact_floor_is_not_lost():
     # 500 * 100**(-1) must give 5, not 4, despite float error
     assert lt_counts(500, 2, 100) == [500, 5]
     assert all(isinstance(n, int) for n in lt_counts(7, 3, 3.5))
-    assert lt_counts(7, 3, 3.5)[1] == math.floor(7 * 3.5 ** -0.5)
+    assert lt_counts(7, 3, 3.5)[1] == math.floor(7 * 3.5**-0.5)
