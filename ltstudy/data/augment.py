@@ -62,10 +62,15 @@ def cutout(x: torch.Tensor, size: int = 16, generator: torch.Generator | None = 
     return x.masked_fill(hole, 0)
 
 
-def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (N,C,H,W) in [0,255] -> float32 ``(x/255 - mean) / std``."""
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device)[None, :, None, None]
-    s = torch.tensor(std, dtype=torch.float32, device=x.device)[None, :, None, None]
+def normalize(
+    x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
+    """uint8 (N,C,H,W) in [0,255] -> float32 ``(x/255 - mean) / std``.
+
+    ``mean``/``std`` may be tensors already on ``x.device`` (loaders pass those to avoid a copy).
+    """
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device)[None, :, None, None]
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device)[None, :, None, None]
     return (x.to(torch.float32) / 255.0 - m) / s
 
 
@@ -104,8 +109,8 @@ class AugmentSpec:
 def apply(
     spec: AugmentSpec,
     x: torch.Tensor,
-    mean: Sequence[float],
-    std: Sequence[float],
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Augment a uint8 batch and normalise it to float32.

@@ -39,12 +39,17 @@ def per_rank_batch(batch_size: int, rank: int, world_size: int) -> int:
 
 
 def global_batches(
-    order: torch.Tensor, batch_size: int, world_size: int, drop_last: bool
+    order: torch.Tensor, batch_size: int, world_size: int, drop_last: bool, train: bool = True
 ) -> list[torch.Tensor]:
-    """Cut an epoch order into global batches; a last partial batch is kept only if every rank gets one."""
+    """Cut an epoch order into global batches.
+
+    A last partial batch is dropped with ``drop_last``, and in training also when it is too small
+    to give every rank a sample; evaluation keeps it (some ranks may then get an empty shard).
+    """
     batches = list(order.split(batch_size))
-    if batches and len(batches[-1]) < batch_size and (drop_last or len(batches[-1]) < world_size):
-        batches.pop()
+    if batches and len(batches[-1]) < batch_size:
+        if drop_last or (train and len(batches[-1]) < world_size):
+            batches.pop()
     return batches
 
 
@@ -56,7 +61,17 @@ def shard(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
 class _EpochOrder:
     """Shared (seed, epoch) -> order logic of both loaders."""
 
-    def __init__(self, n, batch_size, train, weights, seed, rank, world_size, drop_last):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        train: bool,
+        weights: torch.Tensor | None,
+        seed: int,
+        rank: int,
+        world_size: int,
+        drop_last: bool,
+    ):
         self.per_rank = per_rank_batch(batch_size, rank, world_size)
         self.n, self.batch_size, self.train = n, batch_size, train
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
@@ -72,7 +87,9 @@ class _EpochOrder:
     def batches(self) -> list[torch.Tensor]:
         """Global batches of the current epoch (indices on the CPU)."""
         if not self.train:
-            return global_batches(torch.arange(self.n), self.batch_size, self.world_size, self.drop_last)
+            return global_batches(
+                torch.arange(self.n), self.batch_size, self.world_size, self.drop_last, False
+            )
         if self.epoch is None:
             raise RuntimeError("call set_epoch(epoch) before iterating a training loader")
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 0))
@@ -81,7 +98,8 @@ class _EpochOrder:
 
     def __len__(self) -> int:
         full, rest = divmod(self.n, self.batch_size)
-        return full + int(rest > 0 and not self.drop_last and rest >= self.world_size)
+        keep = rest > 0 and not self.drop_last and (rest >= self.world_size or not self.train)
+        return full + int(keep)
 
     @property
     def num_samples(self) -> int:
@@ -119,7 +137,8 @@ class TensorLoader(_EpochOrder):
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
         self.augment = augment if train else None
         self.channels_last = channels_last
 
@@ -189,7 +208,9 @@ class FileListLoader(_EpochOrder):
     ):
         super().__init__(len(dataset), batch_size, train, sampler_weights, seed, rank, world_size, drop_last)
         self.dataset, self.device = dataset, torch.device(device)
-        self.mean, self.std, self.channels_last = tuple(mean), tuple(std), channels_last
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
+        self.channels_last = channels_last
         self.augment = None
         if train and augment is not None:
             self.augment = dataclasses.replace(augment, crop_padding=0, flip=False)

@@ -76,3 +76,14 @@ def test_shot_groups_thresholds_are_strict():
     assert groups["many"].tolist() == [True, False, False, False, False, False]
     assert groups["medium"].tolist() == [False, True, True, True, False, False]
     assert groups["few"].tolist() == [False, False, False, False, True, True]
+
+
+def test_distributed_eval_keeps_every_sample(synth):
+    # 100 val samples, global batch 33 on 3 ranks: the last global batch holds a single sample
+    ranks = [
+        list(make_loader(synth, "val", batch_size=33, device="cpu", train=False, rank=r, world_size=3))
+        for r in range(3)
+    ]
+    assert all(len(r) == 4 for r in ranks)
+    labels = torch.cat([torch.cat([ranks[r][b][1] for r in range(3)]) for b in range(4)])
+    assert torch.equal(labels, synth.val.labels)
