@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from typer.exceptions import Abort, TyperException
 
 from ltstudy.errors import LtstudyError
 
@@ -182,13 +183,13 @@ def main(argv: list[str] | None = None) -> None:
     except LtstudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.NoArgsIsHelpError as exc:
-        print(exc.ctx.get_help() if exc.ctx else str(exc))
-        sys.exit(0)
-    except click.ClickException as exc:
+    except TyperException as exc:  # usage errors (typer vendors click since 0.29)
+        if type(exc).__name__ == "NoArgsIsHelpError" and getattr(exc, "ctx", None) is not None:
+            print(exc.ctx.get_help())
+            sys.exit(0)
         print(f"error: {exc.format_message()}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

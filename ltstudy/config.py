@@ -38,7 +38,9 @@ class TrainConfig(BaseModel):
     train_list: str | None = Field(None, description="file-list datasets: train list")
     val_list: str | None = Field(None, description="file-list datasets: validation list")
     test_list: str | None = Field(None, description="file-list datasets: test list")
-    image_size: int = Field(224, ge=8, description="file-list datasets: crop size")
+    image_size: int | None = Field(
+        None, ge=8, description="image side (default: 224 for file lists, 32 for synthetic data)"
+    )
     synthetic_classes: int = Field(10, ge=2, description="synthetic dataset: number of classes")
     # augmentation and sampling
     crop_padding: int = Field(4, ge=0, description="random-crop padding (0 = no crop)")
