@@ -102,6 +102,50 @@ def train(
 
 
 @app.command()
+def compare(
+    methods: str = typer.Option("ce,ldam_drw,balanced_softmax", help="comma-separated method names"),
+    seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
+    config: Optional[Path] = CONFIG,
+    checkpoint_root: Optional[Path] = typer.Option(None, help="keep each run's checkpoint here"),
+    per_method: Optional[list[str]] = typer.Option(
+        None, "--set", help="METHOD:KEY=VALUE for one method only ({seed} is replaced)"),
+    output: Optional[Path] = typer.Option(None, "-o", help="also write the Markdown table here"),
+    overrides: Optional[list[str]] = OVERRIDES,
+) -> None:
+    """Train several methods over several seeds with the same settings; mean ± std table."""
+    from ltstudy.compare import compare as run, markdown
+    from ltstudy.config import load_yaml, parse_overrides
+    from ltstudy.methods import get_method
+
+    values = {**(load_yaml(config) if config else {}), **parse_overrides(overrides or [])}
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    for name in names:
+        get_method(name)
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise LtstudyError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    extra: dict[str, dict[str, Any]] = {}
+    for item in per_method or []:
+        name, sep, assignment = item.partition(":")
+        if not sep:
+            raise LtstudyError(f"--set {item!r} is not of the form METHOD:KEY=VALUE")
+        extra.setdefault(name, {}).update(parse_overrides([assignment]))
+
+    def progress(method: str, seed: int, m: dict[str, Any]) -> None:
+        console.print(f"{method} seed {seed}: val top-1 {pct(m['val_top1'])}  test top-1 "
+                      f"{pct(m['test_top1'])}  many/med/few {pct(m['test_many'])}/"
+                      f"{pct(m['test_medium'])}/{pct(m['test_few'])}")
+
+    rows = run(names, seed_list, values, progress, extra,
+               str(checkpoint_root) if checkpoint_root else None)
+    table = markdown(rows)
+    print(table)
+    if output:
+        output.write_text(table + "\n")
+
+
+@app.command()
 def methods() -> None:
     """List the registered methods with their hyperparameters and published defaults."""
     from ltstudy.methods import get_method, iter_hyperparameters, list_methods
