@@ -299,7 +299,7 @@ class DLSA(FeatureMethod):
     def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         f = self.feats
         total, steps = torch.zeros((), device=f.train_x.device), 0
-        for stage, sid, counts in zip(self.stages, self.stage_ids, self.counts):
+        for stage, sid, counts in zip(self.stages, self.stage_ids, self.counts, strict=True):
             rows = (self.owner["train"] == sid).nonzero().flatten()
             for b in minibatches(len(rows), self.ctx.train.batch_size, rows.device):
                 i = rows[b]
@@ -311,7 +311,7 @@ class DLSA(FeatureMethod):
     def logits(self, split: str) -> torch.Tensor:
         x = self.feats.val_x if split == "val" else self.feats.test_x
         out = torch.zeros(len(x), self.feats.num_classes, device=x.device)
-        for stage, sid in zip(self.stages, self.stage_ids):
+        for stage, sid in zip(self.stages, self.stage_ids, strict=True):
             rows = (self.owner[split] == sid).nonzero().flatten()
             if len(rows):
                 out[rows] = stage(x[rows], self.priors[split][rows])
