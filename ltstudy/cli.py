@@ -219,6 +219,60 @@ def bench_train(
     console.print(table)
 
 
+# ------------------------------------------------------------------------------------------------
+# feature cache: `ltstudy features extract`, `ltstudy bench features`
+
+features_app = typer.Typer(no_args_is_help=True, help="The backbone feature cache (Parquet).")
+app.add_typer(features_app, name="features")
+
+
+@features_app.command("extract")
+def features_extract(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="backbone checkpoint.pt (or its folder)"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="cache root URI (default ./ltstudy-results)"),
+    fmaps: bool = typer.Option(False, "--fmaps/--no-fmaps", help="also store last-stage train maps (FSA)"),
+    augmented_views: int = typer.Option(0, "--augmented-views", help="extra augmented train passes"),
+    endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help="S3 endpoint override"),
+    device: str = typer.Option("auto", "--device"),
+    force: bool = typer.Option(False, "--force", help="re-extract even when a valid cache exists"),
+    overrides: Optional[list[str]] = OVERRIDES,
+) -> None:
+    """Extract train/val/test features of a backbone checkpoint into the cache; prints the key."""
+    from ltstudy.config import parse_overrides
+    from ltstudy.features.extract import extract_features
+
+    r = extract_features(checkpoint, storage=storage, overrides=parse_overrides(overrides or []),
+                         fmaps=fmaps, augmented_views=augmented_views, device=device,
+                         endpoint_override=endpoint_url, force=force)
+    rows = ", ".join(f"{k} {v}" for k, v in r.rows.items())
+    console.print(f"feature cache {r.key} ({'reused' if r.reused else f'extracted in {r.seconds:.1f}s'})")
+    console.print(f"rows: {rows}; dim {r.manifest.get('feature_dim')}; maps {r.manifest.get('fmap_shape')}")
+    console.print(f"location: {r.location}")
+    console.print(f"use it with: feature_key={r.key} feature_storage={r.storage.uri}")
+
+
+@bench_app.command("features")
+def bench_features_cmd(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="backbone (default: a 1-epoch synthetic one)"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="cache root (default: a temp dir)"),
+    method: str = typer.Option("ce_classifier", "--method", "-m", help="feature-stage method to time"),
+    repeats: int = typer.Option(5, help="whole reads; the median is reported"),
+    device: str = typer.Option("auto"),
+    overrides: Optional[list[str]] = OVERRIDES,
+) -> None:
+    """Parquet read MB/s, one feature-stage trial's wall time, and the time to recompute the features."""
+    from ltstudy.bench_features import bench_features
+
+    r = bench_features(checkpoint=str(checkpoint) if checkpoint else None, storage=storage, method=method,
+                       repeats=repeats, device=device, overrides=overrides or [])
+    table = Table(title=f"bench features on {r['device']} ({r['rows']} rows, {r['megabytes']:.1f} MB)")
+    for col in ("read MB/s (median)", f"{method} trial s", "recompute features s", "extract+write s"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{r['read_mb_per_s']:.0f}", f"{r['trial_seconds']:.2f}", f"{r['recompute_seconds']:.2f}",
+                  f"{r['extract_seconds']:.2f}")
+    console.print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning expected failures into one line and exit code 2."""
     command = typer.main.get_command(app)

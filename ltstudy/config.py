@@ -76,6 +76,13 @@ class TrainConfig(BaseModel):
     amp: bool = Field(True, description="mixed precision on CUDA")
     channels_last: bool = Field(True, description="channels-last memory format on CUDA")
     num_workers: int | None = Field(None, ge=0, description="decoding workers for file-list data")
+    # feature stage (methods with stage == "feature")
+    backbone: str | None = Field(None, description="feature-stage methods: backbone checkpoint file")
+    feature_storage: str | None = Field(
+        None, description="feature cache root URI (local path, NFS, s3://bucket/prefix); "
+                          "default ./ltstudy-results"
+    )
+    feature_key: str | None = Field(None, description="feature cache key (set by `features extract`)")
 
 
 @dataclass(frozen=True)

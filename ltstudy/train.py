@@ -185,6 +185,9 @@ def _train_epoch(method: Method, model: nn.Module, loader: Any, optimizer: torch
 def run_trial(cfg: TrialConfig, report: Report | None = None,
               ctx: TrialContext | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration; returns the last epoch's metrics (with test metrics)."""
+    if get_method(cfg.method).stage == "feature":  # classifier stage on cached backbone features
+        from ltstudy.feature_train import run_feature_trial
+        return run_feature_trial(cfg, report, ctx)
     ctx = ctx or TrialContext()
     t = cfg.train
     device = resolve_device(ctx.device if ctx.device is not None else t.device)

@@ -14,3 +14,25 @@ def shared_data() -> Path:
     if not (path / "cifar-10-batches-py").is_dir():
         pytest.skip(f"shared CIFAR-10 subset not found under {path}")
     return path
+
+
+# -- feature stage ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def synthetic_backbone(tmp_path_factory) -> str:
+    """A ResNet-32 trained one epoch with CE on the synthetic dataset (32 px), for feature tests."""
+    from ltstudy.config import resolve_config
+    from ltstudy.train import TrialContext, run_trial
+
+    out = tmp_path_factory.mktemp("synthetic_backbone")
+    cfg = resolve_config({"method": "ce", "dataset": "synthetic", "image_size": 32, "epochs": 1,
+                          "batch_size": 32, "device": "cpu"})
+    run_trial(cfg, ctx=TrialContext(checkpoint_dir=str(out)))
+    return str(out / "checkpoint.pt")
+
+
+@pytest.fixture(scope="session")
+def synthetic_store(tmp_path_factory) -> str:
+    """One feature cache root shared by the feature-stage tests (each key is extracted once)."""
+    return str(tmp_path_factory.mktemp("feature_store"))

@@ -1,0 +1,247 @@
+"""Extract backbone features of the train / val / test splits into the feature cache.
+
+Input is the trainer's ``checkpoint.pt`` (``model`` state dict + flat resolved ``config``). The dataset is
+rebuilt from the checkpoint's own config (so the split is the one the backbone was trained on), with
+optional ``key=value`` overrides (e.g. ``data_root`` on another machine). The backbone runs in eval mode.
+
+Per split, each row holds the sample's ``index`` (``Split.indices``: its position in the source split),
+its ``label``, a ``view`` number and the pooled ``feature``; with ``fmaps`` the train split also holds the
+last-stage feature map (``fmap``, shape in the manifest). Only train maps are stored: FSA fine-tunes
+``avgpool -> fc`` on train maps, and on val/test ``fc(avgpool(map))`` is ``fc(feature)``, so storing their
+maps would only cost space. The backbone's classifier (type + state dict) goes to ``head.pt``.
+
+Train features use the eval transform (view 0). ``augmented_views = V`` adds V passes over the train
+split with the training augmentation (views 1..V). TailCalibX's reference extracts its train features
+*with* training augmentation and re-extracts every epoch; ltstudy keeps the eval-transform features as the
+default (deterministic and reusable by every method) and offers the augmented views for TailCalibX,
+which then cycles through them one view per epoch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ltstudy.config import TrainConfig, TrialConfig, resolve_config
+from ltstudy.data import AugmentSpec, LTData, build_data, make_loader
+from ltstudy.data.augment import apply as augment_batch
+from ltstudy.data.augment import normalize
+from ltstudy.errors import ConfigError, DataError
+from ltstudy.features.store import (
+    SPLITS,
+    SplitArrays,
+    Storage,
+    cache_exists,
+    cache_key,
+    file_sha256,
+    open_storage,
+    read_manifest,
+    remove_cache,
+    write_cache,
+)
+from ltstudy.methods import get_method
+from ltstudy.models import Classifier, build_model
+
+#: the TrainConfig fields that define the dataset and its split (and so the features)
+DATA_FIELDS = ("dataset", "imbalance", "profile", "val_per_class", "seed", "image_size",
+               "synthetic_classes", "train_list", "val_list", "test_list")
+#: fields that are locations or runtime settings, not content: never part of the key
+_NOT_CONTENT = ("data_root", "download", "num_workers", "device")
+
+
+@dataclass
+class ExtractResult:
+    key: str
+    storage: Storage
+    rows: dict[str, int]
+    reused: bool
+    seconds: float = 0.0
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def location(self) -> str:
+        return self.storage.path(self.key)
+
+
+def load_backbone_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise ConfigError(f"backbone checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise DataError(f"cannot read backbone checkpoint {path}: {exc}") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise DataError(f"{path} is not an ltstudy checkpoint (needs 'model' and 'config')")
+    state["path"] = str(path.resolve())
+    return state
+
+
+def data_config(ckpt_config: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrialConfig:
+    """The backbone's training settings (method dropped) with ``overrides``: defines data + model."""
+    base = {k: v for k, v in ckpt_config.items() if k in TrainConfig.model_fields
+            and k not in ("method", "backbone", "feature_storage", "feature_key")}
+    return resolve_config({**base, "method": "ce", **(overrides or {})})
+
+
+def _list_digest(path: str | None) -> str | None:
+    if not path:
+        return None
+    return file_sha256(path) if os.path.isfile(path) else os.path.basename(path)
+
+
+def key_fields(checkpoint_sha256: str, cfg: TrainConfig, fmaps: bool, augmented_views: int,
+               augment: AugmentSpec | None) -> dict[str, Any]:
+    fields: dict[str, Any] = {"checkpoint_sha256": checkpoint_sha256, "model": cfg.model,
+                              "fmaps": bool(fmaps), "augmented_views": int(augmented_views)}
+    for name in DATA_FIELDS:
+        value = getattr(cfg, name)
+        fields[name] = _list_digest(value) if name.endswith("_list") else value
+    if augmented_views:
+        fields["augment"] = vars(augment) if augment is not None else None
+    return fields
+
+
+def _augment_spec(t: TrainConfig) -> AugmentSpec:
+    return AugmentSpec(crop_padding=t.crop_padding, flip=t.flip, cutout=t.cutout, autoaugment=t.autoaugment)
+
+
+@torch.no_grad()
+def compute_features(model: Classifier, data: LTData, split: str, device: torch.device, *,
+                     batch_size: int = 256, fmaps: bool = False, augment: AugmentSpec | None = None,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pooled features (N, D) and optionally last-stage maps (N, C, H, W) of one split, in split order."""
+    model.eval()
+    part = getattr(data, split)
+    feats, maps = [], []
+
+    def run(x: torch.Tensor) -> None:
+        m = model.backbone.forward_features(x)
+        feats.append(torch.flatten(F.adaptive_avg_pool2d(m, 1), 1).float().cpu())
+        if fmaps:
+            maps.append(m.float().cpu())
+
+    if part.images is not None:
+        mean = torch.tensor(data.mean, device=device)
+        std = torch.tensor(data.std, device=device)
+        for start in range(0, len(part), batch_size):
+            x = part.images[start:start + batch_size].to(device)
+            x = augment_batch(augment, x, mean, std, generator) if augment else normalize(x, mean, std)
+            run(x)
+    else:
+        if augment is not None:
+            raise ConfigError("augmented feature views need an in-memory dataset (CIFAR, synthetic)")
+        loader = make_loader(data, split, batch_size=batch_size, device=device, train=False)
+        for x, _ in loader:
+            run(x)
+    out = torch.cat(feats) if feats else torch.zeros(0, model.feature_dim)
+    if len(out) != len(part):
+        raise DataError(f"extracted {len(out)} rows for {split}, the split has {len(part)}")
+    return out, (torch.cat(maps) if fmaps and maps else None)
+
+
+def build_backbone_model(ckpt: dict[str, Any], cfg: TrainConfig, num_classes: int) -> tuple[Classifier, str]:
+    method = ckpt["config"].get("method", "ce")
+    try:
+        head = get_method(method).head
+    except ConfigError:
+        head = "linear"
+    model = build_model(cfg.model, num_classes, head=head)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise DataError(f"checkpoint {ckpt['path']} does not fit model {cfg.model!r}/{head}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    return model, head
+
+
+def resolve_key(checkpoint: str | Path, overrides: dict[str, Any] | None = None, *, fmaps: bool = False,
+                augmented_views: int = 0) -> tuple[str, dict[str, Any], TrialConfig, dict[str, Any]]:
+    """(key, key fields, data config, checkpoint) without extracting anything."""
+    ckpt = load_backbone_checkpoint(checkpoint)
+    cfg = data_config(ckpt["config"], overrides)
+    sha = file_sha256(ckpt["path"])
+    fields = key_fields(sha, cfg.train, fmaps, augmented_views, _augment_spec(cfg.train))
+    return cache_key(fields), fields, cfg, ckpt
+
+
+def extract_features(checkpoint: str | Path, *, storage: str | Storage | None = None,
+                     overrides: dict[str, Any] | None = None, fmaps: bool = False,
+                     augmented_views: int = 0, device: str | torch.device = "auto",
+                     batch_size: int = 256, endpoint_override: str | None = None,
+                     force: bool = False) -> ExtractResult:
+    """Make sure the cache for (checkpoint, dataset, options) exists; extract it when missing or damaged."""
+    import time
+
+    from ltstudy.train import resolve_device  # noqa: PLC0415 - runtime helper only
+
+    tic = time.perf_counter()
+    if augmented_views < 0:
+        raise ConfigError("augmented_views must be >= 0")
+    st = storage if isinstance(storage, Storage) else open_storage(storage, endpoint_override)
+    key, fields, cfg, ckpt = resolve_key(checkpoint, overrides, fmaps=fmaps, augmented_views=augmented_views)
+    if cache_exists(st, key) and not force:
+        try:
+            manifest = read_manifest(st, key, verify_files=True)
+            return ExtractResult(key, st, manifest["rows"], True, time.perf_counter() - tic, manifest)
+        except DataError:
+            pass  # damaged: rebuild below
+    if cache_exists(st, key) or force:
+        remove_cache(st, key)
+
+    t = cfg.train
+    dev = resolve_device(device)
+    data = build_data(t.dataset, data_root=t.data_root, download=t.download, imbalance=t.imbalance,
+                      profile=t.profile, val_per_class=t.val_per_class, seed=t.seed,
+                      train_list=t.train_list, val_list=t.val_list, test_list=t.test_list,
+                      image_size=t.image_size, synthetic_classes=t.synthetic_classes)
+    model, head = build_backbone_model(ckpt, t, data.num_classes)
+    model.to(dev).eval()
+    splits: dict[str, SplitArrays] = {}
+    for split in SPLITS:
+        part = getattr(data, split)
+        feats, maps = compute_features(model, data, split, dev, batch_size=batch_size,
+                                       fmaps=fmaps and split == "train")
+        arrays = SplitArrays(part.indices.clone(), part.labels.clone(), feats, maps)
+        if split == "train" and augmented_views:
+            gen = torch.Generator(device=dev).manual_seed(t.seed * 7919 + 1)
+            spec = _augment_spec(t)
+            extra_f, extra_m = [arrays.features], [arrays.fmaps] if maps is not None else None
+            for _v in range(augmented_views):
+                f, m = compute_features(model, data, split, dev, batch_size=batch_size, fmaps=fmaps,
+                                        augment=spec, generator=gen)
+                extra_f.append(f)
+                if extra_m is not None:
+                    extra_m.append(m)
+            n = len(part)
+            arrays = SplitArrays(
+                part.indices.repeat(augmented_views + 1), part.labels.repeat(augmented_views + 1),
+                torch.cat(extra_f), torch.cat(extra_m) if extra_m is not None else None,
+                torch.arange(augmented_views + 1).repeat_interleave(n),
+            )
+        splits[split] = arrays
+    head_state = {"type": head, "num_classes": data.num_classes, "in_features": model.feature_dim,
+                  "state_dict": {k: v.detach().cpu() for k, v in model.head.state_dict().items()}}
+    info = {
+        "source_checkpoint": {"path": ckpt["path"], "sha256": fields["checkpoint_sha256"],
+                              "epoch": int(ckpt.get("epoch", 0) or 0)},
+        "key_fields": fields,
+        "dataset": data.name,
+        "num_classes": data.num_classes,
+        "class_counts": [int(c) for c in data.class_counts.tolist()],
+        "class_names": list(data.class_names),
+        "model": t.model,
+        "head_type": head,
+        "augmented_views": int(augmented_views),
+        "backbone_config": {k: v for k, v in ckpt["config"].items() if k not in _NOT_CONTENT},
+    }
+    write_cache(st, key, splits, head=head_state, info=info)  # False: a concurrent writer won
+    manifest = read_manifest(st, key, verify_files=True)
+    return ExtractResult(key, st, manifest["rows"], False, time.perf_counter() - tic, manifest)

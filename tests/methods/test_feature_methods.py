@@ -1,0 +1,150 @@
+"""TailCalib generation, DLSA flow density, FSA Grad-CAM/fusion on toy cases; each feature method end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ltstudy.config import resolve_config
+from ltstudy.methods.dlsa import FlowGMM
+from ltstudy.methods.fsa import confusing_classes, fuse, grad_cam, head_classes
+from ltstudy.methods.tailcalibx import generate_features, spawn_counts
+from ltstudy.train import TrialContext, run_trial
+
+
+# -- TailCalib ---------------------------------------------------------------------------------------
+def test_spawn_counts_fill_every_class_to_the_largest():
+    y = torch.tensor([0] * 10 + [1] * 3 + [2] * 1)
+    k = spawn_counts(y, 3, extra_points=2, generator=torch.Generator().manual_seed(0))
+    per_class = torch.zeros(3, dtype=torch.long).index_add_(0, y, k)
+    assert per_class.tolist() == [2, 9, 11]
+    assert k[10:13].max() - k[10:13].min() <= 1
+
+
+def test_generated_features_have_the_calibrated_mean_and_covariance():
+    g = torch.Generator().manual_seed(0)
+    # class 0: 4000 points uniform in a box around (2, 0); class 1: two points near the origin
+    x0 = torch.rand(4000, 2, generator=g) * torch.tensor([1.0, 0.5]) + torch.tensor([2.0, 0.0])
+    x1 = torch.tensor([[0.4, 0.5], [0.6, 0.5]])
+    x, y = torch.cat([x0, x1]), torch.cat([torch.zeros(4000, dtype=torch.long), torch.ones(2, dtype=torch.long)])
+    alpha = 0.05
+    gx, gy = generate_features(x, y, 2, tukey_lambda=1.0, alpha=alpha, topk=2, generator=g)
+    gen = gx[4002:]
+    assert (gy[4002:] == 1).all() and len(gen) == 3998
+    # by hand: μ' = (μ0 + μ1 + x)/3 averaged over the two spawning samples; Σ' = (Σ0 + Σ1)/2 + (α + 1e-4) I
+    mu0, mu1 = x0.double().mean(0), x1.double().mean(0)
+    expected_mean = (mu0 + mu1 + mu1) / 3
+    cov1 = torch.tensor([[0.02, 0.0], [0.0, 0.0]], dtype=torch.float64)  # unbiased cov of the two points
+    expected_cov = (torch.cov(x0.double().T) + cov1) / 2 + (alpha + 1e-4) * torch.eye(2, dtype=torch.float64)
+    # the two sources have different means (±0.1/3 in x), which adds their between-source variance
+    expected_cov[0, 0] += (0.1 / 3) ** 2
+    assert torch.allclose(gen.double().mean(0), expected_mean, atol=0.02)
+    assert torch.allclose(torch.cov(gen.double().T), expected_cov, atol=0.01)
+
+
+def test_alpha_is_added_to_the_diagonal_only():
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.zeros(3000, 2) + 5, torch.tensor([[1.0, 1.0]])])
+    y = torch.cat([torch.zeros(3000, dtype=torch.long), torch.ones(1, dtype=torch.long)])
+    gen = generate_features(x, y, 2, alpha=0.5, topk=1, generator=g)[0][3001:]
+    cov = torch.cov(gen.double().T)
+    assert abs(cov[0, 1]) < 0.05 and abs(cov[0, 0] - 0.5001) < 0.05  # reference: 0.5 off-diagonal too
+
+
+# -- DLSA --------------------------------------------------------------------------------------------
+def test_flow_log_likelihood_equals_the_analytic_gaussian_mixture():
+    torch.manual_seed(0)
+    d, k = 3, 4
+    flow = FlowGMM(d, k, n_blocks=2, center_std=0.5)
+    for made in flow.layers[::2]:  # identity MADE: last layer zero → m = 0, log a = 0
+        torch.nn.init.zeros_(made.net[-1].weight)
+        torch.nn.init.zeros_(made.net[-1].bias)
+    bn_last = flow.layers[-1]
+    mean, var = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([4.0, 0.25, 1.0])
+    bn_last.running_mean.copy_(mean)
+    bn_last.running_var.copy_(var - bn_last.eps)
+    flow.eval()  # u = (x − mean)/sqrt(var) after the first (unit) BN: x ~ mixture of N(mean + s·μ_k, var)
+    first = flow.layers[1]
+    x = torch.randn(50, d) * 2
+    s1 = torch.sqrt(first.running_var + first.eps)
+    comp = torch.distributions.Independent(
+        torch.distributions.Normal(mean + torch.sqrt(var) * flow.means * 1.0, torch.sqrt(var).expand(k, d)), 1)
+    # x passes BN1 (divide by s1) then BN2: density picks up the 1/s1 Jacobian of the first layer
+    mix = torch.distributions.MixtureSameFamily(torch.distributions.Categorical(torch.ones(k)), comp)
+    expected = mix.log_prob(x / s1) - torch.log(s1).sum()
+    assert torch.allclose(flow.log_prob(x), expected, atol=1e-4)
+
+
+def test_flow_likelihood_rises_during_training():
+    torch.manual_seed(0)
+    x = torch.randn(512, 4) * torch.tensor([3.0, 0.5, 1.0, 2.0]) + 1.0
+    flow = FlowGMM(4, 8)
+    opt = torch.optim.SGD(flow.parameters(), lr=0.05)
+    flow.eval()
+    before = flow.log_prob(x).mean().item()
+    flow.train()
+    for _ in range(200):
+        loss = -flow.log_prob(x[torch.randint(512, (128,))]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    flow.eval()
+    after = flow.log_prob(x).mean().item()
+    assert math.isfinite(after) and after > before + 0.5
+
+
+# -- FSA ---------------------------------------------------------------------------------------------
+def test_grad_cam_matches_autograd_and_a_hand_case():
+    maps = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]], [[0.0, 3.0], [1.0, 0.0]]]])  # (1, 2, 2, 2)
+    w = torch.tensor([[1.0, 0.5], [-1.0, 1.0]])
+    cam = grad_cam(maps, w, torch.tensor([0]))
+    # Σ_k w_0k A_k = [[1, 1.5], [0.5, 2]] → min-max: [[1/3, 2/3], [0, 1]]
+    assert torch.allclose(cam[0], torch.tensor([[1 / 3, 2 / 3], [0.0, 1.0]]))
+    a = maps.clone().requires_grad_(True)
+    fc = torch.nn.Linear(2, 2)
+    fc.weight.data.copy_(w)
+    fc(a.mean((2, 3)))[0, 1].backward()
+    weights = a.grad.mean((2, 3))  # Grad-CAM channel weights
+    ref = torch.relu((weights[:, :, None, None] * maps).sum(1))
+    ref = (ref - ref.min()) / (ref.max() - ref.min())
+    assert torch.allclose(grad_cam(maps, w, torch.tensor([1])), ref)
+    assert torch.equal(grad_cam(torch.ones(1, 2, 1, 1), w, torch.tensor([0])), torch.zeros(1, 1, 1))
+
+
+def test_fusion_and_confusing_classes():
+    tail = torch.full((1, 1, 2, 2), 10.0)
+    gen = torch.full((1, 1, 2, 2), 1.0)
+    tcam = torch.tensor([[[0.9, 0.1], [0.95, 0.5]]])
+    gcam = torch.tensor([[[0.1, 0.1], [0.9, 0.0]]])
+    u = torch.tensor([[[0.9, 0.9], [0.1, 0.1]]])
+    out = fuse(tail, tcam, gen, gcam, ts=0.8, tg=0.2, gamma=torch.tensor([0.5]), u=u)
+    # top row from the tail's specific part (10 where cam > .8 else 0), bottom from the generic part
+    assert torch.equal(out[0, 0], torch.tensor([[10.0, 0.0], [0.0, 1.0]]))
+    counts = torch.tensor([100, 50, 10, 5])
+    head = head_classes(counts, 0.9)
+    assert head.tolist() == [True, True, False, False]
+    s = torch.tensor([[0.7, 0.2, 0.1, 0.0], [0.3, 0.6, 0.05, 0.05], [0.1, 0.5, 0.4, 0.0], [0.6, 0.1, 0.3, 0.0]])
+    conf = confusing_classes(s, head, 1)
+    assert conf[:, 0].tolist() == [1, 0, 1, 0]  # row t: class 2 is confused with 1, class 3 with 0
+
+
+# -- end to end on a tiny backbone -------------------------------------------------------------------
+@pytest.mark.parametrize("name,extra", [
+    ("ce_classifier", {}),
+    ("tailcalibx", {"augmented_views": 1}),
+    ("tailcalibx", {"regenerate": False, "stats_after_tukey": False, "tukey": 0.5}),
+    ("dlsa", {"num_cluster": 20, "flow_epochs": 3, "max_depth": 2}),
+    ("fsa", {}),
+])
+def test_feature_method_end_to_end(name, extra, synthetic_backbone, synthetic_store, tmp_path):
+    cfg = resolve_config({"method": name, "dataset": "synthetic", "image_size": 32, "epochs": 2,
+                          "device": "cpu", "backbone": synthetic_backbone,
+                          "feature_storage": synthetic_store, **extra})
+    reports = []
+    metrics = run_trial(cfg, lambda m, c: reports.append(m), TrialContext(checkpoint_dir=str(tmp_path)))
+    assert [r["epoch"] for r in reports] == [1, 2]
+    for key in ("train_loss", "val_top1", "val_loss", "test_top1", "test_loss"):
+        assert math.isfinite(metrics[key]), key
+    assert len(metrics["test_per_class"]) == 10 and "test_top1" not in reports[0]
