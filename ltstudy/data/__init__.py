@@ -1,0 +1,40 @@
+"""Long-tailed datasets, splits, samplers, batch augmentation and loaders (pure torch/numpy/torchvision)."""
+
+from ltstudy.data.augment import AugmentSpec, apply, autoaugment, cutout, normalize, random_crop, random_flip
+from ltstudy.data.cifar import load_cifar
+from ltstudy.data.containers import LTData, Split
+from ltstudy.data.datasets import DATASETS, build_data, make_loader, shot_groups
+from ltstudy.data.filelist import FileListDataset, read_filelist
+from ltstudy.data.loader import FileListLoader, TensorLoader
+from ltstudy.data.profile import PROFILES, lt_counts
+from ltstudy.data.samplers import SAMPLERS, epoch_order, sample_weights
+from ltstudy.data.splits import make_lt_splits
+from ltstudy.data.synthetic import make_synthetic
+
+__all__ = [
+    "DATASETS",
+    "PROFILES",
+    "SAMPLERS",
+    "AugmentSpec",
+    "FileListDataset",
+    "FileListLoader",
+    "LTData",
+    "Split",
+    "TensorLoader",
+    "apply",
+    "autoaugment",
+    "build_data",
+    "cutout",
+    "epoch_order",
+    "lt_counts",
+    "load_cifar",
+    "make_loader",
+    "make_lt_splits",
+    "make_synthetic",
+    "normalize",
+    "random_crop",
+    "random_flip",
+    "read_filelist",
+    "sample_weights",
+    "shot_groups",
+]

@@ -1,0 +1,95 @@
+"""The in-memory description of a long-tailed dataset (train / val / test splits)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ltstudy.data.splits import make_lt_splits
+
+
+@dataclass
+class Split:
+    """One split, held in memory (CIFAR, synthetic) or as a file list.
+
+    Attributes:
+        labels: int64 (N,).
+        indices: int64 (N,) positions in the source split (train or test file); the sample index
+            of the feature cache.
+        images: uint8 (N,3,H,W) for in-memory data, else None.
+        paths: Image paths relative to the image root for file-list data, else None.
+    """
+
+    labels: torch.Tensor
+    indices: torch.Tensor
+    images: torch.Tensor | None = None
+    paths: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class LTData:
+    """A long-tailed dataset: LT train split, balanced val and test splits, and their statistics."""
+
+    name: str
+    num_classes: int
+    class_names: list[str]
+    train: Split
+    val: Split
+    test: Split
+    class_counts: torch.Tensor
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: int
+    image_root: str | None = None
+
+
+def split_in_memory(
+    name: str,
+    arrays: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]],
+    *,
+    imbalance: float,
+    profile: str,
+    val_per_class: int,
+    seed: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+) -> LTData:
+    """Turn a balanced in-memory train/test set into :class:`LTData` via :func:`make_lt_splits`.
+
+    Args:
+        name: Dataset name recorded in the result.
+        arrays: ``(train_images, train_labels, test_images, test_labels, class_names)``.
+        imbalance: Imbalance factor.
+        profile: ``"exp"`` or ``"step"``.
+        val_per_class: Balanced validation images per class, taken from the training images.
+        seed: Split seed.
+        mean: Per-channel mean of the images in [0,1].
+        std: Per-channel std of the images in [0,1].
+    """
+    train_x, train_y, test_x, test_y, class_names = arrays
+    num_classes = len(class_names)
+    train_idx, val_idx = make_lt_splits(train_y.numpy(), num_classes, imbalance, profile, val_per_class, seed)
+    train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+
+    def subset(idx: torch.Tensor) -> Split:
+        return Split(labels=train_y[idx].clone(), indices=idx, images=train_x[idx].clone())
+
+    train = subset(train_idx)
+    test = Split(labels=test_y.clone(), indices=torch.arange(len(test_y)), images=test_x)
+    counts = torch.bincount(train.labels, minlength=num_classes)
+    return LTData(
+        name,
+        num_classes,
+        list(class_names),
+        train,
+        subset(val_idx),
+        test,
+        counts,
+        tuple(mean),
+        tuple(std),
+        int(train_x.shape[-1]),
+    )

@@ -1,0 +1,200 @@
+"""Entry point of the data layer: build a long-tailed dataset and its loaders by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ltstudy.data.augment import AugmentSpec
+from ltstudy.data.cifar import load_cifar
+from ltstudy.data.containers import LTData, Split, split_in_memory
+from ltstudy.data.filelist import FileListDataset, read_filelist
+from ltstudy.data.loader import FileListLoader, TensorLoader
+from ltstudy.data.samplers import sample_weights
+from ltstudy.data.synthetic import make_synthetic
+from ltstudy.errors import ConfigError, DataError
+
+DATASETS = ("cifar10-lt", "cifar100-lt", "filelist", "synthetic")
+SPLITS = ("train", "val", "test")
+
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+__all__ = ["DATASETS", "LTData", "Split", "build_data", "make_loader", "shot_groups"]
+
+
+def _build_cifar(name: str, data_root, download, imbalance, profile, val_per_class, seed) -> LTData:
+    """CIFAR-10/100-LT with the balanced val split drawn from the training images the profile leaves out."""
+    if data_root is None:
+        raise ConfigError(f"{name}-lt needs a data root (the folder holding the CIFAR pickles)")
+    mean, std = CIFAR_STATS[name]
+    arrays = load_cifar(data_root, name, download)
+    return split_in_memory(
+        f"{name}-lt",
+        arrays,
+        imbalance=imbalance,
+        profile=profile,
+        val_per_class=val_per_class,
+        seed=seed,
+        mean=mean,
+        std=std,
+    )
+
+
+def _list_split(path, role: str) -> Split:
+    """Read one file list into a Split."""
+    if path is None:
+        raise DataError(f"the filelist dataset needs a {role} list file (--{role}-list)")
+    paths, labels = read_filelist(path)
+    return Split(labels=torch.from_numpy(labels), indices=torch.arange(len(paths)), paths=paths)
+
+
+def _build_filelist(data_root, train_list, val_list, test_list, image_size: int) -> LTData:
+    """File-list data (ImageNet-LT / Places-LT / iNaturalist format) under ``data_root``."""
+    if data_root is None:
+        raise ConfigError("the filelist dataset needs a data root (the image folder)")
+    if not Path(data_root).is_dir():
+        raise DataError(f"image root {data_root} is not a folder")
+    train, val, test = (
+        _list_split(p, r) for p, r in ((train_list, "train"), (val_list, "val"), (test_list, "test"))
+    )
+    num_classes = int(max(s.labels.max() for s in (train, val, test))) + 1
+    counts = torch.bincount(train.labels, minlength=num_classes)
+    mean, std = IMAGENET_STATS
+    return LTData(
+        "filelist",
+        num_classes,
+        [str(c) for c in range(num_classes)],
+        train,
+        val,
+        test,
+        counts,
+        mean,
+        std,
+        image_size,
+        image_root=str(data_root),
+    )
+
+
+def build_data(
+    dataset: str,
+    *,
+    data_root: str | Path | None = None,
+    download: bool = False,
+    imbalance: float = 100.0,
+    profile: str = "exp",
+    val_per_class: int = 20,
+    seed: int = 0,
+    train_list: str | Path | None = None,
+    val_list: str | Path | None = None,
+    test_list: str | Path | None = None,
+    image_size: int | None = None,
+    synthetic_classes: int = 10,
+) -> LTData:
+    """Build a long-tailed dataset by name.
+
+    Args:
+        dataset: One of :data:`DATASETS`.
+        data_root: CIFAR root (holding the pickle folders) or the image root of a file list.
+        download: Fetch CIFAR through torchvision when missing.
+        imbalance: Imbalance factor (CIFAR, synthetic).
+        profile: ``"exp"`` or ``"step"`` (CIFAR, synthetic).
+        val_per_class: Balanced validation images per class (CIFAR, synthetic).
+        seed: Split seed.
+        train_list: Train list file (filelist).
+        val_list: Validation list file (filelist).
+        test_list: Test list file (filelist).
+        image_size: Side of the file-list crops (default 224) or of the synthetic images (default
+            32); CIFAR is always 32.
+        synthetic_classes: Classes of the synthetic dataset.
+    """
+    if dataset in ("cifar10-lt", "cifar100-lt"):
+        name = dataset.removesuffix("-lt")
+        return _build_cifar(name, data_root, download, imbalance, profile, val_per_class, seed)
+    if dataset == "filelist":
+        return _build_filelist(data_root, train_list, val_list, test_list, image_size or 224)
+    if dataset == "synthetic":
+        return make_synthetic(
+            num_classes=synthetic_classes,
+            imbalance=imbalance,
+            image_size=image_size or 32,
+            val_per_class=val_per_class,
+            seed=seed,
+            profile=profile,
+        )
+    raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
+def make_loader(
+    data: LTData,
+    split: str,
+    *,
+    batch_size: int,
+    device: str | torch.device,
+    train: bool,
+    augment: AugmentSpec | None = None,
+    sampler: str = "instance",
+    sampler_q: float = 0.5,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    channels_last: bool = False,
+    num_workers: int | None = None,
+    drop_last: bool = False,
+) -> TensorLoader | FileListLoader:
+    """A loader over one split: TensorLoader for in-memory data, FileListLoader for file lists.
+
+    Args:
+        data: The dataset.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        batch_size: Global batch size (split across ``world_size`` ranks).
+        device: Where batches are produced.
+        train: Shuffle / re-sample and augment (call ``set_epoch`` before each epoch).
+        augment: Batch augmentation (train only).
+        sampler: ``"instance"``, ``"class_balanced"``, ``"sqrt"`` or ``"power"`` (train only).
+        sampler_q: Exponent of the ``"power"`` sampler.
+        seed: Seed of the order and augmentation.
+        rank: This process's rank.
+        world_size: Number of data-parallel ranks.
+        channels_last: Produce channels-last batches.
+        num_workers: DataLoader workers of file-list data (default min(4, cpu count)).
+        drop_last: Drop the last partial global batch.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    part: Split = getattr(data, split)
+    weights = None
+    if train:
+        counts = torch.bincount(part.labels, minlength=data.num_classes)
+        weights = sample_weights(part.labels, counts, sampler, sampler_q)
+    common = dict(
+        batch_size=batch_size,
+        device=device,
+        mean=data.mean,
+        std=data.std,
+        train=train,
+        augment=augment,
+        sampler_weights=weights,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        drop_last=drop_last,
+        channels_last=channels_last,
+    )
+    if part.images is not None:
+        return TensorLoader(part.images, part.labels, **common)
+    dataset = FileListDataset(
+        data.image_root, part.paths, part.labels.numpy(), size=data.image_size, train=train
+    )
+    return FileListLoader(dataset, num_workers=num_workers, **common)
+
+
+def shot_groups(class_counts: torch.Tensor, many: int = 100, few: int = 20) -> dict[str, torch.Tensor]:
+    """Boolean class masks: many (n > many), few (n < few), medium (the rest)."""
+    counts = torch.as_tensor(class_counts)
+    many_mask, few_mask = counts > many, counts < few
+    return {"many": many_mask, "medium": ~(many_mask | few_mask), "few": few_mask}

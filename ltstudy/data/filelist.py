@@ -1,0 +1,93 @@
+"""File-list datasets in the ImageNet-LT / Places-LT / iNaturalist format.
+
+Each line of a list file is ``relative/path.jpg label``; images live under an image root.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import v2
+
+from ltstudy.errors import DataError
+
+
+def read_filelist(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """Parse a list file.
+
+    Args:
+        path: List file; blank lines are skipped.
+
+    Returns:
+        ``(paths, labels)``: relative image paths and int64 labels.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"file list {path} not found")
+    paths, labels = [], []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.rsplit(None, 1)
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise DataError(f"{path}, line {lineno}: expected 'relative/path.jpg label', got {line!r}")
+            paths.append(parts[0])
+            labels.append(int(parts[1]))
+    if not paths:
+        raise DataError(f"file list {path} holds no images")
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+def make_transform(size: int, train: bool) -> v2.Transform:
+    """Standard ImageNet-style uint8 transforms.
+
+    Args:
+        size: Output side length.
+        train: RandomResizedCrop + flip when True, else Resize(size*256/224) + CenterCrop.
+    """
+    if train:
+        return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
+    return v2.Compose([v2.Resize(int(size * 256 / 224), antialias=True), v2.CenterCrop(size)])
+
+
+class FileListDataset(torch.utils.data.Dataset):
+    """Images listed in a file list, decoded to uint8 (3,size,size) tensors.
+
+    An item key is either an index or ``(index, seed)``; with a seed the random transform draws from
+    a CPU RNG seeded with it, so augmentation does not depend on the worker that decodes the image.
+    """
+
+    def __init__(self, root: str | Path, paths: list[str], labels: np.ndarray, *, size: int, train: bool):
+        self.root = Path(root)
+        self.paths = list(paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = make_transform(size, train)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> torch.Tensor:
+        """Read and decode one image as uint8 RGB (3,H,W)."""
+        path = self.root / self.paths[index]
+        if not path.is_file():
+            raise DataError(f"image {path} listed in the file list does not exist")
+        try:
+            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        except RuntimeError as exc:
+            raise DataError(f"cannot decode image {path}: {exc}") from exc
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        image = self.load(index)
+        if seed is None:
+            out = self.transform(image)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
+                out = self.transform(image)
+        return out, int(self.labels[index])

@@ -1,0 +1,237 @@
+"""Batch loaders used by the trainer.
+
+Both loaders derive an epoch's sample order and augmentation only from ``(seed, epoch)``, so an
+epoch is reproducible and resuming at an epoch boundary needs no loader state. Under data
+parallelism every rank computes the same global order, each global batch of ``batch_size`` is cut
+into ``world_size`` contiguous shards, and rank r yields shard r.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ltstudy.data.augment import AugmentSpec, apply, normalize
+from ltstudy.data.filelist import FileListDataset
+from ltstudy.data.samplers import epoch_order
+from ltstudy.errors import ConfigError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def derive_seed(seed: int, epoch: int, stream: int) -> int:
+    """A 63-bit seed for one random stream (0 = order, 1 = augmentation, ...) of one epoch."""
+    state = np.random.SeedSequence([seed % 2**64, epoch % 2**64, stream]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def per_rank_batch(batch_size: int, rank: int, world_size: int) -> int:
+    """Validate the distributed setting and return the per-rank batch size."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"invalid rank {rank} for world_size {world_size}")
+    if batch_size < 1 or batch_size % world_size:
+        raise ConfigError(f"batch_size {batch_size} must be a positive multiple of world_size {world_size}")
+    return batch_size // world_size
+
+
+def global_batches(
+    order: torch.Tensor, batch_size: int, world_size: int, drop_last: bool, train: bool = True
+) -> list[torch.Tensor]:
+    """Cut an epoch order into global batches.
+
+    A last partial batch is dropped with ``drop_last``, and in training also when it is too small
+    to give every rank a sample; evaluation keeps it (some ranks may then get an empty shard).
+    """
+    batches = list(order.split(batch_size))
+    if batches and len(batches[-1]) < batch_size:
+        if drop_last or (train and len(batches[-1]) < world_size):
+            batches.pop()
+    return batches
+
+
+def shard(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s contiguous shard of a global batch."""
+    return torch.tensor_split(batch, world_size)[rank]
+
+
+class _EpochOrder:
+    """Shared (seed, epoch) -> order logic of both loaders."""
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        train: bool,
+        weights: torch.Tensor | None,
+        seed: int,
+        rank: int,
+        world_size: int,
+        drop_last: bool,
+    ):
+        self.per_rank = per_rank_batch(batch_size, rank, world_size)
+        self.n, self.batch_size, self.train = n, batch_size, train
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if self.weights is not None and len(self.weights) != n:
+            raise ConfigError(f"sampler weights have {len(self.weights)} entries for {n} samples")
+        self.seed, self.rank, self.world_size, self.drop_last = seed, rank, world_size, drop_last
+        self.epoch: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and augmentation the next iteration produces."""
+        self.epoch = int(epoch)
+
+    def batches(self) -> list[torch.Tensor]:
+        """Global batches of the current epoch (indices on the CPU)."""
+        if not self.train:
+            return global_batches(
+                torch.arange(self.n), self.batch_size, self.world_size, self.drop_last, False
+            )
+        if self.epoch is None:
+            raise RuntimeError("call set_epoch(epoch) before iterating a training loader")
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 0))
+        order = epoch_order(self.n, self.weights, gen)
+        return global_batches(order, self.batch_size, self.world_size, self.drop_last)
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        keep = rest > 0 and not self.drop_last and (rest >= self.world_size or not self.train)
+        return full + int(keep)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the underlying split (one epoch draws this many across all ranks)."""
+        return self.n
+
+
+class TensorLoader(_EpochOrder):
+    """Batches from uint8 images held once on the device, augmented and normalised there.
+
+    With augmentation and ``world_size > 1`` each rank augments the whole global batch with the
+    shared generator and keeps its shard, so the result equals single-process training with the same
+    global batch; the extra work is cheap next to the forward pass on CIFAR-sized images.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        device: str | torch.device,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool,
+        augment: AugmentSpec | None = None,
+        sampler_weights: torch.Tensor | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        channels_last: bool = False,
+    ):
+        super().__init__(len(labels), batch_size, train, sampler_weights, seed, rank, world_size, drop_last)
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
+        self.augment = augment if train else None
+        self.channels_last = channels_last
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches = self.batches()
+        gen = None
+        if self.augment is not None:
+            gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, self.epoch, 1))
+        for batch in batches:
+            local = shard(batch, self.rank, self.world_size)
+            if self.augment is None:
+                x = normalize(self.images[local.to(self.device)], self.mean, self.std)
+            elif self.world_size == 1:
+                x = apply(self.augment, self.images[local.to(self.device)], self.mean, self.std, gen)
+            else:
+                x = apply(self.augment, self.images[batch.to(self.device)], self.mean, self.std, gen)
+                x = shard(x, self.rank, self.world_size)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[local.to(self.device)]
+
+
+class _BatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's ``[(index, sample_seed), ...]`` batches of the current epoch."""
+
+    def __init__(self, order: _EpochOrder):
+        self.order = order
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        o = self.order
+        base = derive_seed(o.seed, o.epoch or 0, 2)
+        for b, batch in enumerate(o.batches()):
+            start = b * o.batch_size + sum(len(s) for s in torch.tensor_split(batch, o.world_size)[: o.rank])
+            local = shard(batch, o.rank, o.world_size).tolist()
+            yield [(i, (base + start + k) % 2**63) for k, i in enumerate(local)]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+class FileListLoader(_EpochOrder):
+    """Batches from a :class:`FileListDataset` through a DataLoader, normalised on the device.
+
+    Per-sample augmentation (RandomResizedCrop + flip) runs in the workers, seeded per sample from
+    ``(seed, epoch, position in the epoch)``, so it does not depend on ``num_workers``. Of an
+    ``AugmentSpec`` only cutout and AutoAugment are applied (on the device); crop and flip are the
+    dataset's.
+    """
+
+    def __init__(
+        self,
+        dataset: FileListDataset,
+        *,
+        batch_size: int,
+        device: str | torch.device,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool,
+        augment: AugmentSpec | None = None,
+        sampler_weights: torch.Tensor | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        channels_last: bool = False,
+        num_workers: int | None = None,
+    ):
+        super().__init__(len(dataset), batch_size, train, sampler_weights, seed, rank, world_size, drop_last)
+        self.dataset, self.device = dataset, torch.device(device)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
+        self.channels_last = channels_last
+        self.augment = None
+        if train and augment is not None:
+            self.augment = dataclasses.replace(augment, crop_padding=0, flip=False)
+        self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+
+    def __iter__(self) -> Iterator[Batch]:
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=_BatchSampler(self),
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        gen = None
+        if self.augment is not None:
+            gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, self.epoch, 1))
+        for images, labels in loader:
+            images = images.to(self.device, non_blocking=True)
+            if self.augment is None:
+                x = normalize(images, self.mean, self.std)
+            else:
+                x = apply(self.augment, images, self.mean, self.std, gen)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, labels.to(self.device, non_blocking=True)

@@ -1,0 +1,60 @@
+"""The CLI: happy paths print what a user needs; bad input is one line and exit code 2."""
+
+import pytest
+
+from ltstudy.cli import main
+
+
+def run(capsys, *argv):
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--method", "nope"], "unknown method 'nope'"),
+    (["train", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["train", "learning_rate=0.1"], "unknown key 'learning_rate'"),
+    (["train", "epochs=many"], "bad value for 'epochs'"),
+    (["train", "--imbalance", "0.5"], "bad value for 'imbalance'"),
+    (["train", "--bogus-flag"], "No such option: --bogus-flag"),
+    (["train", "--data-root", "/nonexistent/cifar"], "/nonexistent/cifar"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err + out
+
+
+def test_partial_data_folder(capsys, tmp_path, shared_data):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes((shared_data / "cifar-10-batches-py" / "data_batch_1").read_bytes())
+    code, _, err = run(capsys, "train", "--data-root", str(tmp_path))
+    assert code == 2 and "data_batch_2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_methods_lists_hyperparameters(capsys):
+    code, out, _ = run(capsys, "methods")
+    assert code == 0
+    for text in ("ce", "ldam_drw", "balanced_softmax", "max_m", "0.9999", "tau"):
+        assert text in out
+
+
+def test_datasets_show_prints_counts_head_to_tail(capsys, shared_data):
+    code, out, _ = run(capsys, "datasets", "show", "--data-root", str(shared_data), "--imbalance", "100")
+    assert code == 0
+    assert "497" in out and "many" in out and "few" in out
+    assert out.index("497") < out.index("many 4 classes") if "many 4 classes" in out else True
+
+
+def test_train_prints_progress_and_table(capsys, shared_data, tmp_path):
+    code, out, _ = run(capsys, "train", "--method", "balanced_softmax", "--dataset", "cifar10-lt",
+                       "--imbalance", "100", "--data-root", str(shared_data), "epochs=1",
+                       "device=cpu", "--save-config", str(tmp_path / "c.yaml"))
+    assert code == 0
+    assert "epoch   1/1" in out and "val" in out and "test" in out and "top-1" in out
+    assert "method: balanced_softmax" in (tmp_path / "c.yaml").read_text()
