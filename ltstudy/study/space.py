@@ -69,6 +69,25 @@ class Param:
 
 
 @dataclass(frozen=True)
+class DefineByRun:
+    """Suggests the tuned values and returns the constants.
+
+    OptunaSearch merges the returned constants into the trial config, so each Tune config is the full
+    flat mapping that :func:`resolve_config` turns into the trial.
+    """
+
+    params: tuple[Param, ...]
+    constants: dict[str, Any]
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        chosen: dict[str, Any] = {}
+        for p in self.params:
+            if p.active(chosen):
+                chosen[p.name] = p.suggest(trial)
+        return dict(self.constants)
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     method: str
     metric: str
@@ -109,22 +128,9 @@ class SearchSpace:
                 point[p.name] = resolved[p.name]
         return point
 
-    def define_by_run(self):
-        """The Optuna define-by-run function: suggests the tuned values, returns the constants.
-
-        OptunaSearch merges the returned constants into the trial config, so each Tune config is the
-        full flat mapping that :func:`resolve_config` turns into the trial.
-        """
-        params, fixed, method = self.params, dict(self.fixed), self.method
-
-        def space(trial: Any) -> dict[str, Any]:
-            chosen: dict[str, Any] = {}
-            for p in params:
-                if p.active(chosen):
-                    chosen[p.name] = p.suggest(trial)
-            return {**fixed, "method": method}
-
-        return space
+    def define_by_run(self) -> DefineByRun:
+        """The Optuna define-by-run function (a picklable object: Tune saves the searcher)."""
+        return DefineByRun(self.params, {**self.fixed, "method": self.method})
 
     def check(self) -> None:
         """Every combination of range ends must resolve; the published point must be inside."""

@@ -31,7 +31,7 @@ STATUS_TAG = "ltstudy.status"  # completed | pruned | failed | running
 PARENT_TAG = "mlflow.parentRunId"
 CONFIG_ARTIFACT = "config.yaml"
 _METRIC_PREFIXES = ("train_", "val_", "test_")
-_METRIC_EXTRA = ("lr", "epoch_seconds")
+_METRIC_EXTRA = ("lr", "epoch_seconds", "time_in_run_trial_s")
 
 
 class TrackingError(LtstudyError):
