@@ -47,8 +47,13 @@ def _node_id() -> str:
 
 
 def _failure_result(exc: Exception, cfg: Any) -> dict[str, Any]:
+    """The last result of a failed trial. It carries every objective as NaN because Tune requires the
+    scheduler's metric in each result; it has no ``epoch``, so ASHA does not record it, and the
+    searcher and the MLflow callback recognise the ``failure`` key."""
+    from ltstudy.study.space import OBJECTIVES
+
     return {"failure": f"{type(exc).__name__}: {exc}", "epochs_total": cfg.train.epochs,
-            "node_id": _node_id()}
+            "node_id": _node_id(), **{k: float("nan") for k in OBJECTIVES}}
 
 
 def _local_copy(ckpt: Checkpoint | None) -> str | None:
