@@ -18,9 +18,15 @@ SCHEDULERS = ("asha", "none")
 
 class LtOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        import optuna
+
         if result.get("failure") or self.metric not in result or trial_id in self._completed_trials:
             return
-        self._ot_trials[trial_id].report(result[self.metric], int(result.get("epoch", 0)))
+        try:
+            self._ot_trials[trial_id].report(result[self.metric], int(result.get("epoch", 0)))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # a trial Tune re-runs after a restore although Optuna already recorded its end
+            self._completed_trials.add(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         import optuna
@@ -28,6 +34,9 @@ class LtOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]
+        if ot_trial.study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+            self._completed_trials.add(trial_id)
+            return
         if error or not result or result.get("failure") or result.get(self.metric) is None:
             self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
         elif int(result.get("epoch", 0)) < int(result.get("epochs_total", 0)):

@@ -225,6 +225,9 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None) -> Study
     plan = plan_study(o)
     tracker = StudyTracker(plan.tracking_uri, plan.study)
     parent = tracker.open(study_tags(plan), resume=o.resume)
+    # Save Tune's experiment state at every controller step (default: throttled), so a driver killed
+    # right after a trial finished does not resume that trial as unfinished and run it again.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     started = _ray_init(o.address)
     try:
         callback = MLflowTrialCallback(plan.tracking_uri, tracker.experiment_id, parent, plan.study,

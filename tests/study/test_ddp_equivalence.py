@@ -51,18 +51,33 @@ def _worker(_config):
     model = ray.train.torch.prepare_model(_model())
     _train(model, ctx.get_world_rank(), ctx.get_world_size())
     inner = model.module if hasattr(model, "module") else model
-    ray.train.report({"weights": [p.detach().flatten().tolist() for p in inner.parameters()]})
+    # Train V2 keeps metrics only with a checkpoint: rank 0 saves its weights, every rank reports
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if ctx.get_world_rank() == 0:
+            torch.save([p.detach().flatten() for p in inner.parameters()], f"{tmp}/weights.pt")
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"done": 1}, checkpoint=ckpt)
 
 
 def test_two_cpu_workers_match_one(ray_local, tmp_path):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    import sys
+
+    from ray import cloudpickle
+
+    # the test module is not importable on Ray workers: ship its functions by value
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     single = [p.detach().flatten() for p in _train(_model(), 0, 1).parameters()]
     trainer = TorchTrainer(_worker, torch_config=TorchConfig(backend="gloo"),
                            scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
                            run_config=ray.train.RunConfig(storage_path=str(tmp_path), name="ddp"))
     result = trainer.fit()
-    ddp = [torch.tensor(w) for w in result.metrics["weights"]]
+    with result.checkpoint.as_directory() as d:
+        ddp = torch.load(f"{d}/weights.pt")
     for a, b in zip(single, ddp):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -17,32 +17,33 @@ from .conftest import REPO, TINY, ray_env
 pytestmark = pytest.mark.slow
 
 
-def _cmd(tmp, resume: bool) -> list[str]:
+def _cmd(tmp, uri: str, resume: bool) -> list[str]:
     tiny = [f"{k}={v}" for k, v in TINY.items()]
     return [sys.executable, "-m", "ltstudy.cli", "tune", "--method", "ce", "--num-trials", "4",
             "--max-concurrent", "1", "--scheduler", "none", "--sampler", "random", "--retries", "0",
-            "--storage", str(tmp / "storage"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+            "--storage", str(tmp / "storage"), "--tracking-uri", uri,
             "--study-name", "resume", *(["--resume"] if resume else []), *tiny, "epochs=3"]
 
 
-def _trial_runs(tmp):
-    mlc = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+def _trial_runs(uri):
+    # Through the server: a second process opening the driver's SQLite file races its schema setup.
+    mlc = MlflowClient(uri)
     exp = mlc.get_experiment_by_name("resume")
     if exp is None:
         return []
     return mlc.search_runs([exp.experiment_id], "tags.`ltstudy.role` = 'trial'", max_results=100)
 
 
-def test_sigkill_then_resume(tmp_path):
+def test_sigkill_then_resume(tmp_path, mlflow_server):
     ray_env()
     env = dict(os.environ)
-    driver = subprocess.Popen(_cmd(tmp_path, resume=False), cwd=REPO, env=env, start_new_session=True,
+    driver = subprocess.Popen(_cmd(tmp_path, mlflow_server, resume=False), cwd=REPO, env=env, start_new_session=True,
                               stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 400
     done_before: dict[str, tuple[str, int]] = {}
     try:
         while time.time() < deadline and driver.poll() is None:
-            runs = _trial_runs(tmp_path) if (tmp_path / "mlflow.db").exists() else []
+            runs = _trial_runs(mlflow_server)
             finished = [r for r in runs if r.data.tags.get("ltstudy.status") == "completed"]
             if finished and len(runs) > len(finished):
                 done_before = {r.data.tags["ltstudy.trial_id"]: (r.info.run_id, r.info.end_time)
@@ -59,10 +60,10 @@ def test_sigkill_then_resume(tmp_path):
             os.killpg(driver.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    resumed = subprocess.run(_cmd(tmp_path, resume=True), cwd=REPO, env=env, capture_output=True,
+    resumed = subprocess.run(_cmd(tmp_path, mlflow_server, resume=True), cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    runs = _trial_runs(tmp_path)
+    runs = _trial_runs(mlflow_server)
     ids = [r.data.tags["ltstudy.trial_id"] for r in runs]
     assert len(ids) == len(set(ids)) == 4, ids
     by_id = {r.data.tags["ltstudy.trial_id"]: r for r in runs}
