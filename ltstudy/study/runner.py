@@ -1,0 +1,146 @@
+"""The Tune trial: one worker runs ``run_trial`` in the trial's own process; more workers run it
+through Ray Train's ``TorchTrainer`` (DDP), launched from the trial as Train V2 expects.
+
+Every report carries ``epochs_total`` (so a stopped trial can be told from a finished one), the node id
+(so a multi-node study can be checked) and ``time_in_run_trial_s`` (for the per-trial overhead bench).
+A non-finite loss is a property of the configuration, not an accident: it is reported as a ``failure``
+result and the trial ends without raising, so Tune's and Train's retries (meant for killed workers) do
+not re-run it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.train
+import ray.tune
+from ray.train import Checkpoint
+
+from ltstudy.config import resolve_config
+from ltstudy.train import NonFiniteLossError, TrialContext, run_trial
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Per-trial shape: workers, CPUs and (possibly fractional) GPUs per worker, Train retries."""
+
+    workers: int = 1
+    cpus: float = 1.0
+    gpus: float = 0.0
+    retries: int = 1
+    storage: str = ""
+
+    def tune_resources(self) -> dict[str, float]:
+        """What the Tune trial itself holds: the whole worker for one worker, a sliver as a driver."""
+        if self.workers == 1:
+            return {"cpu": self.cpus, "gpu": self.gpus}
+        return {"cpu": 0.01}
+
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def _failure_result(exc: Exception, cfg: Any) -> dict[str, Any]:
+    """The last result of a failed trial. It carries every objective as NaN because Tune requires the
+    scheduler's metric in each result; it has no ``epoch``, so ASHA does not record it, and the
+    searcher and the MLflow callback recognise the ``failure`` key."""
+    from ltstudy.study.space import OBJECTIVES
+
+    return {"failure": f"{type(exc).__name__}: {exc}", "epochs_total": cfg.train.epochs,
+            "node_id": _node_id(), **{k: float("nan") for k in OBJECTIVES}}
+
+
+def _local_copy(ckpt: Checkpoint | None) -> str | None:
+    return ckpt.to_directory() if ckpt is not None else None
+
+
+def single_worker_trial(config: dict[str, Any]) -> None:
+    """One-worker trial: train here, report each epoch to Tune with a Tune checkpoint."""
+    cfg = resolve_config(dict(config))
+    work = tempfile.mkdtemp(prefix="ltstudy-ckpt-")
+    resume = _local_copy(ray.tune.get_checkpoint())
+    started = time.perf_counter()
+    node = _node_id()
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        metrics.update(epochs_total=cfg.train.epochs, node_id=node,
+                       time_in_run_trial_s=time.perf_counter() - started)
+        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=ckpt)
+
+    try:
+        run_trial(cfg, report, TrialContext(checkpoint_dir=work, resume_from=resume))
+    except NonFiniteLossError as exc:
+        ray.tune.report(_failure_result(exc, cfg))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if resume:
+            shutil.rmtree(resume, ignore_errors=True)
+
+
+def train_worker(loop: dict[str, Any]) -> None:
+    """Runs on every DDP rank; rank 0 writes checkpoints, every rank reports (a collective)."""
+    import ray.train.torch
+
+    cfg = resolve_config(dict(loop["config"]))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    work = tempfile.mkdtemp(prefix=f"ltstudy-ckpt-r{rank}-")
+    resume = _local_copy(ray.train.get_checkpoint())
+    started = time.perf_counter()
+    node = _node_id()
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        metrics.update(epochs_total=cfg.train.epochs, node_id=node,
+                       time_in_run_trial_s=time.perf_counter() - started)
+        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir and rank == 0 else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    tctx = TrialContext(device=ray.train.torch.get_device(), rank=rank, world_size=world,
+                        checkpoint_dir=work, resume_from=resume)
+    try:
+        run_trial(cfg, report, tctx)
+    except NonFiniteLossError as exc:
+        ray.train.report(_failure_result(exc, cfg))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if resume:
+            shutil.rmtree(resume, ignore_errors=True)
+
+
+def make_multi_worker_trial(res: Resources):
+    """The Tune trial as a Train driver: a deterministic run name makes a restarted trial resume."""
+
+    def multi_worker_trial(config: dict[str, Any]) -> None:
+        from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        trial_id = ray.tune.get_context().get_trial_id()
+        per_worker = {"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {})}
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"config": dict(config)},
+            torch_config=TorchConfig(backend="nccl" if res.gpus else "gloo"),
+            scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.gpus > 0,
+                                                   resources_per_worker=per_worker),
+            run_config=ray.train.RunConfig(
+                name=f"train-{trial_id}", storage_path=res.storage, callbacks=[TuneReportCallback()],
+                failure_config=ray.train.FailureConfig(max_failures=res.retries),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        trainer.fit()
+
+    return multi_worker_trial
+
+
+def make_trainable(res: Resources):
+    """The function Tune runs per trial, with the resources it must hold."""
+    fn = single_worker_trial if res.workers == 1 else make_multi_worker_trial(res)
+    return ray.tune.with_resources(fn, res.tune_resources())

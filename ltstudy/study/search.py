@@ -1,0 +1,96 @@
+"""Searchers and schedulers: OptunaSearch that tells Optuna the truth about stopped trials, and ASHA.
+
+Ray's OptunaSearch stores a trial that ASHA stopped as COMPLETE with its truncated value, so TPE would
+learn from short runs as if they were finished (platform notes 2.4). ``LtOptunaSearch`` marks a trial
+PRUNED when its last epoch is below its budget and FAIL when the trial reported a failure (a non-finite
+loss), and reports intermediate values by epoch (Tune's iteration counter restarts after a restore).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.tune.search.optuna import OptunaSearch
+
+SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
+SCHEDULERS = ("asha", "none")
+
+
+class LtOptunaSearch(OptunaSearch):
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        import optuna
+
+        if result.get("failure") or self.metric not in result or trial_id in self._completed_trials:
+            return
+        try:
+            self._ot_trials[trial_id].report(result[self.metric], int(result.get("epoch", 0)))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # a trial Tune re-runs after a restore although Optuna already recorded its end
+            self._completed_trials.add(trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        import optuna
+
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        if ot_trial.study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+            self._completed_trials.add(trial_id)
+            return
+        if error or not result or result.get("failure") or result.get(self.metric) is None:
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+        elif int(result.get("epoch", 0)) < int(result.get("epochs_total", 0)):
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            self._ot_study.tell(ot_trial, result[self.metric])
+        self._completed_trials.add(trial_id)
+
+
+def make_sampler(name: str, seed: int | None):
+    """An Optuna sampler by name; TPE (multivariate, constant liar in Optuna 5) is the default."""
+    import optuna
+
+    from ltstudy.errors import ConfigError
+
+    factories = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
+        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
+    }
+    if name not in factories:
+        raise ConfigError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    return factories[name]()
+
+
+def make_searcher(space, sampler: str, seed: int | None, study_name: str, optuna_db: str,
+                  fresh: bool) -> LtOptunaSearch:
+    """The searcher over ``space`` with its Optuna study in SQLite under the study's storage.
+
+    The published configuration is enqueued only on a fresh start: OptunaSearch re-enqueues
+    ``points_to_evaluate`` into the persistent study every time it is built (platform notes 1.7).
+    """
+    import optuna
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{optuna_db}")
+    return LtOptunaSearch(
+        space=space.define_by_run(), metric=space.metric, mode=space.mode,
+        points_to_evaluate=[space.published_point()] if fresh else None,
+        sampler=make_sampler(sampler, seed), study_name=study_name, storage=storage,
+    )
+
+
+def make_scheduler(name: str, metric: str, mode: str, epochs: int, grace: int = 1,
+                   reduction_factor: int = 2):
+    """ASHA on ``epoch`` (not training_iteration, which restarts after a restore), or none."""
+    from ltstudy.errors import ConfigError
+
+    if name == "none":
+        return None
+    if name != "asha":
+        raise ConfigError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=max(epochs, 1),
+                         grace_period=max(1, min(grace, epochs)), reduction_factor=reduction_factor)

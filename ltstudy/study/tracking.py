@@ -1,0 +1,439 @@
+"""MLflow for studies: the study (parent) run, a Tune callback for trial (child) runs, export, listing.
+
+Why not Ray's ``MLflowLoggerCallback``: it has no parent/child nesting, sends one request per metric, and
+opens a second run for a trial that is restored after a crash (ray#48664). This callback uses
+``log_batch``, nests each trial under the study run with ``mlflow.parentRunId``, and finds an existing
+run by the ``ltstudy.trial_id`` tag before creating one, so every trial has exactly one run even across
+``ltstudy tune --resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ltstudy.errors import LtstudyError
+
+STUDY_TAG = "ltstudy.study"
+ROLE_TAG = "ltstudy.role"
+TRIAL_TAG = "ltstudy.trial_id"
+STATUS_TAG = "ltstudy.status"  # completed | pruned | failed | running
+PARENT_TAG = "mlflow.parentRunId"
+CONFIG_ARTIFACT = "config.yaml"
+_METRIC_PREFIXES = ("train_", "val_", "test_")
+_METRIC_EXTRA = ("lr", "epoch_seconds", "time_in_run_trial_s")
+
+
+class TrackingError(LtstudyError):
+    """The tracking store cannot be reached or does not hold what was asked for."""
+
+
+# ---------------------------------------------------------------------------------------------- URIs
+def resolve_tracking_uri(uri: str | None) -> str:
+    """Flag, then ``MLFLOW_TRACKING_URI``, then ``sqlite:///<cwd>/mlflow.db`` (always absolute)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if uri.startswith("file:") or "://" not in uri:
+        raise TrackingError(f"tracking URI {uri!r}: use sqlite:///path/mlflow.db or http(s)://host:port "
+                            "(MLflow 3.13+ no longer accepts the file store)")
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail with one line before anything is written when the tracking store is out of reach."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+                if resp.status != 200:
+                    raise TrackingError(f"tracking server {uri} answered HTTP {resp.status} on /health")
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(f"tracking server {uri} is unreachable: {reason}") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise TrackingError(f"tracking store {uri}: folder {folder} does not exist")
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def git_commit() -> str:
+    """The commit of the ltstudy checkout (``unknown`` outside git), for provenance tags."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The trainer's scalar metrics from a Tune result (no Tune bookkeeping, no lists, finite only)."""
+    out = {}
+    for key, value in result.items():
+        if not (key.startswith(_METRIC_PREFIXES) or key in _METRIC_EXTRA):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        out[key] = float(value)
+    return out
+
+
+def _params(flat: dict[str, Any]) -> dict[str, str]:
+    return {k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v) for k, v in flat.items()}
+
+
+def _log_batch(mlc, run_id: str, metrics=(), params=None, tags=None) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    params = [Param(k, v) for k, v in (params or {}).items()]
+    tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    metrics = list(metrics)
+    for i in range(0, max(len(metrics), len(params), len(tags), 1), 100):
+        mlc.log_batch(run_id, metrics=metrics[i:i + 100], params=params[i:i + 100], tags=tags[i:i + 100])
+
+
+def trial_outcome(result: dict[str, Any] | None, errored: bool) -> str:
+    """completed | pruned | failed: a trial that stopped before its last epoch was pruned (ASHA)."""
+    if errored or not result or result.get("failure"):
+        return "failed"
+    if int(result.get("epoch", 0)) < int(result.get("epochs_total", 0)):
+        return "pruned"
+    return "completed"
+
+
+# ---------------------------------------------------------------------------------------- the study
+class StudyTracker:
+    """The experiment (one per study) and its parent run; created only after all input is valid."""
+
+    def __init__(self, uri: str, study: str) -> None:
+        self.uri, self.study = uri, study
+        self.mlc = client(uri)
+        self.experiment_id: str | None = None
+        self.parent_run_id: str | None = None
+
+    def open(self, tags: dict[str, Any], resume: bool) -> str:
+        """Get or create the experiment and the study run; on resume reuse both."""
+        exp = self.mlc.get_experiment_by_name(self.study)
+        if exp is None:
+            self.experiment_id = self.mlc.create_experiment(self.study, tags={STUDY_TAG: self.study})
+        elif exp.lifecycle_stage == "deleted":
+            raise TrackingError(f"experiment {self.study!r} is deleted in {self.uri}; restore it or pick "
+                                "another --study-name")
+        else:
+            self.experiment_id = exp.experiment_id
+        parent = self._find_parent()
+        if parent is not None and not resume:
+            raise TrackingError(f"study {self.study!r} already has a run in {self.uri}; pass --resume "
+                                "or pick another --study-name")
+        if parent is None:
+            run = self.mlc.create_run(self.experiment_id, run_name=self.study,
+                                      tags={ROLE_TAG: "study", STUDY_TAG: self.study})
+            self.parent_run_id = run.info.run_id
+            _log_batch(self.mlc, self.parent_run_id, tags=tags)
+        else:
+            self.parent_run_id = parent
+            self.mlc.update_run(parent, status="RUNNING")
+        return self.parent_run_id
+
+    def _find_parent(self) -> str | None:
+        runs = self.mlc.search_runs([self.experiment_id], f"tags.`{ROLE_TAG}` = 'study'",
+                                    max_results=1, order_by=["attributes.start_time ASC"])
+        return runs[0].info.run_id if runs else None
+
+    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.mlc.log_artifact(self.parent_run_id, str(path), artifact_path)
+
+    def finish(self, space_text: str, metric: str, mode: str, optuna_study: Any = None,
+               status: str = "FINISHED") -> dict[str, Any] | None:
+        """Put the best trial's params and metrics, the space and the plots on the study run."""
+        trials = study_trials(self.mlc, self.experiment_id, self.parent_run_id)
+        best = pick_best(trials, metric, mode)
+        self.mlc.log_text(self.parent_run_id, space_text, "search_space.yaml")
+        if best is not None:
+            _log_best(self.mlc, self.parent_run_id, best)
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in _plots(trials, metric, mode, optuna_study, Path(tmp)):
+                self.mlc.log_artifact(self.parent_run_id, str(path), "plots")
+        counts: dict[str, int] = {}
+        for t in trials:
+            counts[t["status"]] = counts.get(t["status"], 0) + 1
+        _log_batch(self.mlc, self.parent_run_id,
+                   tags={f"ltstudy.trials_{k}": v for k, v in counts.items()})
+        self.mlc.set_terminated(self.parent_run_id, status)
+        return best
+
+
+def _log_best(mlc, run_id: str, best: dict[str, Any]) -> None:
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in best["metrics"].items()]
+    tags = {"ltstudy.best_trial_id": best["trial_id"], "ltstudy.best_run_id": best["run_id"]}
+    _log_batch(mlc, run_id, metrics=metrics, tags=tags)
+    try:
+        _log_batch(mlc, run_id, params=best["params"])
+    except MlflowException:  # a resumed study whose best changed: params are immutable, keep tags
+        _log_batch(mlc, run_id, tags={f"best.{k}": v for k, v in best["params"].items()})
+
+
+# ---------------------------------------------------------------------------------- the Tune callback
+def _tune_callback_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+class MLflowTrialCallback(_tune_callback_base()):
+    """One child run per Tune trial, found again by tag on restore; ``log_batch`` once per epoch."""
+
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, study: str,
+                 commit: str = "unknown", echo: Any = None) -> None:
+        self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
+        self.study, self.commit, self.echo = study, commit, echo
+        self._mlc = None
+        self._runs: dict[str, str] = {}
+        self._start: dict[str, float] = {}
+        self.wall: dict[str, float] = {}  # trial id -> driver-side wall time, for ``bench study``
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles callbacks with the experiment; clients and run caches are rebuilt on restore.
+        state = dict(self.__dict__)
+        state.update(_mlc=None, _runs={}, _start={}, echo=None)
+        return state
+
+    @property
+    def mlc(self):
+        if self._mlc is None:
+            self._mlc = client(self.uri)
+        return self._mlc
+
+    def run_id(self, trial: Any) -> str:
+        tid = trial.trial_id
+        if tid in self._runs:
+            return self._runs[tid]
+        found = self.mlc.search_runs([self.experiment_id], f"tags.`{TRIAL_TAG}` = '{tid}'", max_results=5)
+        if found:
+            run_id = found[0].info.run_id
+            self.mlc.update_run(run_id, status="RUNNING")
+            _log_batch(self.mlc, run_id, tags={STATUS_TAG: "running"})
+        else:
+            run_id = self._create(trial)
+        self._runs[tid] = run_id
+        return run_id
+
+    def _create(self, trial: Any) -> str:
+        from ltstudy.config import resolve_config
+
+        flat = resolve_config(dict(trial.config)).to_dict()
+        run = self.mlc.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}", tags={
+            PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial.trial_id, STUDY_TAG: self.study,
+            ROLE_TAG: "trial"})
+        tags = {"method": flat["method"], "dataset": flat["dataset"], "imbalance": flat["imbalance"],
+                "seed": flat["seed"], "trial_id": trial.trial_id, "git_commit": self.commit,
+                STATUS_TAG: "running"}
+        _log_batch(self.mlc, run.info.run_id, params=_params(flat), tags=tags)
+        self.mlc.log_text(run.info.run_id, yaml.safe_dump(flat, sort_keys=False), CONFIG_ARTIFACT)
+        return run.info.run_id
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._start[trial.trial_id] = time.time()
+        self.run_id(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        from mlflow.entities import Metric
+
+        if "epoch" not in result:
+            return
+        now, step = int(time.time() * 1000), int(result["epoch"])
+        metrics = [Metric(k, v, now, step) for k, v in trial_metrics(result).items()]
+        tags = {"node_id": result["node_id"]} if result.get("node_id") else None
+        _log_batch(self.mlc, self.run_id(trial), metrics=metrics, tags=tags)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, errored=False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, errored=True)
+
+    def _end(self, trial: Any, errored: bool) -> None:
+        run_id = self.run_id(trial)
+        last = trial.last_result or {}
+        outcome = trial_outcome(last, errored)
+        tags = {STATUS_TAG: outcome, "early_stopped": str(outcome == "pruned").lower()}
+        if outcome == "failed":
+            tags["error"] = str(last.get("failure") or _error_text(trial))[:4000]
+        if trial.trial_id in self._start:
+            self.wall[trial.trial_id] = time.time() - self._start[trial.trial_id]
+        _log_batch(self.mlc, run_id, tags=tags)
+        per_class = {k: last[k] for k in ("val_per_class", "test_per_class") if k in last}
+        if per_class:
+            self.mlc.log_dict(run_id, per_class, "per_class_accuracy.json")
+        status = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}[outcome]
+        self.mlc.set_terminated(run_id, status)
+        if self.echo is not None:
+            self.echo(trial.trial_id, outcome, last)
+
+
+def _error_text(trial: Any) -> str:
+    for attr in ("error_msg", "get_error"):
+        value = getattr(trial, attr, None)
+        value = value() if callable(value) else value
+        if value:
+            return str(value).strip().splitlines()[-1]
+    return "trial raised an error"
+
+
+# --------------------------------------------------------------------------- reading a study back
+def study_trials(mlc, experiment_id: str, parent_run_id: str) -> list[dict[str, Any]]:
+    """Every trial run of a study with its status, last metrics and params, oldest first."""
+    runs = mlc.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                           max_results=5000, order_by=["attributes.start_time ASC"])
+    return [{"run_id": r.info.run_id, "trial_id": r.data.tags.get(TRIAL_TAG, ""),
+             "status": r.data.tags.get(STATUS_TAG, "running"), "metrics": dict(r.data.metrics),
+             "params": dict(r.data.params), "mlflow_status": r.info.status} for r in runs]
+
+
+def pick_best(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """Best trial on the objective among those that ran their whole budget.
+
+    Pruned trials are left out while any trial completed: their metric is from a shorter run, and a
+    config exported for ``ltstudy train`` should be one whose full-length result was measured.
+    """
+    scored = [t for t in trials if metric in t["metrics"] and t["status"] in ("completed", "pruned")]
+    full = [t for t in scored if t["status"] == "completed"] or scored
+    if not full:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    return max(full, key=lambda t: sign * t["metrics"][metric])
+
+
+def find_study(uri: str, study: str):
+    """The experiment and parent run of a study, or a one-line error naming what is missing."""
+    mlc = client(uri)
+    exp = mlc.get_experiment_by_name(study)
+    if exp is None or exp.tags.get(STUDY_TAG) != study:
+        raise TrackingError(f"no ltstudy study named {study!r} in {uri}")
+    runs = mlc.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'study'", max_results=1,
+                           order_by=["attributes.start_time ASC"])
+    if not runs:
+        raise TrackingError(f"study {study!r} in {uri} has no study run")
+    return mlc, exp, runs[0]
+
+
+def export_best(uri: str, study: str) -> dict[str, Any]:
+    """The best trial's resolved config plus a ``provenance`` block, read from the tracking store."""
+    mlc, exp, parent = find_study(uri, study)
+    metric = parent.data.tags.get("ltstudy.metric", "val_top1")
+    mode = parent.data.tags.get("ltstudy.mode", "max")
+    best = pick_best(study_trials(mlc, exp.experiment_id, parent.info.run_id), metric, mode)
+    if best is None:
+        raise TrackingError(f"study {study!r} has no finished trial with {metric!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlc.download_artifacts(best["run_id"], CONFIG_ARTIFACT, tmp)
+        config = yaml.safe_load(Path(path).read_text())
+    config["provenance"] = {
+        "study": study, "trial_id": best["trial_id"], "run_id": best["run_id"],
+        "tracking_uri": uri, "objective": {"metric": metric, "mode": mode},
+        "status": best["status"], "metrics": {k: best["metrics"][k] for k in sorted(best["metrics"])
+                                               if k.startswith(("val_", "test_"))},
+    }
+    return config
+
+
+def list_studies(uri: str) -> list[dict[str, Any]]:
+    """One row per study in the store: trial counts and best objective value."""
+    mlc = client(uri)
+    rows = []
+    for exp in mlc.search_experiments(max_results=1000):
+        study = exp.tags.get(STUDY_TAG)
+        if not study:
+            continue
+        try:
+            _, _, parent = find_study(uri, study)
+        except TrackingError:
+            continue
+        metric = parent.data.tags.get("ltstudy.metric", "val_top1")
+        mode = parent.data.tags.get("ltstudy.mode", "max")
+        trials = study_trials(mlc, exp.experiment_id, parent.info.run_id)
+        best = pick_best(trials, metric, mode)
+        rows.append({"study": study, "method": parent.data.tags.get("ltstudy.method", "?"),
+                     "metric": metric, "mode": mode, "trials": len(trials),
+                     "best": best["metrics"][metric] if best else None,
+                     "best_trial": best["trial_id"] if best else None, "status": parent.info.status})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- plots
+def _plots(trials: list[dict[str, Any]], metric: str, mode: str, optuna_study: Any,
+           out: Path) -> list[Path]:
+    """Optimisation history (objective per trial and running best) and parameter importance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [i for i, t in enumerate(trials) if metric in t["metrics"]]
+    ys = [trials[i]["metrics"][metric] for i in xs]
+    colours = ["tab:blue" if trials[i]["status"] == "completed" else "tab:grey" for i in xs]
+    ax.scatter(xs, ys, c=colours, label=f"{metric} (grey: pruned)")
+    best, run = [], None
+    for y in ys:
+        run = y if run is None else (max(run, y) if mode == "max" else min(run, y))
+        best.append(run)
+    ax.step(xs, best, where="post", color="tab:red", label="best so far")
+    ax.set_xlabel("trial (start order)")
+    ax.set_ylabel(metric)
+    ax.set_title("optimisation history")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    paths.append(out / "optimization_history.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    importances = _importances(optuna_study)
+    if importances:
+        names = list(importances)[::-1]
+        ax.barh(names, [importances[n] for n in names], color="tab:blue")
+        ax.set_xlabel("importance (Optuna default evaluator)")
+    else:
+        ax.text(0.5, 0.5, "not enough completed trials\nfor parameter importance",
+                ha="center", va="center")
+        ax.set_axis_off()
+    ax.set_title("parameter importance")
+    fig.tight_layout()
+    paths.append(out / "param_importance.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def _importances(optuna_study: Any) -> dict[str, float]:
+    if optuna_study is None:
+        return {}
+    try:
+        import optuna
+
+        return dict(optuna.importance.get_param_importances(optuna_study))
+    except Exception:  # too few completed trials or a constant parameter: the plot says so
+        return {}

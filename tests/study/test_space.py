@@ -1,0 +1,78 @@
+"""Search-space files: every shipped file validates; bad files fail with one precise line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from ltstudy.config import resolve_config
+from ltstudy.study.space import SpaceError, load_space, parse_space
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
+
+
+def test_expected_files_are_shipped():
+    names = {p.stem for p in SHIPPED}
+    assert {"ce", "ldam_drw", "balanced_softmax"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_space_validates(path):
+    space = load_space(path, method=path.stem)
+    assert space.method == path.stem
+    point = space.published_point()
+    assert set(point) <= set(space.tuned_names)
+    resolve_config({**space.fixed, **point, "method": space.method})
+
+
+def test_published_point_is_method_defaults():
+    space = load_space(ROOT / "search_spaces" / "ldam_drw.yaml")
+    assert space.published_point() == {"lr": 0.1, "weight_decay": 2e-4, "max_m": 0.5, "s": 30.0,
+                                       "drw_start": 0.8}
+
+
+def test_define_by_run_conditional_and_constants():
+    space = load_space(ROOT / "search_spaces" / "ce.yaml").with_overrides({"epochs": 3})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    fn = space.define_by_run()
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        constants = fn(trial)
+        assert constants["epochs"] == 3 and constants["method"] == "ce"
+        assert ("sampler_q" in trial.params) == (trial.params["sampler"] == "power")
+        seen.add(trial.params["sampler"])
+        resolve_config({**constants, **trial.params})
+        study.tell(trial, 0.0)
+    assert seen == {"instance", "sqrt", "power"}
+
+
+def test_override_of_tuned_name_pins_it():
+    space = load_space(ROOT / "search_spaces" / "ce.yaml").with_overrides({"lr": 0.05})
+    assert "lr" not in space.tuned_names and space.fixed["lr"] == 0.05
+
+
+@pytest.mark.parametrize("tune, message", [
+    ({"not_a_param": {"type": "float", "low": 0, "high": 1}}, "not a hyperparameter"),
+    ({"lr": {"type": "float", "low": 0.5, "high": 0.1}}, "low (0.5) > high (0.1)"),
+    ({"lr": {"type": "float", "low": 0.0, "high": 0.5, "log": True}}, "log scale needs low > 0"),
+    ({"lr": {"type": "float", "low": 0.2, "high": 0.5}}, "published value lr = 0.1 lies outside"),
+    ({"lr": {"type": "normal", "low": 0.01, "high": 0.5}}, "type must be"),
+    ({"sampler_q": {"type": "float", "low": 0, "high": 1, "when": {"sampler": "power"}}}, "not a tuned"),
+    ({"sampler": {"type": "categorical", "choices": ["instance", "bogus"]}}, "bogus"),
+])
+def test_bad_spaces(tune, message):
+    with pytest.raises(SpaceError, match=None) as err:
+        parse_space({"method": "ce", "tune": tune}, "x.yaml")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_wrong_method_and_metric():
+    with pytest.raises(SpaceError, match="for method 'ce', not 'ldam_drw'"):
+        parse_space({"method": "ce"}, "x.yaml", method="ldam_drw")
+    with pytest.raises(SpaceError, match="metric must be one of"):
+        parse_space({"method": "ce", "metric": "test_top1"}, "x.yaml")
