@@ -228,7 +228,9 @@ app.add_typer(features_app, name="features")
 
 @features_app.command("extract")
 def features_extract(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="backbone checkpoint.pt (or its folder)"),
+    checkpoint: str = typer.Option(..., "--checkpoint",
+                                   help="backbone checkpoint.pt, its folder, or a trial's MLflow run id"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="for a run id"),
     storage: Optional[str] = typer.Option(None, "--storage", help="cache root URI (default ./ltstudy-results)"),
     fmaps: bool = typer.Option(False, "--fmaps/--no-fmaps", help="also store last-stage train maps (FSA)"),
     augmented_views: int = typer.Option(0, "--augmented-views", help="extra augmented train passes"),
@@ -240,8 +242,9 @@ def features_extract(
     """Extract train/val/test features of a backbone checkpoint into the cache; prints the key."""
     from ltstudy.config import parse_overrides
     from ltstudy.features.extract import extract_features
+    from ltstudy.study.tracking import resolve_backbone
 
-    r = extract_features(checkpoint, storage=storage, overrides=parse_overrides(overrides or []),
+    r = extract_features(resolve_backbone(checkpoint, tracking_uri), storage=storage, overrides=parse_overrides(overrides or []),
                          fmaps=fmaps, augmented_views=augmented_views, device=device,
                          endpoint_override=endpoint_url, force=force)
     rows = ", ".join(f"{k} {v}" for k, v in r.rows.items())
@@ -326,6 +329,8 @@ def tune(
     resume: bool = typer.Option(False, help="continue an interrupted study"),
     seed: int = typer.Option(0, help="sampler seed"),
     grace_period: int = typer.Option(1, help="ASHA: epochs before a trial can be stopped"),
+    backbone: Optional[str] = typer.Option(
+        None, help="feature-stage methods: backbone checkpoint, or the MLflow run id of a trial"),
     overrides: Optional[list[str]] = OVERRIDES,
 ) -> None:
     """Tune METHOD with Ray Tune + Optuna (+ ASHA), recording every trial in MLflow."""
@@ -339,7 +344,8 @@ def tune(
                         workers=workers, cpus_per_worker=cpus_per_worker,
                         gpus_per_worker=gpus_per_worker, storage=storage, tracking_uri=tracking_uri,
                         study_name=study_name, address=address, resume=resume, seed=seed,
-                        overrides=fixed, retries=retries, grace_period=grace_period)
+                        overrides=fixed, retries=retries, grace_period=grace_period,
+                        backbone=backbone)
     summary = run_study(opts, echo=_echo_trial)
     _print_summary(summary)
 

@@ -22,12 +22,13 @@ from typing import Any
 
 import yaml
 
-from ltstudy.errors import LtstudyError
+from ltstudy.errors import ConfigError, LtstudyError
 
 STUDY_TAG = "ltstudy.study"
 ROLE_TAG = "ltstudy.role"
 TRIAL_TAG = "ltstudy.trial_id"
 STATUS_TAG = "ltstudy.status"  # completed | pruned | failed | running
+CHECKPOINT_TAG = "ltstudy.checkpoint"  # where the trial's last checkpoint lives (storage URI)
 PARENT_TAG = "mlflow.parentRunId"
 CONFIG_ARTIFACT = "config.yaml"
 _METRIC_PREFIXES = ("train_", "val_", "test_")
@@ -249,6 +250,8 @@ class MLflowTrialCallback(_tune_callback_base()):
         tags = {"method": flat["method"], "dataset": flat["dataset"], "imbalance": flat["imbalance"],
                 "seed": flat["seed"], "trial_id": trial.trial_id, "git_commit": self.commit,
                 STATUS_TAG: "running"}
+        if flat.get("feature_key"):
+            tags["feature_key"] = flat["feature_key"]
         _log_batch(self.mlc, run.info.run_id, params=_params(flat), tags=tags)
         self.mlc.log_text(run.info.run_id, yaml.safe_dump(flat, sort_keys=False), CONFIG_ARTIFACT)
         return run.info.run_id
@@ -282,6 +285,9 @@ class MLflowTrialCallback(_tune_callback_base()):
             tags["error"] = str(last.get("failure") or _error_text(trial))[:4000]
         if trial.trial_id in self._start:
             self.wall[trial.trial_id] = time.time() - self._start[trial.trial_id]
+        checkpoint = last.get("checkpoint_path") or getattr(trial.checkpoint, "path", None)
+        if checkpoint:  # lets `--backbone RUN_ID` find the trained weights later
+            tags[CHECKPOINT_TAG] = checkpoint
         _log_batch(self.mlc, run_id, tags=tags)
         per_class = {k: last[k] for k in ("val_per_class", "test_per_class") if k in last}
         if per_class:
@@ -437,3 +443,28 @@ def _importances(optuna_study: Any) -> dict[str, float]:
         return dict(optuna.importance.get_param_importances(optuna_study))
     except Exception:  # too few completed trials or a constant parameter: the plot says so
         return {}
+
+
+def checkpoint_of_run(tracking_uri: str | None, run_id: str) -> str:
+    """The checkpoint folder of a finished trial's MLflow run (tagged when the trial ended)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"no MLflow run {run_id!r} in {uri}") from None
+    path = run.data.tags.get(CHECKPOINT_TAG)
+    if not path:
+        raise ConfigError(f"MLflow run {run_id} has no checkpoint (tag {CHECKPOINT_TAG}); "
+                          "pass the checkpoint file instead")
+    return path
+
+
+def resolve_backbone(value: str, tracking_uri: str | None = None) -> str:
+    """A checkpoint file or folder as given, or the checkpoint of the MLflow run with that id."""
+    if Path(value).expanduser().exists() or "/" in value or value.endswith(".pt"):
+        return str(Path(value).expanduser().resolve())
+    return checkpoint_of_run(tracking_uri, value)

@@ -16,7 +16,13 @@ from typing import Any, Callable
 
 from ltstudy.errors import ConfigError
 from ltstudy.study.space import SearchSpace, default_space_path, load_space
-from ltstudy.study.tracking import StudyTracker, check_reachable, git_commit, resolve_tracking_uri
+from ltstudy.study.tracking import (
+    StudyTracker,
+    check_reachable,
+    git_commit,
+    resolve_backbone,
+    resolve_tracking_uri,
+)
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://")
 
@@ -38,6 +44,7 @@ class StudyOptions:
     address: str | None = None
     resume: bool = False
     seed: int | None = 0
+    backbone: str | None = None  # feature-stage methods: a checkpoint, or the MLflow run of a trial
     overrides: dict[str, Any] = field(default_factory=dict)
     retries: int = 1
     grace_period: int = 1
@@ -99,6 +106,33 @@ def _check_resources(o: StudyOptions) -> None:
         raise ConfigError("--retries must be >= 0")
 
 
+def _backbone_pins(o: StudyOptions, pins: dict[str, Any]) -> dict[str, Any]:
+    """Feature-stage studies: the backbone checkpoint and the data split it was trained on."""
+    from ltstudy.feature_train import CHECKED_FIELDS
+    from ltstudy.features.extract import load_backbone_checkpoint
+
+    value = o.backbone or pins.get("backbone")
+    if not value:
+        raise ConfigError(f"method {o.method!r} tunes on cached backbone features: pass --backbone "
+                          "CHECKPOINT (a checkpoint.pt, its folder, or the MLflow run id of a trial)")
+    state = load_backbone_checkpoint(resolve_backbone(str(value), o.tracking_uri))
+    keys = (*CHECKED_FIELDS, "data_root", "train_list", "val_list", "test_list")
+    data = {k: state["config"][k] for k in keys if state["config"].get(k) is not None}
+    return {**data, **pins, "backbone": state["path"]}
+
+
+def _feature_pins(plan: StudyPlan) -> dict[str, Any]:
+    """Extract the backbone's features into the study's storage once, before any trial starts."""
+    from ltstudy.config import resolve_config
+    from ltstudy.feature_train import resolve_features
+
+    space = plan.space
+    cfg = resolve_config({**space.fixed, **space.published_point(), "method": space.method,
+                          "feature_storage": plan.storage})
+    storage, key = resolve_features(cfg)
+    return {"feature_storage": storage.uri, "feature_key": key}
+
+
 def plan_study(o: StudyOptions) -> StudyPlan:
     """Every user-input check, with nothing written anywhere."""
     from ltstudy.methods import get_method
@@ -109,6 +143,8 @@ def plan_study(o: StudyOptions) -> StudyPlan:
     path = Path(o.space_path) if o.space_path else default_space_path(o.method)
     space = load_space(path, o.method)
     pins = dict(o.overrides)
+    if get_method(o.method).stage == "feature":
+        pins = _backbone_pins(o, pins)
     for key in ("data_root", "train_list", "val_list", "test_list"):
         if key in space.fixed and key not in pins:
             pins[key] = space.fixed[key]
@@ -211,7 +247,8 @@ def study_tags(plan: StudyPlan) -> dict[str, Any]:
             "ltstudy.sampler": o.sampler, "ltstudy.scheduler": o.scheduler,
             "ltstudy.num_trials": o.num_trials, "ltstudy.workers": o.workers,
             "ltstudy.storage": plan.experiment_path, "ltstudy.tuned": ",".join(s.tuned_names),
-            "dataset": s.fixed.get("dataset", "cifar10-lt"), "git_commit": git_commit()}
+            "dataset": s.fixed.get("dataset", "cifar10-lt"), "git_commit": git_commit(),
+            **({"ltstudy.feature_key": s.fixed["feature_key"]} if s.fixed.get("feature_key") else {})}
 
 
 def run_study(o: StudyOptions, echo: Callable[..., None] | None = None) -> StudySummary:
@@ -223,6 +260,8 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None) -> Study
 
     tic = time.time()
     plan = plan_study(o)
+    if plan.fresh and "backbone" in plan.space.fixed:
+        plan.space = plan.space.with_overrides(_feature_pins(plan))
     tracker = StudyTracker(plan.tracking_uri, plan.study)
     parent = tracker.open(study_tags(plan), resume=o.resume)
     # Save Tune's experiment state at every controller step (default: throttled), so a driver killed

@@ -138,3 +138,24 @@ def test_studies_list(study, mlflow_server, capsys):
 def test_no_leaked_placement_groups(study, ray_local):
     table = ray_local.util.placement_group_table()
     assert not [pg for pg in table.values() if pg["state"] == "CREATED"]
+
+
+def test_feature_stage_study_extracts_once_from_a_trial_run(study, mlflow_server, tmp_path):
+    """`tune --method ce_classifier --backbone RUN_ID`: features cached in the study storage, trials tagged."""
+    summary, _ = study
+    space = tmp_path / "space.yaml"
+    space.write_text("method: ce_classifier\nmetric: val_top1\nmode: max\nfixed: {epochs: 2}\n"
+                     "tune:\n  lr: {type: float, low: 0.01, high: 0.5, log: true}\n")
+    features = run_study(StudyOptions(
+        method="ce_classifier", space_path=str(space), num_trials=2, max_concurrent=2, sampler="random",
+        storage=str(tmp_path / "storage"), tracking_uri=mlflow_server, study_name="e2e-features",
+        retries=0, verbose=0, backbone=summary.best["run_id"]))
+    assert features.counts == {"completed": 2}
+    caches = [p for p in (tmp_path / "storage" / "features").iterdir() if not p.name.startswith(".")]
+    assert len(caches) == 1 and (caches[0] / "manifest.json").is_file()
+    mlc = MlflowClient(mlflow_server)
+    for t in features.trials:
+        run = mlc.get_run(t["run_id"])
+        assert run.data.tags["feature_key"] == caches[0].name
+        assert run.data.params["dataset"] == "synthetic"
+        assert run.data.params["backbone"].endswith("checkpoint.pt")
