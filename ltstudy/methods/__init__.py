@@ -1,6 +1,6 @@
 """Registered methods. Importing this package registers every method module listed below."""
 
-from ltstudy.methods import balanced_softmax, ce, ldam_drw  # noqa: F401  (registration)
+from ltstudy.methods import balanced_softmax, ce, fsgl, ldam_drw, metasaug  # noqa: F401  (registration)
 from ltstudy.methods.base import (
     Amp,
     Method,
