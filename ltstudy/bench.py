@@ -48,6 +48,8 @@ def bench_train(method: str = "ce", model: str = "resnet32", batch_size: int = 1
     data = load_data(cfg)
     torch.manual_seed(0)
     meth = build_method(cfg, data, dev)
+    # time the last phase of the schedule: deferred phases (DRW, MetaSAug's meta step) are the costly ones
+    meth.on_epoch_start(t.epochs - 1)
     net = _prepare_model(meth, t, dev, 1)
     opt = _optimizer(net, t)
     amp = _amp(t, dev)
