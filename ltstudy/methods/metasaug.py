@@ -49,6 +49,9 @@ Where ltstudy differs from the reference, and why:
   outer products) all-reduced over ranks, so every rank holds the same estimate (equal to the
   single-process one for the global batch); the meta-gradient on Σ is averaged over ranks. Each
   rank's look-ahead uses its own shard's gradient (not the global one).
+  The real loss is computed from the DDP-wrapped forward's (features, logits); the ISDA term also
+  reads ``head.weight`` directly — the same parameter, whose gradients are summed into one
+  AccumulateGrad before DDP's hook reduces it, so the update is still synchronised.
 * Only in-memory datasets are supported (the meta set is augmented on the device); file-list data
   (the reference's ImageNet-LT recipe trains only the classifier on a frozen cRT backbone, a different
   setting) raises ``ConfigError``.

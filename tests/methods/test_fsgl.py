@@ -119,8 +119,9 @@ def test_mix_labels_and_phi():
 
 
 def test_one_epoch_on_synthetic(one_thread):
+    # image_size 32: TrainConfig.image_size defaults to 224 and load_data passes it to the synthetic set
     cfg = resolve_config({"method": "fsgl", "dataset": "synthetic", "epochs": 1, "model": "resnet32",
-                          "batch_size": 32, "device": "cpu"})
+                          "batch_size": 32, "device": "cpu", "image_size": 32})
     metrics = run_trial(cfg)
     for key in ("val_top1", "val_loss", "test_top1", "test_loss", "train_loss"):
         assert math.isfinite(metrics[key]), key

@@ -160,8 +160,10 @@ def test_state_dict_carries_the_estimator():
 
 
 def test_one_epoch_on_synthetic(one_thread):
+    # image_size 32 (TrainConfig defaults to 224, also for synthetic); meta_batch 20 keeps it fast
     cfg = resolve_config({"method": "metasaug", "dataset": "synthetic", "epochs": 1, "model": "resnet32",
-                          "batch_size": 32, "device": "cpu"})
+                          "batch_size": 32, "device": "cpu", "image_size": 32,
+                          "meta_batch": 20})
     assert int(cfg.params.switch * cfg.train.epochs) == 0  # the epoch runs the MetaSAug phase
     metrics = run_trial(cfg)
     for key in ("val_top1", "val_loss", "test_top1", "test_loss", "train_loss"):
