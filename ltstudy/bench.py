@@ -42,12 +42,14 @@ def bench_train(method: str = "ce", model: str = "resnet32", batch_size: int = 1
                 repeats: int = 5, device: str = "auto", **overrides: Any) -> dict[str, Any]:
     """Median train and eval images/s and peak memory of ``method`` on synthetic CIFAR-sized data."""
     dev = resolve_device(device)
-    cfg = resolve_config({"method": method, "model": model, "dataset": "synthetic",
+    cfg = resolve_config({"method": method, "model": model, "dataset": "synthetic", "image_size": 32,
                           "batch_size": batch_size, "device": str(dev), **overrides})
     t = cfg.train
     data = load_data(cfg)
     torch.manual_seed(0)
     meth = build_method(cfg, data, dev)
+    # time the last phase of the schedule: deferred phases (DRW, MetaSAug's meta step) are the costly ones
+    meth.on_epoch_start(t.epochs - 1)
     net = _prepare_model(meth, t, dev, 1)
     opt = _optimizer(net, t)
     amp = _amp(t, dev)

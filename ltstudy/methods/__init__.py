@@ -1,6 +1,16 @@
 """Registered methods. Importing this package registers every method module listed below."""
 
-from ltstudy.methods import balanced_softmax, ce, ce_classifier, dlsa, fsa, ldam_drw, tailcalibx  # noqa: F401  (registration)
+from ltstudy.methods import (  # noqa: F401  (registration, in a fixed order)
+    balanced_softmax,
+    ce,
+    ce_classifier,
+    dlsa,
+    fsa,
+    fsgl,
+    ldam_drw,
+    metasaug,
+    tailcalibx,
+)
 from ltstudy.methods.base import (
     Amp,
     Method,

@@ -1,0 +1,364 @@
+"""FSGL — Feature Scaling Guided Learning (Wang, You, Zheng), after ZY-IMU-CV/FSGL @ 6dbc786.
+
+FSGL is GLMC (Du et al., CVPR 2023; ynu-yangpeng/GLMC @ 2c0261c) plus a Feature Scaling Module (FSM)
+and a SAM optimiser. One training step:
+
+1. Two lockstep batches: "org" (the trainer's sampler, instance-balanced by default) and "invs"
+   (drawn with replacement with per-sample weights n_y^-q, q = ``resample_weighting``); every image
+   is augmented twice independently (view 1, view 2).
+2. Global-local mixture with one λ ~ Beta(α, α) (α = ``mix_alpha``): MixUp of the view-1 pair and
+   CutMix of the view-2 pair. Soft labels y = λ e_a + (1-λ) e_b and re-weighted labels
+   y^w = λ w_a e_a + (1-λ) w_b e_b with w_k = n_k^-τ normalised to sum C (τ = ``label_weighting``).
+3. FSM: the pooled feature is multiplied by φ = Σ_k y_k s_k, s_k = 1 + γ - r_k γ / C, where r_k is
+   class k's frequency rank (0 = most frequent) and γ = ``fcc``; identity at test time. The scaled
+   feature feeds all four heads: ``fc`` (balanced), ``head`` (= the reference's ``fc_cb``,
+   rebalanced, used alone at test time), ``projection`` (Linear D→D/2) and ``contrast``
+   (Linear D/2→D/2).
+4. Loss L = α_t L_bal + (1-α_t) L_reb + ``contrast_weight`` · L_con with α_t = 1 - (t/T)^p
+   (p = ``cumulative_power``), soft CE for L_bal / L_reb and a SimSiam negative cosine with
+   stop-gradient for L_con.
+5. SAM with radius ``rho`` (ρ ≤ 0: a plain step of the trainer's optimiser).
+
+Where ltstudy differs from the reference, and why:
+
+* **FSM uses the frequency rank, not the class index.** The reference computes s_k from k, which is
+  the frequency rank only on CIFAR-LT; with ties broken by class index the CIFAR factors are the same
+  (C = 10, γ = 0.5: 1.50, 1.45, ..., 1.05). The factors are **not rounded** to 2 decimals (the reference
+  rounds; for C=10, γ=0.5 the values coincide).
+* **CutMix label uses the pasted area after clipping** the box to the image; the reference labels the
+  cut image with the sampled λ even when the box is clipped. φ (FSM) uses the same corrected λ.
+* **SAM's ascent step uses the full loss** (L_cls + contrast_weight · L_con). The reference's first
+  pass omits the contrast term, so it perturbs towards a different objective than the one it
+  descends; ltstudy perturbs and descends on the same loss.
+* ``mix_alpha`` is a real hyperparameter (published value 1.0, hard-coded in the reference); the
+  reference's ``--beta`` flag is parsed but unused and is not reproduced.
+* The two mixed batches (MixUp and CutMix) go through **one** forward pass, concatenated, so BN sees
+  2B images per step (as in GLMC's trainer) and the DDP-wrapped forward computes the whole loss.
+* Under a float16 ``GradScaler`` (GPUs without bf16) the SAM step runs in float32 without the scaler:
+  SAM needs the true gradient norm before the second pass, and an extra unscale/inf-check round would
+  double the bookkeeping for a rare setting. bf16 autocast and CPU are unaffected.
+* BN running statistics are updated by both SAM forward passes, as in the reference.
+* The loss reported per step is the first-pass loss (at w, before the perturbation).
+* Only in-memory datasets (CIFAR-LT, synthetic) are supported: the two-view loader augments on the
+  device. File-list data (ImageNet-LT) raises ``ConfigError``.
+* ``model`` selects the backbone (published: ``resnet34_cifar``; ``resnet32`` for fast studies); the
+  heads are sized from its feature dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from ltstudy.data.augment import AugmentSpec, apply, normalize
+from ltstudy.data.loader import derive_seed, global_batches, per_rank_batch, shard
+from ltstudy.data.samplers import epoch_order, sample_weights
+from ltstudy.errors import ConfigError
+from ltstudy.methods.base import Amp, Method, MethodContext, Params, register
+from ltstudy.models import Classifier, build_backbone
+
+# ----------------------------------------------------------------------------------------------
+# The maths (pure functions, unit-tested without data)
+# ----------------------------------------------------------------------------------------------
+
+
+def frequency_ranks(class_counts: torch.Tensor) -> torch.Tensor:
+    """r_k: 0 for the most frequent class, C-1 for the rarest; ties broken by class index."""
+    counts = torch.as_tensor(class_counts).long().cpu()
+    order = sorted(range(len(counts)), key=lambda k: (-int(counts[k]), k))
+    ranks = torch.empty(len(counts), dtype=torch.long)
+    ranks[torch.tensor(order)] = torch.arange(len(counts))
+    return ranks
+
+
+def fsm_factors(class_counts: torch.Tensor, fcc: float) -> torch.Tensor:
+    """Per-class FSM factors s_k = 1 + fcc - r_k fcc / C (float64, not rounded)."""
+    ranks = frequency_ranks(class_counts).double()
+    c = len(ranks)
+    return 1.0 + fcc - ranks * fcc / c
+
+
+def label_weights(class_counts: torch.Tensor, tau: float) -> torch.Tensor:
+    """w_k = n_k^-τ normalised so that Σ_k w_k = C."""
+    w = torch.as_tensor(class_counts).double().clamp_min(1).pow(-tau)
+    return w / w.sum() * len(w)
+
+
+def cutmix_box(height: int, width: int, lam: float, cy: int, cx: int) -> tuple[int, int, int, int]:
+    """The CutMix box (y0, y1, x0, x1) of side ⌊H√(1-λ)⌋ x ⌊W√(1-λ)⌋ centred at (cy, cx), clipped."""
+    rat = math.sqrt(max(1.0 - lam, 0.0))
+    ch, cw = int(height * rat), int(width * rat)
+    y0, y1 = min(max(cy - ch // 2, 0), height), min(max(cy + ch // 2, 0), height)
+    x0, x1 = min(max(cx - cw // 2, 0), width), min(max(cx + cw // 2, 0), width)
+    return y0, y1, x0, x1
+
+
+def cutmix(x_a: torch.Tensor, x_b: torch.Tensor, box: tuple[int, int, int, int]) -> tuple[torch.Tensor, float]:
+    """Paste ``box`` of ``x_b`` into ``x_a``; returns the image and the label weight of ``x_a``.
+
+    The weight is 1 - (pasted area)/(H W), i.e. corrected for clipping (the reference keeps λ).
+    """
+    y0, y1, x0, x1 = box
+    out = x_a.clone()
+    out[:, :, y0:y1, x0:x1] = x_b[:, :, y0:y1, x0:x1]
+    h, w = x_a.shape[-2:]
+    return out, 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
+
+
+def soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-mean_i Σ_j target_ij log softmax(logits_i)_j (targets need not sum to 1)."""
+    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+def simsiam_consistency(p_mix: torch.Tensor, h_mix: torch.Tensor, p_cut: torch.Tensor,
+                        h_cut: torch.Tensor) -> torch.Tensor:
+    """-cos(p_mix, sg(h_cut)) - cos(p_cut, sg(h_mix)), each averaged over the batch."""
+    return -(F.cosine_similarity(p_mix, h_cut.detach(), dim=1).mean()
+             + F.cosine_similarity(p_cut, h_mix.detach(), dim=1).mean())
+
+
+def sam_step(params: list[torch.Tensor], closure: Callable[[], torch.Tensor],
+             optimizer: torch.optim.Optimizer, rho: float) -> torch.Tensor:
+    """One SAM update (Foret et al., non-adaptive) around ``optimizer``.
+
+    ``closure`` runs a forward pass and returns the loss (no backward). Steps: g = ∇L(w);
+    e = ρ g / ‖g‖₂ (norm over all parameters); w ← w + e; g' = ∇L(w + e); w ← w; optimizer step with g'.
+    Returns the detached first-pass loss.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss = closure()
+    loss.backward()
+    with torch.no_grad():
+        live = [p for p in params if p.grad is not None]
+        if not live:
+            raise RuntimeError("SAM: no parameter received a gradient")
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in live]))
+        scale = rho / (norm + 1e-12)
+        saved = [p.detach().clone() for p in live]
+        for p in live:
+            p.add_(p.grad * scale)
+    optimizer.zero_grad(set_to_none=True)
+    closure().backward()
+    with torch.no_grad():
+        for p, w in zip(live, saved, strict=True):
+            p.copy_(w)
+    optimizer.step()
+    return loss.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+class FSGLNet(Classifier):
+    """Backbone + four heads; ``head`` is the rebalanced classifier (the reference's ``fc_cb``).
+
+    ``forward(x)`` gives test-time logits ``head(f)``; ``forward(x, phi)`` scales the pooled feature
+    by ``phi`` (B,) and returns ``(fc, head, projection, contrast)`` outputs.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+        dim = int(backbone.feature_dim)
+        super().__init__(backbone, nn.Linear(dim, num_classes))
+        hidden = max(dim // 2, 1)
+        self.fc = nn.Linear(dim, num_classes)
+        self.projection = nn.Linear(dim, hidden)
+        self.contrast = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, phi: torch.Tensor | None = None) -> Any:
+        f = self.backbone(x)
+        if phi is None:
+            return self.head(f)
+        f = f * phi.to(f.dtype).unsqueeze(1)
+        h = self.projection(f)
+        return self.fc(f), self.head(f), h, self.contrast(h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Two-view, two-sampler loader
+# ----------------------------------------------------------------------------------------------
+
+
+class PairedTwoViewLoader:
+    """Lockstep "org" and "invs" batches, each image augmented twice, all on the device.
+
+    Yields ``(x_org_v1, x_org_v2, y_org, x_inv_v1, x_inv_v2, y_inv)``. The org order is the trainer
+    sampler's (a permutation for ``instance``); the invs order is N weighted draws with replacement
+    (weights n_y^-q). Both are functions of (seed, epoch) only; under data parallelism every rank
+    augments the global batch with the shared generator and keeps its shard, like ``TensorLoader``.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_counts: torch.Tensor, *,
+                 batch_size: int, device: torch.device, mean: Any, std: Any, augment: AugmentSpec | None,
+                 org_weights: torch.Tensor | None, q: float, seed: int, rank: int = 0, world_size: int = 1,
+                 channels_last: bool = False) -> None:
+        self.per_rank = per_rank_batch(batch_size, rank, world_size)
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(torch.int64).to(self.device)
+        self.n, self.batch_size = len(labels), batch_size
+        self.org_weights = org_weights
+        counts = torch.as_tensor(class_counts, dtype=torch.float64).cpu().clamp_min(1)
+        self.inv_weights = sample_weights(labels.cpu(), counts, "power", q)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
+        self.augment = augment
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.channels_last = channels_last
+        self.epoch: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + int(rest >= self.world_size)
+
+    @property
+    def num_samples(self) -> int:
+        return self.n
+
+    def _views(self, idx: torch.Tensor, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = self.images[idx]
+        if self.augment is None:
+            x = normalize(raw, self.mean, self.std)
+            return x, x.clone()
+        return (apply(self.augment, raw, self.mean, self.std, gen),
+                apply(self.augment, raw, self.mean, self.std, gen))
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            x = shard(x, self.rank, self.world_size)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        if self.epoch is None:
+            raise RuntimeError("call set_epoch(epoch) before iterating a training loader")
+        org = epoch_order(self.n, self.org_weights,
+                          torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 0)))
+        inv = epoch_order(self.n, self.inv_weights,
+                          torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 3)))
+        gen = None
+        if self.augment is not None:
+            gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, self.epoch, 1))
+        for b_org, b_inv in zip(global_batches(org, self.batch_size, self.world_size, False),
+                                global_batches(inv, self.batch_size, self.world_size, False), strict=True):
+            b_org, b_inv = b_org.to(self.device), b_inv.to(self.device)
+            o1, o2 = self._views(b_org, gen)
+            i1, i2 = self._views(b_inv, gen)
+            y_o, y_i = self.labels[b_org], self.labels[b_inv]
+            if self.world_size > 1:
+                y_o, y_i = shard(y_o, self.rank, self.world_size), shard(y_i, self.rank, self.world_size)
+            yield self._finish(o1), self._finish(o2), y_o, self._finish(i1), self._finish(i2), y_i
+
+
+# ----------------------------------------------------------------------------------------------
+# Method
+# ----------------------------------------------------------------------------------------------
+
+
+class FSGLParams(Params):
+    fcc: float = Field(0.5, ge=0.0, description="FSM strength γ: head factor 1+γ, tail ≈ 1+γ/C "
+                                                "(0.5 = CIFAR-10 command; 1.0 CIFAR-100; 0 = GLMC)")
+    rho: float = Field(0.05, description="SAM radius ρ; ρ ≤ 0 = plain optimiser step (GLMC)")
+    contrast_weight: float = Field(4.0, ge=0.0, description="weight of the SimSiam consistency loss")
+    label_weighting: float = Field(1.2, ge=0.0, description="τ of the rebalanced label weights n_k^-τ")
+    resample_weighting: float = Field(0.0, ge=0.0, description="q of the invs sampler weights n_y^-q")
+    mix_alpha: float = Field(1.0, gt=0.0, description="MixUp/CutMix λ ~ Beta(α, α)")
+    cumulative_power: float = Field(2.0, gt=0.0, description="p of the cumulative mix α_t = 1-(t/T)^p")
+
+
+@register
+class FSGL(Method):
+    name = "fsgl"
+    summary = "GLMC two-branch global-local mixture + feature scaling module + SAM"
+    Params = FSGLParams
+    train_defaults = {"model": "resnet34_cifar", "lr": 0.01, "weight_decay": 5e-3, "batch_size": 64,
+                      "epochs": 200, "schedule": "cosine", "warmup_epochs": 0, "momentum": 0.9}
+
+    def __init__(self, params: FSGLParams, ctx: MethodContext) -> None:
+        super().__init__(params, ctx)
+        p = params
+        self.fcc, self.rho, self.contrast_weight = p.fcc, p.rho, p.contrast_weight
+        self.label_weighting, self.resample_weighting = p.label_weighting, p.resample_weighting
+        self.mix_alpha, self.cumulative_power = p.mix_alpha, p.cumulative_power
+        counts = ctx.class_counts
+        self.scales = fsm_factors(counts, self.fcc).float().to(ctx.device)
+        self.label_w = label_weights(counts, self.label_weighting).float().to(ctx.device)
+        self._beta = torch.distributions.Beta(torch.tensor(float(self.mix_alpha)),
+                                              torch.tensor(float(self.mix_alpha)))
+        self.alpha_t = 1.0
+
+    def build_model(self) -> nn.Module:
+        return FSGLNet(build_backbone(self.ctx.model_name), self.ctx.num_classes)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.alpha_t = 1.0 - (epoch / self.ctx.epochs) ** self.cumulative_power
+
+    def train_loader(self, **kw: Any) -> PairedTwoViewLoader:
+        data = self.ctx.data
+        if data.train.images is None:
+            raise ConfigError("fsgl needs an in-memory dataset (cifar10-lt, cifar100-lt, synthetic); "
+                              "file-list data is not supported")
+        org_weights = sample_weights(data.train.labels, data.class_counts, kw.get("sampler", "instance"),
+                                     kw.get("sampler_q", 0.5))
+        return PairedTwoViewLoader(
+            data.train.images, data.train.labels, data.class_counts, batch_size=kw["batch_size"],
+            device=kw.get("device", self.ctx.device), mean=data.mean, std=data.std,
+            augment=kw.get("augment"), org_weights=org_weights, q=self.resample_weighting,
+            seed=kw.get("seed", self.ctx.train.seed if self.ctx.train is not None else 0),
+            rank=kw.get("rank", self.ctx.rank), world_size=kw.get("world_size", self.ctx.world_size),
+            channels_last=kw.get("channels_last", False),
+        )
+
+    def mix(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """(x, φ, y, y^w) of the concatenated [MixUp; CutMix] batch, 2B rows."""
+        o1, o2, y_o, i1, i2, y_i = batch
+        c = self.ctx.num_classes
+        lam = float(self._beta.sample())
+        h, w = o2.shape[-2:]
+        cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+        x_cut, lam_cut = cutmix(o2, i2, cutmix_box(h, w, lam, cy, cx))
+        x_mix = lam * o1 + (1.0 - lam) * i1
+        e_o, e_i = F.one_hot(y_o, c).float(), F.one_hot(y_i, c).float()
+        lams = torch.cat([torch.full((len(y_o),), lam), torch.full((len(y_o),), lam_cut)]).to(o1.device)
+        lams = lams.unsqueeze(1)
+        e_a, e_b = torch.cat([e_o, e_o]), torch.cat([e_i, e_i])
+        y = lams * e_a + (1 - lams) * e_b
+        y_w = lams * self.label_w * e_a + (1 - lams) * self.label_w * e_b
+        phi = y @ self.scales
+        return torch.cat([x_mix, x_cut]), phi, y, y_w
+
+    def loss_from_outputs(self, outputs: tuple[torch.Tensor, ...], y: torch.Tensor,
+                          y_w: torch.Tensor) -> torch.Tensor:
+        z, z_cb, h, p = (o.float() for o in outputs)
+        b = len(y) // 2
+        l_bal = soft_ce(z[:b], y[:b]) + soft_ce(z[b:], y[b:])
+        l_reb = soft_ce(z_cb[:b], y_w[:b]) + soft_ce(z_cb[b:], y_w[b:])
+        l_con = simsiam_consistency(p[:b], h[:b], p[b:], h[b:])
+        return self.alpha_t * l_bal + (1.0 - self.alpha_t) * l_reb + self.contrast_weight * l_con
+
+    def train_step(self, model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
+                   amp: Amp) -> torch.Tensor:
+        x, phi, y, y_w = self.mix(batch)
+        if self.rho <= 0:
+            with amp.autocast():
+                loss = self.loss_from_outputs(model(x, phi), y, y_w)
+            optimizer.zero_grad(set_to_none=True)
+            amp.backward_step(loss, optimizer)
+            return loss.detach()
+        ctx_amp = amp if amp.scaler is None else Amp(device_type=amp.device_type)
+
+        def closure() -> torch.Tensor:
+            with ctx_amp.autocast():
+                return self.loss_from_outputs(model(x, phi), y, y_w)
+
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        return sam_step(params, closure, optimizer, self.rho)

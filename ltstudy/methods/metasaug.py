@@ -1,0 +1,377 @@
+"""MetaSAug — Meta Semantic Augmentation for Long-Tailed Visual Recognition (Li et al., CVPR 2021),
+after BIT-DA/MetaSAug @ 9efe54a (``MetaSAug_LDAM_train.py``, ``loss.py``).
+
+ISDA surrogate with class-conditional covariances Σ_y of the pooled feature: for a sample with label
+y and logits z = W a + b the augmented logits are
+
+    ẑ_j = z_j + ½ λ_t (w_j - w_y)ᵀ Σ_y (w_j - w_y),      λ_t = lam · t / T,
+
+and the loss is the class-balanced (β = ``beta``) CE on ẑ; the LDAM variant (``loss: ldam``) also
+subtracts the margin m_y (``ldam_margins(counts, max_m)``) from ẑ_y. Σ_y is tracked by the running
+estimator of §5.4 (``CovarianceEstimator``), ``covariance: full`` (C×A×A) or ``diag`` (C×A, for many
+classes). Each step of the MetaSAug phase:
+
+1. Σ (the estimate) becomes a leaf requiring grad;
+2. look-ahead θ' = θ - α ∇θ L(θ; batch, Σ) through the whole network (``torch.func.functional_call``,
+   ``create_graph=True``), α = the optimiser's current lr;
+3. meta loss = plain CE of f_θ' on a balanced meta batch; Σ' = Σ - ``meta_lr`` ∂L_meta/∂Σ;
+4. the real update on L(θ; batch, Σ') through the (possibly DDP-wrapped) model; the estimator then
+   absorbs the batch's detached features. Σ' is not written back (as in the reference).
+
+Before ``switch`` (a fraction of the epochs; published 160/200 = 0.8) training is plain unweighted CE
+with no ISDA, no meta step and no estimator update: the estimator starts (at zero) at the switch, as in
+the reference.
+
+Meta set: ``num_meta`` images per class are drawn (seeded by ``seed``) from the **validation** split
+and removed from it: ``__init__`` replaces ``ctx.data.val`` by the remaining images, so they are never
+used for model selection. With the default ``val_per_class`` = 20 and ``num_meta`` = 10, 10 images per
+class remain for selection. ``num_meta`` ≥ the smallest per-class val count raises ``ConfigError``.
+Meta images get the training augmentation (as in the reference); a meta batch is ``meta_batch``
+images drawn without replacement from the meta set (the whole set when it is smaller).
+
+Where ltstudy differs from the reference, and why:
+
+* The meta set comes from ltstudy's balanced val split (the reference removes 10/class from the CIFAR
+  train pool and shrinks n_max to 4990/490). The LT train set is therefore the paper's standard one,
+  and the meta images are excluded from selection instead of from training.
+* ``s`` (LDAM logit scale) is exposed; the reference effectively uses s = 1 (no scaling, unnormalised
+  linear head). ltstudy's logits are s · (z + ½λ_t q - m_y e_y), equal to the reference at s = 1.
+* The CE variant (``loss: ce``) — absent from the reference's CIFAR code — is the same loss without
+  the margin (the reference's ImageNet ``Loss_meta``).
+* α (look-ahead step) is the lr of the current epoch; the reference evaluates its lr formula with the
+  epoch index off by one (e instead of e+1) for the inner step only.
+* BN in the look-ahead: the virtual forwards (training batch and meta batch) run in train mode with
+  batch statistics, like the reference's fresh meta network, but on **copies** of the BN buffers, so
+  the look-ahead never changes the real model's running statistics.
+* The meta step runs in float32 (no autocast) — second-order gradients in bf16/fp16 are fragile;
+  the real update uses the trainer's ``Amp``.
+* Data parallel: the estimator is updated from the sufficient statistics (counts, sums, centred
+  outer products) all-reduced over ranks, so every rank holds the same estimate (equal to the
+  single-process one for the global batch); the meta-gradient on Σ is averaged over ranks. Each
+  rank's look-ahead uses its own shard's gradient (not the global one).
+  The real loss is computed from the DDP-wrapped forward's (features, logits); the ISDA term also
+  reads ``head.weight`` directly — the same parameter, whose gradients are summed into one
+  AccumulateGrad before DDP's hook reduces it, so the update is still synchronised.
+* Only in-memory datasets are supported (the meta set is augmented on the device); file-list data
+  (the reference's ImageNet-LT recipe trains only the classifier on a frozen cRT backbone, a different
+  setting) raises ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+from torch.func import functional_call
+
+from ltstudy.data.augment import AugmentSpec, apply
+from ltstudy.data.containers import Split
+from ltstudy.errors import ConfigError
+from ltstudy.methods.base import Amp, Method, MethodContext, Params, register
+from ltstudy.methods.ldam_drw import class_balanced_weights, ldam_margins
+from ltstudy.models import Classifier, LinearHead, build_backbone
+
+# ----------------------------------------------------------------------------------------------
+# The maths
+# ----------------------------------------------------------------------------------------------
+
+
+def isda_quadratic(weight: torch.Tensor, cov: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """q[i, j] = (w_j - w_u)ᵀ Σ_u (w_j - w_u) for each class u = ``rows[i]``.
+
+    ``cov`` is (C, A, A) (full) or (C, A) (diagonal variances). Returns (len(rows), C); q[i, u] = 0.
+    """
+    w_rows = weight[rows]  # (U, A)
+    if cov.dim() == 3:
+        diff = weight.unsqueeze(0) - w_rows.unsqueeze(1)  # (U, C, A)
+        return ((diff @ cov[rows]) * diff).sum(-1)
+    var = cov[rows]  # (U, A)
+    q = (var @ (weight * weight).T - 2.0 * (var * w_rows) @ weight.T
+         + (var * w_rows * w_rows).sum(1, keepdim=True))
+    self_mask = F.one_hot(rows, weight.shape[0]).to(q.dtype)
+    return q * (1.0 - self_mask)  # exact zeros on the own class (the expansion leaves rounding)
+
+
+def isda_logits(logits: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, cov: torch.Tensor,
+                lam: float) -> torch.Tensor:
+    """ẑ = z + ½ λ q[y] (the ISDA upper-bound logits)."""
+    classes, inverse = torch.unique(y, return_inverse=True)
+    q = isda_quadratic(weight.float(), cov.float(), classes)
+    return logits.float() + 0.5 * lam * q[inverse]
+
+
+def metasaug_loss(logits: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, cov: torch.Tensor,
+                  lam: float, margins: torch.Tensor | None = None, s: float = 1.0,
+                  class_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Class-weighted CE on s · (ẑ - m_y e_y); ``margins=None`` is the CE (no-LDAM) variant."""
+    z = isda_logits(logits, weight, y, cov, lam)
+    if margins is not None:
+        z = z - F.one_hot(y, z.shape[1]).to(z.dtype) * margins[y].unsqueeze(1)
+    return F.cross_entropy(s * z, y, weight=class_weight)
+
+
+class CovarianceEstimator:
+    """Running per-class feature mean and covariance (§5.4), full (C,A,A) or diagonal (C,A).
+
+    For each class c in a batch with n_b samples, mean μ_b and biased covariance S_b, and state
+    (N, μ, Σ), ω = n_b / (n_b + N):  Σ ← (1-ω)Σ + ω S_b + ω(1-ω)(μ - μ_b)(μ - μ_b)ᵀ,
+    μ ← (1-ω)μ + ω μ_b, N ← N + n_b. Absent classes are unchanged.
+    """
+
+    def __init__(self, num_classes: int, dim: int, full: bool = True, device: Any = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.full = full
+        self.count = torch.zeros(num_classes, device=device, dtype=dtype)
+        self.mean = torch.zeros(num_classes, dim, device=device, dtype=dtype)
+        shape = (num_classes, dim, dim) if full else (num_classes, dim)
+        self.cov = torch.zeros(shape, device=device, dtype=dtype)
+
+    @staticmethod
+    def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t)
+        return t
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        x = features.detach().to(self.mean.dtype)
+        c, a = self.mean.shape
+        n_b = self._all_reduce(torch.bincount(labels, minlength=c).to(x.dtype))
+        sums = self._all_reduce(torch.zeros(c, a, dtype=x.dtype, device=x.device).index_add_(0, labels, x))
+        mu_b = sums / n_b.clamp_min(1).unsqueeze(1)
+        xc = x - mu_b[labels]
+        if self.full:
+            outer = torch.zeros_like(self.cov).index_add_(0, labels, xc.unsqueeze(2) * xc.unsqueeze(1))
+            s_b = self._all_reduce(outer) / n_b.clamp_min(1).view(c, 1, 1)
+        else:
+            s_b = self._all_reduce(torch.zeros_like(self.cov).index_add_(0, labels, xc * xc))
+            s_b = s_b / n_b.clamp_min(1).unsqueeze(1)
+        omega = n_b / (n_b + self.count).clamp_min(1)  # 0 for absent classes
+        d = self.mean - mu_b
+        if self.full:
+            om = omega.view(c, 1, 1)
+            self.cov = (1 - om) * self.cov + om * s_b + om * (1 - om) * d.unsqueeze(2) * d.unsqueeze(1)
+        else:
+            om = omega.unsqueeze(1)
+            self.cov = (1 - om) * self.cov + om * s_b + om * (1 - om) * d * d
+        self.mean = (1 - omega.unsqueeze(1)) * self.mean + omega.unsqueeze(1) * mu_b
+        self.count = self.count + n_b
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"count": self.count.clone(), "mean": self.mean.clone(), "cov": self.cov.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        dev = self.mean.device
+        self.count, self.mean, self.cov = (state[k].to(dev) for k in ("count", "mean", "cov"))
+
+
+def split_meta(val: Split, num_classes: int, num_meta: int, seed: int) -> tuple[Split, Split]:
+    """(meta, rest): ``num_meta`` random images per class of ``val`` and the remaining ones."""
+    gen = torch.Generator().manual_seed(int(seed) * 7919 + 6)
+    labels = val.labels.cpu()
+    meta_pos = []
+    for c in range(num_classes):
+        pos = (labels == c).nonzero().flatten()
+        meta_pos.append(pos[torch.randperm(len(pos), generator=gen)[:num_meta]])
+    meta_idx = torch.cat(meta_pos).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[meta_idx] = False
+
+    def take(idx: torch.Tensor) -> Split:
+        return Split(labels=val.labels[idx], indices=val.indices[idx],
+                     images=None if val.images is None else val.images[idx],
+                     paths=None if val.paths is None else [val.paths[i] for i in idx.tolist()])
+
+    return take(meta_idx), take(keep.nonzero().flatten())
+
+
+def lookahead_meta_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor,
+                        inner_lr: float, x_meta: torch.Tensor, y_meta: torch.Tensor, lam: float,
+                        margins: torch.Tensor | None, s: float,
+                        class_weight: torch.Tensor | None) -> torch.Tensor:
+    """CE(f_θ'(x_meta), y_meta) with θ' = θ - inner_lr ∇θ L(θ; x, y, Σ) (``create_graph=True``).
+
+    ``module`` must return ``(features, logits)`` for ``with_features=True`` and have a
+    ``head.weight``. Both virtual forwards run in the module's current mode on **copies** of its
+    buffers, so BN running statistics of the real model are not touched.
+    """
+    params = dict(module.named_parameters())
+    names = [k for k, p in params.items() if p.requires_grad]
+    buffers = {k: b.clone() for k, b in module.named_buffers()}
+    _, z = functional_call(module, {**params, **buffers}, (x,), {"with_features": True})
+    inner = metasaug_loss(z, params["head.weight"], y, sigma, lam, margins, s, class_weight)
+    grads = torch.autograd.grad(inner, [params[k] for k in names], create_graph=True, allow_unused=True)
+    fast = dict(params)
+    for k, g in zip(names, grads, strict=True):
+        if g is not None:
+            fast[k] = params[k] - inner_lr * g
+    meta_logits = functional_call(module, {**fast, **buffers}, (x_meta,))
+    return F.cross_entropy(meta_logits.float(), y_meta)
+
+
+def meta_step_covariance(module: nn.Module, x: torch.Tensor, y: torch.Tensor, cov: torch.Tensor,
+                         inner_lr: float, x_meta: torch.Tensor, y_meta: torch.Tensor, meta_lr: float,
+                         lam: float, margins: torch.Tensor | None = None, s: float = 1.0,
+                         class_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ' = Σ - meta_lr ∂L_meta/∂Σ; the meta-gradient is averaged over data-parallel ranks."""
+    sigma = cov.detach().clone().requires_grad_(True)
+    meta_loss = lookahead_meta_loss(module, x, y, sigma, inner_lr, x_meta, y_meta, lam, margins, s,
+                                    class_weight)
+    (g_sigma,) = torch.autograd.grad(meta_loss, sigma)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(g_sigma)
+        g_sigma /= dist.get_world_size()
+    return (sigma - meta_lr * g_sigma).detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and method
+# ----------------------------------------------------------------------------------------------
+
+
+class MetaSAugNet(Classifier):
+    """Backbone + plain linear classifier; ``forward(x, with_features=True)`` returns (a, z)."""
+
+    def forward(self, x: torch.Tensor, with_features: bool = False) -> Any:
+        f = self.backbone(x)
+        z = self.head(f)
+        return (f, z) if with_features else z
+
+
+class MetaSAugParams(Params):
+    lam: float = Field(0.75, ge=0.0, description="ISDA strength λ0, λ_t = λ0·t/T (0.75 = README CIFAR)")
+    meta_lr: float = Field(0.1, gt=0.0, description="step size of the meta update of Σ")
+    num_meta: int = Field(10, ge=1, description="meta images per class, taken out of the val split")
+    switch: float = Field(0.8, ge=0.0, le=1.0, description="fraction of epochs of plain CE before MetaSAug")
+    max_m: float = Field(0.5, ge=0.0, description="largest LDAM margin (loss=ldam)")
+    s: float = Field(1.0, gt=0.0, description="logit scale (reference code: effectively 1)")
+    beta: float = Field(0.9999, ge=0.0, lt=1.0, description="class-balanced weight β (MetaSAug phase)")
+    loss: Literal["ce", "ldam"] = Field("ldam", description="ISDA on CE or on LDAM margins")
+    covariance: Literal["full", "diag"] = Field("full", description="full or diagonal class covariance")
+    meta_batch: int = Field(100, ge=1, description="images per meta batch")
+
+
+@register
+class MetaSAug(Method):
+    name = "metasaug"
+    summary = "ISDA with meta-learned class covariances (LDAM/CE), deferred class-balanced weights"
+    Params = MetaSAugParams
+    train_defaults = {"lr": 0.1, "weight_decay": 5e-4, "batch_size": 100, "nesterov": True, "epochs": 200,
+                      "warmup_epochs": 0, "schedule": "step", "milestones": (0.8, 0.9), "gamma": 0.01,
+                      "model": "resnet32"}
+
+    def __init__(self, params: MetaSAugParams, ctx: MethodContext) -> None:
+        super().__init__(params, ctx)
+        p = params
+        self.lam, self.meta_lr, self.num_meta = p.lam, p.meta_lr, p.num_meta
+        self.s, self.meta_batch = p.s, p.meta_batch
+        self.full = p.covariance == "full"
+        self.margins = ldam_margins(ctx.class_counts, p.max_m).to(ctx.device) if p.loss == "ldam" else None
+        self.cb_weights = class_balanced_weights(ctx.class_counts, p.beta).to(ctx.device)
+        self.switch_epoch = int(p.switch * ctx.epochs)
+        self.epoch = 0
+        self.estimator: CovarianceEstimator | None = None
+        t = ctx.train
+        self.augment = (AugmentSpec(crop_padding=t.crop_padding, flip=t.flip, cutout=t.cutout,
+                                    autoaugment=t.autoaugment) if t is not None else AugmentSpec())
+        self.meta = self._take_meta_set(ctx, t.seed if t is not None else 0)
+
+    def _take_meta_set(self, ctx: MethodContext, seed: int) -> Split:
+        data = ctx.data
+        if data is None:
+            raise ConfigError("metasaug needs the dataset (its meta set comes from the val split)")
+        cached = getattr(data, "_metasaug_meta", None)
+        if cached is not None and cached[0] == (self.num_meta, seed):
+            return cached[1]  # this LTData already gave its meta set away
+        if data.val.images is None:
+            raise ConfigError("metasaug needs an in-memory dataset (cifar10-lt, cifar100-lt, synthetic)")
+        per_class = torch.bincount(data.val.labels, minlength=data.num_classes)
+        if self.num_meta >= int(per_class.min()):
+            raise ConfigError(
+                f"num_meta={self.num_meta} leaves no validation images for model selection "
+                f"(the val split has {int(per_class.min())} images in its smallest class); "
+                f"raise val_per_class or lower num_meta")
+        meta, rest = split_meta(data.val, data.num_classes, self.num_meta, seed)
+        data.val = rest
+        data._metasaug_meta = ((self.num_meta, seed), meta)
+        return meta
+
+    # -- schedule --------------------------------------------------------------------------
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def meta_phase(self) -> bool:
+        return self.epoch >= self.switch_epoch
+
+    @property
+    def lam_t(self) -> float:
+        return self.lam * self.epoch / self.ctx.epochs
+
+    def train_loader(self, **kw: Any) -> Any:
+        if kw.get("augment") is not None:
+            self.augment = kw["augment"]
+        return super().train_loader(**kw)
+
+    # -- model -----------------------------------------------------------------------------
+
+    def build_model(self) -> nn.Module:
+        backbone = build_backbone(self.ctx.model_name)
+        return MetaSAugNet(backbone, LinearHead(int(backbone.feature_dim), self.ctx.num_classes))
+
+    def _estimator(self, dim: int) -> CovarianceEstimator:
+        if self.estimator is None:
+            self.estimator = CovarianceEstimator(self.ctx.num_classes, dim, self.full, self.ctx.device)
+        return self.estimator
+
+    def _meta_batch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self.meta)
+        pick = torch.randperm(n)[: min(self.meta_batch, n)]
+        data = self.ctx.data
+        x = apply(self.augment, self.meta.images[pick].to(device), data.mean, data.std)
+        return x, self.meta.labels[pick].to(device)
+
+    def meta_covariance(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, cov: torch.Tensor,
+                        inner_lr: float, x_meta: torch.Tensor, y_meta: torch.Tensor) -> torch.Tensor:
+        """Σ' = Σ - meta_lr ∂L_meta/∂Σ (see :func:`lookahead_meta_loss`)."""
+        return meta_step_covariance(module, x, y, cov, inner_lr, x_meta, y_meta, self.meta_lr,
+                                    self.lam_t, self.margins, self.s, self.cb_weights)
+
+    def train_step(self, model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
+                   amp: Amp) -> torch.Tensor:
+        x, y = batch
+        if not self.meta_phase:
+            with amp.autocast():
+                loss = F.cross_entropy(model(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            amp.backward_step(loss, optimizer)
+            return loss.detach()
+        module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        est = self._estimator(int(module.feature_dim))
+        x_meta, y_meta = self._meta_batch(x.device)
+        new_cov = self.meta_covariance(module, x, y, est.cov, optimizer.param_groups[0]["lr"],
+                                       x_meta, y_meta)
+        with amp.autocast():
+            feats, z = model(x, with_features=True)
+        loss = metasaug_loss(z, module.head.weight, y, new_cov, self.lam_t, self.margins, self.s,
+                             self.cb_weights)
+        optimizer.zero_grad(set_to_none=True)
+        amp.backward_step(loss, optimizer)
+        est.update(feats.float(), y)
+        return loss.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"estimator": None if self.estimator is None else self.estimator.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        est = state.get("estimator")
+        if est is None:
+            self.estimator = None
+            return
+        dim = est["mean"].shape[1]
+        self._estimator(dim).load_state_dict(est)
