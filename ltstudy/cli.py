@@ -1,4 +1,8 @@
-"""The ``ltstudy`` command: parse, validate, call. Expected failures are one line and exit code 2."""
+"""ltstudy: long-tailed recognition methods on one trainer; hyperparameter studies on Ray Tune + Optuna,
+tracked in MLflow.
+
+Expected failures (bad flags, files or data) print one line and exit with code 2.
+"""
 
 from __future__ import annotations
 
