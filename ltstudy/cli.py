@@ -235,7 +235,7 @@ def features_extract(
     checkpoint: str = typer.Option(..., "--checkpoint",
                                    help="backbone checkpoint.pt, its folder, or a trial's MLflow run id"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="for a run id"),
-    storage: Optional[str] = typer.Option(None, "--storage", help="cache root URI (default ./ltstudy-results)"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="cache root URI (default ./ltstudy_results)"),
     fmaps: bool = typer.Option(False, "--fmaps/--no-fmaps", help="also store last-stage train maps (FSA)"),
     augmented_views: int = typer.Option(0, "--augmented-views", help="extra augmented train passes"),
     endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help="S3 endpoint override"),

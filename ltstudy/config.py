@@ -80,7 +80,7 @@ class TrainConfig(BaseModel):
     backbone: str | None = Field(None, description="feature-stage methods: backbone checkpoint file")
     feature_storage: str | None = Field(
         None, description="feature cache root URI (local path, NFS, s3://bucket/prefix); "
-                          "default ./ltstudy-results"
+                          "default ./ltstudy_results"
     )
     feature_key: str | None = Field(None, description="feature cache key (set by `features extract`)")
 

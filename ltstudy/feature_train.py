@@ -4,7 +4,7 @@ Same contract as :func:`ltstudy.train.run_trial` (per-epoch ``report(metrics, ch
 ``epoch, train_loss, lr, val_*``, ``val_per_class``; ``test_*`` after the last epoch), but the method
 works on cached backbone features instead of images. Where the features come from:
 
-* ``feature_key`` set: that cache under ``feature_storage`` (default ``./ltstudy-results``);
+* ``feature_key`` set: that cache under ``feature_storage`` (default ``./ltstudy_results``);
   when it is missing and ``backbone`` is set, it is extracted first;
 * else ``backbone`` (a checkpoint file): the key is derived from the checkpoint and its dataset, and the
   cache is extracted if needed (``ltstudy.features.extract``).

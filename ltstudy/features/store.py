@@ -57,7 +57,7 @@ from ltstudy.errors import ConfigError, DataError
 EXTRACTOR_VERSION = 1
 FORMAT = "ltstudy-feature-cache/1"
 SPLITS = ("train", "val", "test")
-DEFAULT_STORAGE = "./ltstudy-results"
+DEFAULT_STORAGE = "./ltstudy_results"
 MANIFEST = "manifest.json"
 HEAD_FILE = "head.pt"
 REBUILD_HINT = "run `ltstudy features extract` to rebuild it"
