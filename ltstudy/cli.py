@@ -9,12 +9,11 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
-
 from typer.exceptions import Abort, TyperException
 
 from ltstudy.errors import LtstudyError
@@ -67,16 +66,16 @@ def _print_epoch(epochs: int) -> Any:
 
 @app.command()
 def train(
-    method: Optional[str] = METHOD,
-    dataset: Optional[str] = DATASET,
-    imbalance: Optional[float] = IMBALANCE,
-    data_root: Optional[str] = DATA_ROOT,
-    config: Optional[Path] = CONFIG,
-    download: Optional[bool] = DOWNLOAD,
-    checkpoint_dir: Optional[Path] = typer.Option(None, help="write a checkpoint after every epoch"),
+    method: str | None = METHOD,
+    dataset: str | None = DATASET,
+    imbalance: float | None = IMBALANCE,
+    data_root: str | None = DATA_ROOT,
+    config: Path | None = CONFIG,
+    download: bool | None = DOWNLOAD,
+    checkpoint_dir: Path | None = typer.Option(None, help="write a checkpoint after every epoch"),
     resume: bool = typer.Option(False, help="continue from the checkpoint in --checkpoint-dir"),
-    save_config: Optional[Path] = typer.Option(None, help="write the resolved config as YAML"),
-    overrides: Optional[list[str]] = OVERRIDES,
+    save_config: Path | None = typer.Option(None, help="write the resolved config as YAML"),
+    overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Train and evaluate one configuration; ends with a metrics table."""
     import yaml
@@ -109,15 +108,16 @@ def train(
 def compare(
     methods: str = typer.Option("ce,ldam_drw,balanced_softmax", help="comma-separated method names"),
     seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
-    config: Optional[Path] = CONFIG,
-    checkpoint_root: Optional[Path] = typer.Option(None, help="keep each run's checkpoint here"),
-    per_method: Optional[list[str]] = typer.Option(
+    config: Path | None = CONFIG,
+    checkpoint_root: Path | None = typer.Option(None, help="keep each run's checkpoint here"),
+    per_method: list[str] | None = typer.Option(
         None, "--set", help="METHOD:KEY=VALUE for one method only ({seed} is replaced)"),
-    output: Optional[Path] = typer.Option(None, "-o", help="also write the Markdown table here"),
-    overrides: Optional[list[str]] = OVERRIDES,
+    output: Path | None = typer.Option(None, "-o", help="also write the Markdown table here"),
+    overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Train several methods over several seeds with the same settings; mean ± std table."""
-    from ltstudy.compare import compare as run, markdown
+    from ltstudy.compare import compare as run
+    from ltstudy.compare import markdown
     from ltstudy.config import load_yaml, parse_overrides
     from ltstudy.methods import get_method
 
@@ -166,12 +166,12 @@ def methods() -> None:
 
 @datasets_app.command("show")
 def datasets_show(
-    dataset: Optional[str] = DATASET,
-    imbalance: Optional[float] = IMBALANCE,
-    data_root: Optional[str] = DATA_ROOT,
-    config: Optional[Path] = CONFIG,
+    dataset: str | None = DATASET,
+    imbalance: float | None = IMBALANCE,
+    data_root: str | None = DATA_ROOT,
+    config: Path | None = CONFIG,
     split: str = typer.Option("train", help="train | val | test"),
-    overrides: Optional[list[str]] = OVERRIDES,
+    overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Print the class counts of a split, head to tail, with the many/medium/few buckets."""
     from ltstudy.config import load_config
@@ -234,14 +234,14 @@ app.add_typer(features_app, name="features")
 def features_extract(
     checkpoint: str = typer.Option(..., "--checkpoint",
                                    help="backbone checkpoint.pt, its folder, or a trial's MLflow run id"),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="for a run id"),
-    storage: Optional[str] = typer.Option(None, "--storage", help="cache root URI (default ./ltstudy_results)"),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="for a run id"),
+    storage: str | None = typer.Option(None, "--storage", help="cache root URI (default ./ltstudy_results)"),
     fmaps: bool = typer.Option(False, "--fmaps/--no-fmaps", help="also store last-stage train maps (FSA)"),
     augmented_views: int = typer.Option(0, "--augmented-views", help="extra augmented train passes"),
-    endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help="S3 endpoint override"),
+    endpoint_url: str | None = typer.Option(None, "--endpoint-url", help="S3 endpoint override"),
     device: str = typer.Option("auto", "--device"),
     force: bool = typer.Option(False, "--force", help="re-extract even when a valid cache exists"),
-    overrides: Optional[list[str]] = OVERRIDES,
+    overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Extract train/val/test features of a backbone checkpoint into the cache; prints the key."""
     from ltstudy.config import parse_overrides
@@ -260,12 +260,12 @@ def features_extract(
 
 @bench_app.command("features")
 def bench_features_cmd(
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="backbone (default: a 1-epoch synthetic one)"),
-    storage: Optional[str] = typer.Option(None, "--storage", help="cache root (default: a temp dir)"),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="backbone (default: a 1-epoch synthetic one)"),
+    storage: str | None = typer.Option(None, "--storage", help="cache root (default: a temp dir)"),
     method: str = typer.Option("ce_classifier", "--method", "-m", help="feature-stage method to time"),
     repeats: int = typer.Option(5, help="whole reads; the median is reported"),
     device: str = typer.Option("auto"),
-    overrides: Optional[list[str]] = OVERRIDES,
+    overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Parquet read MB/s, one feature-stage trial's wall time, and the time to recompute the features."""
     from ltstudy.bench_features import bench_features
@@ -293,7 +293,7 @@ TRACKING = typer.Option(None, "--tracking-uri", help="MLflow URI (default: $MLFL
 @app.command("validate-space")
 def validate_space(
     file: Path = typer.Argument(..., help="search-space YAML"),
-    method: Optional[str] = typer.Option(None, "--method", "-m", help="expected method"),
+    method: str | None = typer.Option(None, "--method", "-m", help="expected method"),
 ) -> None:
     """Check a search-space file against the method's declared hyperparameters."""
     from ltstudy.study.space import load_space
@@ -313,29 +313,29 @@ def _echo_trial(trial_id: str, outcome: str, last: dict[str, Any]) -> None:
 @app.command()
 def tune(
     method: str = typer.Option(..., "--method", "-m", help="method name (see `ltstudy methods`)"),
-    space: Optional[Path] = typer.Option(None, "--space", help="search-space file "
+    space: Path | None = typer.Option(None, "--space", help="search-space file "
                                          "(default search_spaces/METHOD.yaml)"),
-    dataset: Optional[str] = DATASET,
-    data_root: Optional[str] = DATA_ROOT,
+    dataset: str | None = DATASET,
+    data_root: str | None = DATA_ROOT,
     num_trials: int = typer.Option(8, "--num-trials", "-n"),
-    max_concurrent: Optional[int] = typer.Option(None, help="concurrent trials (default: what fits)"),
+    max_concurrent: int | None = typer.Option(None, help="concurrent trials (default: what fits)"),
     sampler: str = typer.Option("tpe", help="tpe | random | cmaes | gp | qmc"),
     scheduler: str = typer.Option("asha", help="asha (on the per-epoch objective) | none"),
     workers: int = typer.Option(1, help="workers per trial (>1: Ray Train DDP)"),
     cpus_per_worker: float = typer.Option(1.0),
     gpus_per_worker: float = typer.Option(0.0, help="fractions share a GPU, e.g. 0.5"),
     retries: int = typer.Option(1, help="restarts from the last checkpoint after a killed worker"),
-    storage: Optional[str] = typer.Option(None, help="results/checkpoints URI or shared folder "
+    storage: str | None = typer.Option(None, help="results/checkpoints URI or shared folder "
                                           "(default ./ltstudy_results)"),
-    tracking_uri: Optional[str] = TRACKING,
-    study_name: Optional[str] = typer.Option(None, help="default METHOD-DATASET-TIMESTAMP"),
-    address: Optional[str] = typer.Option(None, help="existing Ray cluster (e.g. auto)"),
+    tracking_uri: str | None = TRACKING,
+    study_name: str | None = typer.Option(None, help="default METHOD-DATASET-TIMESTAMP"),
+    address: str | None = typer.Option(None, help="existing Ray cluster (e.g. auto)"),
     resume: bool = typer.Option(False, help="continue an interrupted study"),
     seed: int = typer.Option(0, help="sampler seed"),
     grace_period: int = typer.Option(1, help="ASHA: epochs before a trial can be stopped"),
-    backbone: Optional[str] = typer.Option(
+    backbone: str | None = typer.Option(
         None, help="feature-stage methods: backbone checkpoint, or the MLflow run id of a trial"),
-    overrides: Optional[list[str]] = OVERRIDES,
+    overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Tune METHOD with Ray Tune + Optuna (+ ASHA), recording every trial in MLflow."""
     from ltstudy.config import parse_overrides
@@ -385,9 +385,9 @@ def _print_summary(s: Any) -> None:
 @best_config_app.command("export")
 def best_config_export(
     study: str = typer.Option(..., "--study", help="study name"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="file (default: stdout)"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="file (default: stdout)"),
     fmt: str = typer.Option("yaml", "--format", help="yaml | json"),
-    tracking_uri: Optional[str] = TRACKING,
+    tracking_uri: str | None = TRACKING,
 ) -> None:
     """Write the best trial's config (with provenance) for `ltstudy train --config`."""
     import json
@@ -411,7 +411,7 @@ def best_config_export(
 
 
 @studies_app.command("list")
-def studies_list(tracking_uri: Optional[str] = TRACKING) -> None:
+def studies_list(tracking_uri: str | None = TRACKING) -> None:
     """The studies in a tracking store with their best objective values."""
     from ltstudy.study.tracking import check_reachable, list_studies, resolve_tracking_uri
 

@@ -12,7 +12,7 @@ def shared_data() -> Path:
     """The shared data folder beside the repository (holds a 10% CIFAR-10 subset)."""
     path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
     if not (path / "cifar-10-batches-py").is_dir():
-        pytest.skip(f"shared CIFAR-10 subset not found under {path}")
+        pytest.fail(f"the tests need the shared CIFAR-10 subset at {path} (the repository sits beside shared/)")
     return path
 
 

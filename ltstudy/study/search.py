@@ -8,8 +8,6 @@ loss), and reports intermediate values by epoch (Tune's iteration counter restar
 
 from __future__ import annotations
 
-from typing import Any
-
 from ray.tune.search.optuna import OptunaSearch
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")

@@ -101,7 +101,7 @@ def _params(flat: dict[str, Any]) -> dict[str, str]:
 
 
 def _log_batch(mlc, run_id: str, metrics=(), params=None, tags=None) -> None:
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Param, RunTag
 
     params = [Param(k, v) for k, v in (params or {}).items()]
     tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]

@@ -63,12 +63,11 @@ def _worker(_config):
 
 
 def test_two_cpu_workers_match_one(ray_local, tmp_path):
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     import sys
 
+    import ray.train
     from ray import cloudpickle
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     # the test module is not importable on Ray workers: ship its functions by value
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -79,5 +78,5 @@ def test_two_cpu_workers_match_one(ray_local, tmp_path):
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         ddp = torch.load(f"{d}/weights.pt")
-    for a, b in zip(single, ddp):
+    for a, b in zip(single, ddp, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from ltstudy.cli import main
 from ltstudy.config import load_yaml, resolve_config
-from ltstudy.study.tracking import ROLE_TAG, STATUS_TAG, find_study, study_trials
+from ltstudy.study.tracking import ROLE_TAG, find_study, study_trials
 from ltstudy.study.tune import StudyOptions, run_study
 
 from .conftest import TINY
