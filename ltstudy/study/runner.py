@@ -67,10 +67,13 @@ def single_worker_trial(config: dict[str, Any]) -> None:
     resume = _local_copy(ray.tune.get_checkpoint())
     started = time.perf_counter()
     node = _node_id()
+    group = ray.util.get_current_placement_group()
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         metrics.update(epochs_total=cfg.train.epochs, node_id=node,
                        time_in_run_trial_s=time.perf_counter() - started)
+        if group is not None:  # lets PlacementGroupReaper free the workers' bundles after the trial
+            metrics[PLACEMENT_GROUP_KEY] = group.id.hex()
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.tune.report(metrics, checkpoint=ckpt)
 
@@ -95,10 +98,13 @@ def train_worker(loop: dict[str, Any]) -> None:
     resume = _local_copy(ray.train.get_checkpoint())
     started = time.perf_counter()
     node = _node_id()
+    group = ray.util.get_current_placement_group()
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         metrics.update(epochs_total=cfg.train.epochs, node_id=node,
                        time_in_run_trial_s=time.perf_counter() - started)
+        if group is not None:  # lets PlacementGroupReaper free the workers' bundles after the trial
+            metrics[PLACEMENT_GROUP_KEY] = group.id.hex()
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir and rank == 0 else None
         ray.train.report(metrics, checkpoint=ckpt)
 
@@ -112,6 +118,38 @@ def train_worker(loop: dict[str, Any]) -> None:
         shutil.rmtree(work, ignore_errors=True)
         if resume:
             shutil.rmtree(resume, ignore_errors=True)
+
+
+PLACEMENT_GROUP_KEY = "train_placement_group"
+
+
+class PlacementGroupReaper(ray.tune.Callback):
+    """Removes a multi-worker trial's Train placement group when the trial ends.
+
+    Tune ends a trial by killing its actor (ASHA stops, ``max_t``); Ray Train V2's own
+    ``PlacementGroupCleaner`` then misses the orphaned workers' group often enough (seen here with
+    Ray 2.60: a 2-worker study on a 2-CPU box deadlocked with the group still CREATED), so the study
+    frees it itself. Rank 0 reports the group's id with every result.
+    """
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._remove(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._remove(trial)
+
+    @staticmethod
+    def _remove(trial: Any) -> None:
+        from ray._raylet import PlacementGroupID
+        from ray.util.placement_group import PlacementGroup
+
+        group = (trial.last_result or {}).get(PLACEMENT_GROUP_KEY)
+        if not group:
+            return
+        try:
+            ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group))))
+        except Exception:  # noqa: BLE001 - already removed by Ray's cleaner: nothing to do
+            pass
 
 
 def make_multi_worker_trial(res: Resources):

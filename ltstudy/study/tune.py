@@ -216,6 +216,7 @@ def _build_tuner(plan: StudyPlan, trainable: Any, callback: Any):
     import ray.tune
     from ray.tune import Tuner
 
+    from ltstudy.study.runner import PlacementGroupReaper
     from ltstudy.study.search import make_scheduler, make_searcher
 
     o = plan.opts
@@ -223,7 +224,7 @@ def _build_tuner(plan: StudyPlan, trainable: Any, callback: Any):
         tuner = Tuner.restore(plan.experiment_path, trainable, resume_unfinished=True,
                               resume_errored=False)
         # The pickled callback would carry the old process's settings; use this run's.
-        tuner._local_tuner.get_run_config().callbacks = [callback]
+        tuner._local_tuner.get_run_config().callbacks = [callback, PlacementGroupReaper()]
         return tuner
     Path(plan.optuna_db).parent.mkdir(parents=True, exist_ok=True)
     space = plan.space
@@ -235,7 +236,8 @@ def _build_tuner(plan: StudyPlan, trainable: Any, callback: Any):
         tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                         num_samples=o.num_trials, max_concurrent_trials=_max_concurrent(o)),
         run_config=ray.tune.RunConfig(
-            name=plan.study, storage_path=plan.storage, callbacks=[callback], verbose=o.verbose,
+            name=plan.study, storage_path=plan.storage, callbacks=[callback, PlacementGroupReaper()],
+            verbose=o.verbose,
             failure_config=ray.tune.FailureConfig(max_failures=o.retries),
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
         ),
