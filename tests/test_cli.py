@@ -58,3 +58,18 @@ def test_train_prints_progress_and_table(capsys, shared_data, tmp_path):
     assert code == 0
     assert "epoch   1/1" in out and "val" in out and "test" in out and "top-1" in out
     assert "method: balanced_softmax" in (tmp_path / "c.yaml").read_text()
+
+
+def test_readme_main_command_parses(monkeypatch, capsys):
+    """The README's first command reaches the study with the flags it names (the study itself is mocked)."""
+    import ltstudy.study.tune as tune
+
+    seen = {}
+    monkeypatch.setattr(tune, "run_study", lambda opts, echo=None: seen.setdefault("opts", opts) and 1 / 0)
+    readme = (__import__("pathlib").Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if "pip install -e . &&" in x)
+    argv = line.split("ltstudy ", 1)[1].split()
+    with pytest.raises(ZeroDivisionError):
+        main(argv)
+    opts = seen["opts"]
+    assert opts.method == "ce" and opts.overrides["imbalance"] == 100 and opts.overrides["epochs"] == 3
