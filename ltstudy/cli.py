@@ -316,6 +316,7 @@ def tune(
     space: Path | None = typer.Option(None, "--space", help="search-space file "
                                          "(default search_spaces/METHOD.yaml)"),
     dataset: str | None = DATASET,
+    imbalance: float | None = IMBALANCE,
     data_root: str | None = DATA_ROOT,
     num_trials: int = typer.Option(8, "--num-trials", "-n"),
     max_concurrent: int | None = typer.Option(None, help="concurrent trials (default: what fits)"),
@@ -342,7 +343,8 @@ def tune(
     from ltstudy.study.tune import StudyOptions, run_study
 
     fixed = parse_overrides(overrides or [])
-    fixed.update({k: v for k, v in (("dataset", dataset), ("data_root", data_root)) if v is not None})
+    flags = (("dataset", dataset), ("imbalance", imbalance), ("data_root", data_root))
+    fixed.update({k: v for k, v in flags if v is not None})
     opts = StudyOptions(method=method, space_path=str(space) if space else None, num_trials=num_trials,
                         max_concurrent=max_concurrent, sampler=sampler, scheduler=scheduler,
                         workers=workers, cpus_per_worker=cpus_per_worker,
