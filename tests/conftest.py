@@ -16,6 +16,17 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: torch's default threads collapse when other processes load the CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # -- feature stage ---------------------------------------------------------------------------------
 
 

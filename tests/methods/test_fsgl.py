@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from ltstudy.config import resolve_config
@@ -20,15 +19,6 @@ from ltstudy.methods.fsgl import (
     soft_ce,
 )
 from ltstudy.train import run_trial
-
-
-@pytest.fixture
-def one_thread():
-    """The CPU box is shared: one intra-op thread avoids oversubscription (10x slower otherwise)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_fsm_factors_cifar10():

@@ -26,14 +26,6 @@ from ltstudy.methods.metasaug import (
 from ltstudy.train import run_trial
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_isda_loss_equals_ce_when_covariance_is_zero():
     z, y, w = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 1]), torch.randn(4, 5)
     for cov in (torch.zeros(4, 5, 5), torch.zeros(4, 5)):
