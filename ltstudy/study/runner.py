@@ -60,22 +60,28 @@ def _local_copy(ckpt: Checkpoint | None) -> str | None:
     return ckpt.to_directory() if ckpt is not None else None
 
 
+def _reporter(cfg: Any, send: Any, checkpoints: bool = True, group: Any = None) -> Any:
+    """The ``report`` callback of ``run_trial``: adds the keys the study needs, then ``send``s."""
+    started = time.perf_counter()
+    node = _node_id()
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        metrics.update(epochs_total=cfg.train.epochs, node_id=node,
+                       time_in_run_trial_s=time.perf_counter() - started)
+        if group is not None:
+            metrics[PLACEMENT_GROUP_KEY] = group.id.hex()
+        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir and checkpoints else None
+        send(metrics, checkpoint=ckpt)
+
+    return report
+
+
 def single_worker_trial(config: dict[str, Any]) -> None:
     """One-worker trial: train here, report each epoch to Tune with a Tune checkpoint."""
     cfg = resolve_config(dict(config))
     work = tempfile.mkdtemp(prefix="ltstudy-ckpt-")
     resume = _local_copy(ray.tune.get_checkpoint())
-    started = time.perf_counter()
-    node = _node_id()
-    group = ray.util.get_current_placement_group()
-
-    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        metrics.update(epochs_total=cfg.train.epochs, node_id=node,
-                       time_in_run_trial_s=time.perf_counter() - started)
-        if group is not None:  # lets PlacementGroupReaper free the workers' bundles after the trial
-            metrics[PLACEMENT_GROUP_KEY] = group.id.hex()
-        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.tune.report(metrics, checkpoint=ckpt)
+    report = _reporter(cfg, ray.tune.report)
 
     try:
         run_trial(cfg, report, TrialContext(checkpoint_dir=work, resume_from=resume))
@@ -96,17 +102,9 @@ def train_worker(loop: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     work = tempfile.mkdtemp(prefix=f"ltstudy-ckpt-r{rank}-")
     resume = _local_copy(ray.train.get_checkpoint())
-    started = time.perf_counter()
-    node = _node_id()
-    group = ray.util.get_current_placement_group()
-
-    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        metrics.update(epochs_total=cfg.train.epochs, node_id=node,
-                       time_in_run_trial_s=time.perf_counter() - started)
-        if group is not None:  # lets PlacementGroupReaper free the workers' bundles after the trial
-            metrics[PLACEMENT_GROUP_KEY] = group.id.hex()
-        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir and rank == 0 else None
-        ray.train.report(metrics, checkpoint=ckpt)
+    # rank 0 also names the workers' placement group, for PlacementGroupReaper
+    report = _reporter(cfg, ray.train.report, checkpoints=rank == 0,
+                       group=ray.util.get_current_placement_group())
 
     tctx = TrialContext(device=ray.train.torch.get_device(), rank=rank, world_size=world,
                         checkpoint_dir=work, resume_from=resume)
