@@ -43,16 +43,14 @@ def test_malformed_line_names_line(tmp_path):
         read_filelist(bad)
 
 
-def test_filelist_loads_and_decodes(tree):
+def _build(tree, image_size):
     root, lists = tree
-    data = build_data(
-        "filelist",
-        data_root=root,
-        train_list=lists["train"],
-        val_list=lists["val"],
-        test_list=lists["test"],
-        image_size=32,
-    )
+    return build_data("filelist", data_root=root, train_list=lists["train"], val_list=lists["val"],
+                      test_list=lists["test"], image_size=image_size)
+
+
+def test_filelist_loads_and_decodes(tree):
+    data = _build(tree, image_size=32)
     assert data.num_classes == 3 and data.class_counts.tolist() == [6, 3, 1]
     for split, train in (("train", True), ("test", False)):
         loader = make_loader(data, split, batch_size=4, device="cpu", train=train, num_workers=0)
@@ -68,15 +66,7 @@ def test_filelist_loads_and_decodes(tree):
 
 
 def test_filelist_epoch_reproducible_across_workers(tree):
-    root, lists = tree
-    data = build_data(
-        "filelist",
-        data_root=root,
-        train_list=lists["train"],
-        val_list=lists["val"],
-        test_list=lists["test"],
-        image_size=24,
-    )
+    data = _build(tree, image_size=24)
     out = []
     for workers in (0, 2):
         loader = make_loader(
@@ -92,14 +82,7 @@ def test_missing_val_list_and_missing_image(tree):
     with pytest.raises(DataError, match="val"):
         build_data("filelist", data_root=root, train_list=lists["train"], test_list=lists["test"])
     (root / "test/c1/img 0.jpg").unlink()
-    data = build_data(
-        "filelist",
-        data_root=root,
-        train_list=lists["train"],
-        val_list=lists["val"],
-        test_list=lists["test"],
-        image_size=32,
-    )
+    data = _build(tree, image_size=32)
     loader = make_loader(data, "test", batch_size=6, device="cpu", train=False, num_workers=0)
     with pytest.raises(DataError, match=r"c1/img 0\.jpg"):
         list(loader)
