@@ -3,7 +3,12 @@
 A trial is described by a flat mapping of keys. Each key is either a training setting (a field of
 :class:`TrainConfig`) or a hyperparameter declared by the chosen method (a field of its ``Params``).
 Unset keys fall back to the method's published recipe (``Method.train_defaults``), then to the
-defaults below. Unknown keys and values of the wrong type raise :class:`~ltstudy.errors.ConfigError`.
+defaults below. Unknown keys, unknown dataset or model names and values of the wrong type raise
+:class:`~ltstudy.errors.ConfigError`.
+
+This module sits above ``ltstudy.methods`` (a trial config is the training settings plus the chosen
+method's ``Params``) and below everything that runs trials. It is the one place that says which keys
+define a dataset (:data:`DATA_KEYS`) and which keys are paths (:data:`PATH_KEYS`).
 """
 
 from __future__ import annotations
@@ -14,12 +19,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ltstudy.data import DATASETS, LTData, build_data
 from ltstudy.errors import ConfigError
+from ltstudy.methods import get_method
+from ltstudy.methods.image import ImageMethod
+from ltstudy.models import list_models
 
 #: Keys a config file may carry that are not settings (kept for provenance, ignored when resolving).
 META_KEYS = ("provenance",)
+#: The keys that define a dataset and its split: two trials that agree on them (and on the method's
+#: carved sets) see the same train / val / test images.
+DATA_KEYS = ("dataset", "imbalance", "profile", "val_per_class", "seed", "image_size", "synthetic_classes",
+             "train_list", "val_list", "test_list")
+#: The keys whose values are file-system paths (made absolute before a trial runs in another folder).
+PATH_KEYS = ("data_root", "train_list", "val_list", "test_list", "backbone")
+#: Where the data is and how it is read: needed to load a dataset, but not part of what it is.
+DATA_LOCATION_KEYS = ("data_root", "download", "num_workers")
 
 
 class TrainConfig(BaseModel):
@@ -83,6 +100,20 @@ class TrainConfig(BaseModel):
                           "default ./ltstudy_results"
     )
     feature_key: str | None = Field(None, description="feature cache key (set by `features extract`)")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if value not in DATASETS:
+            raise ValueError(f"unknown dataset {value!r}; choose one of {', '.join(DATASETS)}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in list_models():
+            raise ValueError(f"unknown model {value!r}; choose one of {', '.join(list_models())}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -151,7 +182,8 @@ def _validation_error(exc: ValidationError, method: str) -> ConfigError:
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err["loc"]) or "config"
     got = err.get("input")
-    return ConfigError(f"bad value for {key!r} ({method}): {err['msg']}, got {got!r}")
+    msg = err["msg"].removeprefix("Value error, ")
+    return ConfigError(f"bad value for {key!r} ({method}): {msg}, got {got!r}")
 
 
 def resolve_config(values: dict[str, Any] | None = None, **explicit: Any) -> TrialConfig:
@@ -160,8 +192,6 @@ def resolve_config(values: dict[str, Any] | None = None, **explicit: Any) -> Tri
     Precedence, lowest first: ``TrainConfig`` defaults, the method's published recipe, ``values``,
     then ``explicit`` entries that are not ``None``.
     """
-    from ltstudy.methods import get_method  # local import: methods sit below config's callers
-
     merged = {k: v for k, v in (values or {}).items() if k not in META_KEYS}
     merged.update({k: v for k, v in explicit.items() if v is not None})
     method_name = merged.get("method", TrainConfig.model_fields["method"].default)
@@ -192,3 +222,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     values.update({k: v for k, v in explicit.items() if v is not None})
     values.update(parse_overrides(overrides))
     return resolve_config(values)
+
+
+def carved_sets(cfg: TrialConfig) -> dict[str, int]:
+    """The extra per-class sets the trial's method carves from the training pool (MetaSAug's meta set)."""
+    spec = get_method(cfg.method)
+    return spec.carved_sets(cfg.params) if issubclass(spec, ImageMethod) else {}
+
+
+def data_location(train: TrainConfig) -> dict[str, Any]:
+    """The settings that say where the trial's data lives on this machine (folder, list files, download)."""
+    keys = [k for k in (*DATA_LOCATION_KEYS, *PATH_KEYS) if k in DATA_KEYS or k in DATA_LOCATION_KEYS]
+    return {k: getattr(train, k) for k in dict.fromkeys(keys) if getattr(train, k) is not None}
+
+
+def load_data(cfg: TrialConfig) -> LTData:
+    """The trial's dataset: the split :data:`DATA_KEYS` define, with the method's carved sets."""
+    t = cfg.train
+    keys = (*DATA_KEYS, *DATA_LOCATION_KEYS)
+    settings = {k: getattr(t, k) for k in keys if k not in ("dataset", "num_workers")}
+    return build_data(t.dataset, **settings, carved=carved_sets(cfg))

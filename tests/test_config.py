@@ -63,3 +63,29 @@ def test_bad_files(tmp_path, text, match):
         load_config(f)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; choose one of cifar10-lt"),
+    ({"model": "resnet-32"}, "unknown model 'resnet-32'; choose one of resnet32"),
+])
+def test_dataset_and_model_names_are_checked(values, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(values)
+
+
+def test_validate_space_catches_a_typo_in_fixed(tmp_path, capsys):
+    from ltstudy.cli import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text("method: ce\nfixed: {dataset: cifar10lt}\ntune:\n  lr: {type: float, low: 0.01, high: 0.5}\n")
+    with pytest.raises(SystemExit) as code:
+        main(["validate-space", str(space)])
+    err = capsys.readouterr().err
+    assert code.value.code == 2 and "unknown dataset 'cifar10lt'" in err and len(err.splitlines()) == 1
+
+
+def test_the_key_lists_name_real_settings():
+    from ltstudy.config import DATA_KEYS, DATA_LOCATION_KEYS, PATH_KEYS, TrainConfig
+
+    assert set(DATA_KEYS) | set(PATH_KEYS) | set(DATA_LOCATION_KEYS) <= set(TrainConfig.model_fields)

@@ -3,7 +3,7 @@
 from ltstudy.data.augment import AugmentSpec, apply, autoaugment, cutout, normalize, random_crop, random_flip
 from ltstudy.data.cifar import load_cifar
 from ltstudy.data.containers import LTData, Split
-from ltstudy.data.datasets import DATASETS, build_data, make_loader, shot_groups
+from ltstudy.data.datasets import DATASETS, build_data, make_loader
 from ltstudy.data.filelist import FileListDataset, read_filelist
 from ltstudy.data.loader import FileListLoader, TensorLoader
 from ltstudy.data.profile import PROFILES, lt_counts
@@ -36,5 +36,4 @@ __all__ = [
     "random_flip",
     "read_filelist",
     "sample_weights",
-    "shot_groups",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,7 +32,11 @@ class Split:
 
 @dataclass
 class LTData:
-    """A long-tailed dataset: LT train split, balanced val and test splits, and their statistics."""
+    """A long-tailed dataset: LT train split, balanced val and test splits, and their statistics.
+
+    ``carved`` holds the extra balanced sets a method declared (``ImageMethod.carved_sets``), taken from
+    the training pool before the long-tailed training images and disjoint from every other split.
+    """
 
     name: str
     num_classes: int
@@ -45,6 +49,7 @@ class LTData:
     std: tuple[float, float, float]
     image_size: int
     image_root: str | None = None
+    carved: dict[str, Split] = field(default_factory=dict)
 
 
 def split_in_memory(
@@ -57,6 +62,7 @@ def split_in_memory(
     seed: int,
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
+    carved: dict[str, int] | None = None,
 ) -> LTData:
     """Turn a balanced in-memory train/test set into :class:`LTData` via :func:`make_lt_splits`.
 
@@ -69,13 +75,15 @@ def split_in_memory(
         seed: Split seed.
         mean: Per-channel mean of the images in [0,1].
         std: Per-channel std of the images in [0,1].
+        carved: Extra balanced sets to carve from the training pool, images per class by name.
     """
     train_x, train_y, test_x, test_y, class_names = arrays
     num_classes = len(class_names)
-    train_idx, val_idx = make_lt_splits(train_y.numpy(), num_classes, imbalance, profile, val_per_class, seed)
-    train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+    train_idx, val_idx, carved_idx = make_lt_splits(train_y.numpy(), num_classes, imbalance, profile,
+                                                    val_per_class, seed, carved)
 
-    def subset(idx: torch.Tensor) -> Split:
+    def subset(idx) -> Split:
+        idx = torch.from_numpy(idx)
         return Split(labels=train_y[idx].clone(), indices=idx, images=train_x[idx].clone())
 
     train = subset(train_idx)
@@ -92,4 +100,5 @@ def split_in_memory(
         tuple(mean),
         tuple(std),
         int(train_x.shape[-1]),
+        carved={key: subset(idx) for key, idx in carved_idx.items()},
     )

@@ -24,10 +24,10 @@ CIFAR_STATS = {
 }
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-__all__ = ["DATASETS", "LTData", "Split", "build_data", "make_loader", "shot_groups"]
+__all__ = ["DATASETS", "LTData", "Split", "build_data", "make_loader"]
 
 
-def _build_cifar(name: str, data_root, download, imbalance, profile, val_per_class, seed) -> LTData:
+def _build_cifar(name: str, data_root, download, imbalance, profile, val_per_class, seed, carved) -> LTData:
     """CIFAR-10/100-LT with the balanced val split drawn from the training images the profile leaves out."""
     if data_root is None:
         raise ConfigError(f"{name}-lt needs a data root (the folder holding the CIFAR pickles)")
@@ -42,6 +42,7 @@ def _build_cifar(name: str, data_root, download, imbalance, profile, val_per_cla
         seed=seed,
         mean=mean,
         std=std,
+        carved=carved,
     )
 
 
@@ -94,6 +95,7 @@ def build_data(
     test_list: str | Path | None = None,
     image_size: int | None = None,
     synthetic_classes: int = 10,
+    carved: dict[str, int] | None = None,
 ) -> LTData:
     """Build a long-tailed dataset by name.
 
@@ -111,11 +113,15 @@ def build_data(
         image_size: Side of the file-list crops (default 224) or of the synthetic images (default
             32); CIFAR is always 32.
         synthetic_classes: Classes of the synthetic dataset.
+        carved: Extra balanced sets to carve from the training pool (``{name: images per class}``,
+            e.g. MetaSAug's meta set), in ``LTData.carved``; in-memory datasets only.
     """
     if dataset in ("cifar10-lt", "cifar100-lt"):
         name = dataset.removesuffix("-lt")
-        return _build_cifar(name, data_root, download, imbalance, profile, val_per_class, seed)
+        return _build_cifar(name, data_root, download, imbalance, profile, val_per_class, seed, carved)
     if dataset == "filelist":
+        if carved:
+            raise ConfigError(f"the filelist dataset cannot carve {', '.join(carved)} sets from its lists")
         return _build_filelist(data_root, train_list, val_list, test_list, image_size or 224)
     if dataset == "synthetic":
         return make_synthetic(
@@ -125,6 +131,7 @@ def build_data(
             val_per_class=val_per_class,
             seed=seed,
             profile=profile,
+            carved=carved,
         )
     raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
@@ -192,9 +199,3 @@ def make_loader(
     )
     return FileListLoader(dataset, num_workers=num_workers, **common)
 
-
-def shot_groups(class_counts: torch.Tensor, many: int = 100, few: int = 20) -> dict[str, torch.Tensor]:
-    """Boolean class masks: many (n > many), few (n < few), medium (the rest)."""
-    counts = torch.as_tensor(class_counts)
-    many_mask, few_mask = counts > many, counts < few
-    return {"many": many_mask, "medium": ~(many_mask | few_mask), "few": few_mask}

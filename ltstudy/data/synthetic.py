@@ -26,13 +26,14 @@ def make_synthetic(
     seed: int = 0,
     noise: float = 48.0,
     profile: str = "exp",
+    carved: dict[str, int] | None = None,
 ) -> LTData:
     """Build a synthetic long-tailed dataset.
 
     Each class is a fixed random low-frequency colour pattern (a 4x4 colour grid upsampled
-    bilinearly); every image adds Gaussian noise. A balanced pool of ``n_max + val_per_class``
-    images per class is split exactly like CIFAR (:func:`make_lt_splits`), so the training counts
-    are ``lt_counts(n_max, num_classes, imbalance, profile)``.
+    bilinearly); every image adds Gaussian noise. A balanced pool of ``n_max + val_per_class`` (+ the
+    carved sets) images per class is split exactly like CIFAR (:func:`make_lt_splits`), so the
+    training counts are ``lt_counts(n_max, num_classes, imbalance, profile)``.
 
     Args:
         num_classes: Number of classes.
@@ -44,11 +45,12 @@ def make_synthetic(
         seed: Seed of the patterns, the noise and the split.
         noise: Standard deviation of the pixel noise (0..255 scale).
         profile: ``"exp"`` or ``"step"``.
+        carved: Extra balanced sets (images per class by name), carved like the validation set.
     """
     gen = torch.Generator().manual_seed(seed)
     grid = torch.rand(num_classes, 3, 4, 4, generator=gen) * 200 + 28
     patterns = F.interpolate(grid, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    train_y = torch.arange(num_classes).repeat_interleave(n_max + val_per_class)
+    train_y = torch.arange(num_classes).repeat_interleave(n_max + val_per_class + sum((carved or {}).values()))
     test_y = torch.arange(num_classes).repeat_interleave(test_per_class)
     train_x = _class_images(patterns, train_y, gen, noise)
     test_x = _class_images(patterns, test_y, gen, noise)
@@ -64,4 +66,5 @@ def make_synthetic(
         seed=seed,
         mean=mean,
         std=std,
+        carved=carved,
     )

@@ -1,9 +1,10 @@
-"""The feature cache (layer 4): backbone features in Parquet on any ``pyarrow.fs`` storage.
+"""The feature cache: backbone features in Parquet on any ``pyarrow.fs`` storage.
 
 :mod:`ltstudy.features.store` holds the content-addressed store (atomic commit, validated reads,
 zero-copy loading); :mod:`ltstudy.features.extract` runs a backbone checkpoint over the three splits.
 """
 
+from ltstudy.features.extract import extract_features
 from ltstudy.features.store import (
     DEFAULT_STORAGE,
     Storage,
@@ -29,9 +30,3 @@ __all__ = [
     "read_manifest",
 ]
 
-
-def extract_features(*args, **kwargs):  # noqa: ANN002, ANN003 - thin lazy re-export
-    """See :func:`ltstudy.features.extract.extract_features`."""
-    from ltstudy.features.extract import extract_features as run
-
-    return run(*args, **kwargs)

@@ -20,6 +20,7 @@ which then cycles through them one view per epoch.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ltstudy.config import TrainConfig, TrialConfig, resolve_config
-from ltstudy.data import AugmentSpec, LTData, build_data, make_loader
+from ltstudy.config import (
+    DATA_KEYS,
+    DATA_LOCATION_KEYS,
+    TrainConfig,
+    TrialConfig,
+    carved_sets,
+    load_data,
+    resolve_config,
+)
+from ltstudy.data import AugmentSpec, LTData, make_loader
 from ltstudy.data.augment import apply as augment_batch
 from ltstudy.data.augment import normalize
 from ltstudy.errors import ConfigError, DataError
@@ -46,12 +55,10 @@ from ltstudy.features.store import (
 )
 from ltstudy.methods import get_method
 from ltstudy.models import Classifier, build_model
+from ltstudy.runtime import resolve_device
 
-#: the TrainConfig fields that define the dataset and its split (and so the features)
-DATA_FIELDS = ("dataset", "imbalance", "profile", "val_per_class", "seed", "image_size",
-               "synthetic_classes", "train_list", "val_list", "test_list")
 #: fields that are locations or runtime settings, not content: never part of the key
-_NOT_CONTENT = ("data_root", "download", "num_workers", "device")
+_NOT_CONTENT = (*DATA_LOCATION_KEYS, "device")
 
 
 @dataclass
@@ -85,10 +92,16 @@ def load_backbone_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def data_config(ckpt_config: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrialConfig:
-    """The backbone's training settings (method dropped) with ``overrides``: defines data + model."""
-    base = {k: v for k, v in ckpt_config.items() if k in TrainConfig.model_fields
-            and k not in ("method", "backbone", "feature_storage", "feature_key")}
-    return resolve_config({**base, "method": "ce", **(overrides or {})})
+    """The backbone's own trial config with ``overrides``: defines the data (carved sets included) and model.
+
+    A checkpoint whose method settings no longer resolve keeps its training settings under ``ce``.
+    """
+    own = {k: v for k, v in ckpt_config.items() if k not in ("backbone", "feature_storage", "feature_key")}
+    try:
+        return resolve_config({**own, **(overrides or {})})
+    except ConfigError:
+        base = {k: v for k, v in own.items() if k in TrainConfig.model_fields and k != "method"}
+        return resolve_config({**base, "method": "ce", **(overrides or {})})
 
 
 def _list_digest(path: str | None) -> str | None:
@@ -97,13 +110,16 @@ def _list_digest(path: str | None) -> str | None:
     return file_sha256(path) if os.path.isfile(path) else os.path.basename(path)
 
 
-def key_fields(checkpoint_sha256: str, cfg: TrainConfig, fmaps: bool, augmented_views: int,
+def key_fields(checkpoint_sha256: str, cfg: TrialConfig, fmaps: bool, augmented_views: int,
                augment: AugmentSpec | None) -> dict[str, Any]:
-    fields: dict[str, Any] = {"checkpoint_sha256": checkpoint_sha256, "model": cfg.model,
+    t = cfg.train
+    fields: dict[str, Any] = {"checkpoint_sha256": checkpoint_sha256, "model": t.model,
                               "fmaps": bool(fmaps), "augmented_views": int(augmented_views)}
-    for name in DATA_FIELDS:
-        value = getattr(cfg, name)
+    for name in DATA_KEYS:
+        value = getattr(t, name)
         fields[name] = _list_digest(value) if name.endswith("_list") else value
+    if carved_sets(cfg):
+        fields["carved"] = carved_sets(cfg)
     if augmented_views:
         fields["augment"] = vars(augment) if augment is not None else None
     return fields
@@ -148,9 +164,8 @@ def compute_features(model: Classifier, data: LTData, split: str, device: torch.
 
 
 def build_backbone_model(ckpt: dict[str, Any], cfg: TrainConfig, num_classes: int) -> tuple[Classifier, str]:
-    method = ckpt["config"].get("method", "ce")
     try:
-        head = get_method(method).head
+        head = getattr(get_method(ckpt["config"].get("method", "ce")), "head", "linear")
     except ConfigError:
         head = "linear"
     model = build_model(cfg.model, num_classes, head=head)
@@ -168,7 +183,7 @@ def resolve_key(checkpoint: str | Path, overrides: dict[str, Any] | None = None,
     ckpt = load_backbone_checkpoint(checkpoint)
     cfg = data_config(ckpt["config"], overrides)
     sha = file_sha256(ckpt["path"])
-    fields = key_fields(sha, cfg.train, fmaps, augmented_views, _augment_spec(cfg.train))
+    fields = key_fields(sha, cfg, fmaps, augmented_views, _augment_spec(cfg.train))
     return cache_key(fields), fields, cfg, ckpt
 
 
@@ -178,10 +193,6 @@ def extract_features(checkpoint: str | Path, *, storage: str | Storage | None = 
                      batch_size: int = 256, endpoint_override: str | None = None,
                      force: bool = False) -> ExtractResult:
     """Make sure the cache for (checkpoint, dataset, options) exists; extract it when missing or damaged."""
-    import time
-
-    from ltstudy.train import resolve_device  # noqa: PLC0415 - runtime helper only
-
     tic = time.perf_counter()
     if augmented_views < 0:
         raise ConfigError("augmented_views must be >= 0")
@@ -198,10 +209,7 @@ def extract_features(checkpoint: str | Path, *, storage: str | Storage | None = 
 
     t = cfg.train
     dev = resolve_device(device)
-    data = build_data(t.dataset, data_root=t.data_root, download=t.download, imbalance=t.imbalance,
-                      profile=t.profile, val_per_class=t.val_per_class, seed=t.seed,
-                      train_list=t.train_list, val_list=t.val_list, test_list=t.test_list,
-                      image_size=t.image_size, synthetic_classes=t.synthetic_classes)
+    data = load_data(cfg)
     model, head = build_backbone_model(ckpt, t, data.num_classes)
     model.to(dev).eval()
     splits: dict[str, SplitArrays] = {}

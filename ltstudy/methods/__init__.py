@@ -1,4 +1,8 @@
-"""Registered methods. Importing this package registers every method module listed below."""
+"""Registered methods. Importing this package registers every method module listed below.
+
+Two contracts: :class:`ImageMethod` (``ltstudy/methods/image.py``) for methods that train the network,
+:class:`FeatureMethod` (``ltstudy/methods/feature.py``) for classifiers trained on cached features.
+"""
 
 from ltstudy.methods import (  # noqa: F401  (registration, in a fixed order)
     balanced_softmax,
@@ -11,8 +15,9 @@ from ltstudy.methods import (  # noqa: F401  (registration, in a fixed order)
     metasaug,
     tailcalibx,
 )
-from ltstudy.methods.base import (
-    Amp,
+from ltstudy.methods.feature import FeatureMethod, FeatureSet
+from ltstudy.methods.image import ImageMethod
+from ltstudy.methods.registry import (
     Method,
     MethodContext,
     Params,
@@ -23,7 +28,9 @@ from ltstudy.methods.base import (
 )
 
 __all__ = [
-    "Amp",
+    "FeatureMethod",
+    "FeatureSet",
+    "ImageMethod",
     "Method",
     "MethodContext",
     "Params",

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ltstudy.methods.base import Method, MethodContext, Params, register
+from ltstudy.methods.image import ImageMethod
+from ltstudy.methods.registry import Params, register
 
 
 def balanced_softmax_loss(logits: torch.Tensor, y: torch.Tensor, class_counts: torch.Tensor,
@@ -26,14 +27,10 @@ class BalancedSoftmaxParams(Params):
 
 
 @register
-class BalancedSoftmax(Method):
+class BalancedSoftmax(ImageMethod):
     name = "balanced_softmax"
     summary = "Balanced Softmax: cross-entropy on logits + tau * log n_c"
     Params = BalancedSoftmaxParams
 
-    def __init__(self, params: BalancedSoftmaxParams, ctx: MethodContext) -> None:
-        super().__init__(params, ctx)
-        self.tau = params.tau
-
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return balanced_softmax_loss(logits, y, self.ctx.class_counts, self.tau)
+        return balanced_softmax_loss(logits, y, self.ctx.class_counts, self.p.tau)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ltstudy.methods.base import Method, Params, register
+from ltstudy.methods.image import ImageMethod
+from ltstudy.methods.registry import Params, register
 
 
 class CEParams(Params):
@@ -13,7 +14,7 @@ class CEParams(Params):
 
 
 @register
-class CrossEntropy(Method):
+class CrossEntropy(ImageMethod):
     name = "ce"
     summary = "cross-entropy on the long-tailed data (the ERM baseline)"
     Params = CEParams

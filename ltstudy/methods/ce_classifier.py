@@ -14,7 +14,7 @@ own method it is one short module and the same row for DLSA and FSA too.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,8 @@ from pydantic import Field
 from torch import nn
 
 from ltstudy.data.samplers import sample_weights
-from ltstudy.methods.base import MethodContext, Params, register
-from ltstudy.methods.feature_base import FeatureMethod, FeatureSet, minibatches
+from ltstudy.methods.feature import FeatureMethod, FeatureSet, minibatches
+from ltstudy.methods.registry import Params, register
 from ltstudy.models import build_head
 
 
@@ -39,37 +39,24 @@ class CEClassifier(FeatureMethod):
     train_defaults = {"epochs": 10, "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 512,
                       "schedule": "cosine", "warmup_epochs": 0}
 
-    def __init__(self, params: CEClassifierParams, ctx: MethodContext) -> None:
-        super().__init__(params, ctx)
-        self.reinit = params.reinit
-
     def prepare(self, feats: FeatureSet) -> None:
         super().prepare(feats)
         head = build_head(feats.head_type, feats.feature_dim, feats.num_classes)
-        if not self.reinit and feats.head is not None:
+        if not self.p.reinit and feats.head is not None:
             head.load_state_dict(feats.head.state_dict())
         self.head = head.to(feats.train_x.device)
         t = self.ctx.train
-        sampler = getattr(t, "sampler", "instance")
         self.weights = None
-        if sampler != "instance":
-            self.weights = sample_weights(feats.train_y, feats.class_counts, sampler,
-                                          getattr(t, "sampler_q", 0.5)).to(feats.train_x.device).float()
+        if t.sampler != "instance":
+            self.weights = sample_weights(feats.train_y, feats.class_counts, t.sampler,
+                                          t.sampler_q).to(feats.train_x.device).float()
 
     def classifier(self) -> nn.Module:
         return self.head
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, y)
-
-    def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    def batches(self, epoch: int) -> Iterable[torch.Tensor]:
         f = self.feats
-        total, steps = torch.zeros((), device=f.train_x.device), 0
-        for idx in minibatches(len(f.train_y), self.ctx.train.batch_size, f.train_x.device,
-                               weights=self.weights):
-            total += self.step(optimizer, self.loss(self.head(f.train_x[idx]), f.train_y[idx]))
-            steps += 1
-        return total / max(steps, 1)
+        return minibatches(len(f.train_y), self.ctx.train.batch_size, f.train_x.device, weights=self.weights)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
+    def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.head(self.feats.train_x[idx]), self.feats.train_y[idx])

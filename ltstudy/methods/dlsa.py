@@ -31,6 +31,7 @@ Where ltstudy differs from the reference, and why:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -39,8 +40,9 @@ from pydantic import Field
 from torch import nn
 
 from ltstudy.methods.balanced_softmax import balanced_softmax_loss
-from ltstudy.methods.base import MethodContext, Params, register
-from ltstudy.methods.feature_base import FeatureMethod, FeatureSet, minibatches
+from ltstudy.methods.feature import FeatureMethod, FeatureSet, minibatches
+from ltstudy.methods.registry import Params, register
+from ltstudy.runtime import optimizer_step
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -175,63 +177,48 @@ class DLSA(FeatureMethod):
     train_defaults = {"epochs": 150, "lr": 1e-2, "momentum": 0.0, "weight_decay": 0.0, "batch_size": 128,
                       "schedule": "constant", "warmup_epochs": 0}
 
-    def __init__(self, params: DLSAParams, ctx: MethodContext) -> None:
-        super().__init__(params, ctx)
-        p = params
-        self.flow_kw = dict(n_blocks=p.n_blocks, n_hidden=p.n_hidden, center_std=p.gmm_center_std)
-        self.num_cluster = p.num_cluster
-        self.flow_lr, self.flow_epochs, self.flow_bs = p.flow_lr, p.flow_epochs, p.flow_batch_size
-        self.q = p.weight_q
-        self.lam = (p.lambda_lh, p.lambda_balance, p.lambda_purity)
-        self.momentum, self.freeze = p.posterior_momentum, p.contrast_freeze
-        self.rho, self.max_depth = p.llh_proportion, p.max_depth
-        self.min_purity, self.min_size = p.min_purity, p.min_size
-        self.loss_kind = p.classifier_loss
-
     # -- flow ------------------------------------------------------------------------------------
     def flow_losses(self, flow: FlowGMM, xp: torch.Tensor, xn: torch.Tensor, wp: torch.Tensor,
                     state: dict[str, Any]) -> torch.Tensor:
-        lam_lh, lam_bal, lam_pur = self.lam
+        p = self.p
         lp = flow.cluster_logits(xp)
         ln = flow.cluster_logits(xn)
         k = lp.shape[1]
         llh = torch.logsumexp(lp, 1) - math.log(k)
-        loss_lh = -lam_lh * (wp * llh).mean()
-        post_p = torch.softmax(lp.detach() if self.freeze else lp, 1)
-        loss_pur = lam_pur * (post_p * torch.log_softmax(ln, 1)).sum(1).mean()
+        loss_lh = -p.lambda_lh * (wp * llh).mean()
+        post_p = torch.softmax(lp.detach() if p.contrast_freeze else lp, 1)
+        loss_pur = p.lambda_purity * (post_p * torch.log_softmax(ln, 1)).sum(1).mean()
         pbar = torch.softmax(lp, 1).mean(0) + 1e-7
         state["t"] += 1
-        ema = self.momentum * state["ema"] + (1 - self.momentum) * pbar
+        ema = p.posterior_momentum * state["ema"] + (1 - p.posterior_momentum) * pbar
         state["ema"] = ema.detach()
-        p = ema / (1 - self.momentum ** state["t"])
-        loss_bal = lam_bal * ((p * torch.log(p)).sum() + math.log(k))
+        marginal = ema / (1 - p.posterior_momentum ** state["t"])
+        loss_bal = p.lambda_balance * ((marginal * torch.log(marginal)).sum() + math.log(k))
         return loss_lh + loss_pur + loss_bal
 
     def train_flow(self, x: torch.Tensor, y: torch.Tensor) -> FlowGMM:
-        dev, c = x.device, self.feats.num_classes
-        k = min(self.num_cluster, len(x))
-        flow = FlowGMM(x.shape[1], k, **self.flow_kw).to(dev)
-        opt = torch.optim.SGD(flow.parameters(), lr=self.flow_lr, momentum=0.0)
+        dev, c, p = x.device, self.feats.num_classes, self.p
+        k = min(p.num_cluster, len(x))
+        flow = FlowGMM(x.shape[1], k, n_blocks=p.n_blocks, n_hidden=p.n_hidden,
+                       center_std=p.gmm_center_std).to(dev)
+        opt = torch.optim.SGD(flow.parameters(), lr=p.flow_lr, momentum=0.0)
         counts = torch.bincount(y, minlength=c)
         classes = (counts > 0).nonzero().flatten()
         n = counts[classes]
-        w = (n.max() / n.double()).pow(self.q)
+        w = (n.max() / n.double()).pow(p.weight_q)
         w = (w / w.sum()).float()
         order = torch.argsort(y, stable=True)
         starts = (torch.cumsum(counts, 0) - counts)[classes]
         state = {"t": 0, "ema": torch.zeros(k, device=dev)}
-        bs = min(self.flow_bs, len(x))
+        bs = min(p.flow_batch_size, len(x))
         best, best_score = None, None
-        for _ in range(self.flow_epochs):
+        for _ in range(p.flow_epochs):
             flow.train()
             for _step in range(max(len(x) // bs, 1)):
                 pos = torch.randint(len(classes), (bs,), device=dev)
                 neg = (pos + torch.randint(1, max(len(classes), 2), (bs,), device=dev)) % len(classes)
                 pick = lambda cl: order[starts[cl] + (torch.rand(bs, device=dev) * n[cl]).long()]  # noqa: E731
-                loss = self.flow_losses(flow, x[pick(pos)], x[pick(neg)], w[pos], state)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                optimizer_step(opt, self.flow_losses(flow, x[pick(pos)], x[pick(neg)], w[pos], state))
             score = self._cluster_score(flow, x, y, k)
             if best_score is None or score > best_score:
                 best_score = score
@@ -247,7 +234,7 @@ class DLSA(FeatureMethod):
             (assign, y), torch.ones(len(y), device=x.device), accumulate=True)
         size = hist.sum(1)
         purity = hist.max(1).values / size.clamp_min(1)
-        good = int(((purity > self.min_purity) & (size > self.min_size)).sum())
+        good = int(((purity > self.p.min_purity) & (size > self.p.min_size)).sum())
         return (bool(size.max() < 5000), good)
 
     # -- routing and classifiers -----------------------------------------------------------------
@@ -255,11 +242,11 @@ class DLSA(FeatureMethod):
         super().prepare(feats)
         dev, c = feats.train_x.device, feats.num_classes
         xs = {"train": feats.train_x, "val": feats.val_x, "test": feats.test_x}
-        owner = {s: torch.full((len(v),), self.max_depth, dtype=torch.long, device=dev) for s, v in xs.items()}
+        owner = {s: torch.full((len(v),), self.p.max_depth, dtype=torch.long, device=dev) for s, v in xs.items()}
         priors = {s: torch.zeros(len(v), c, device=dev) for s, v in xs.items()}
         self.flows: list[FlowGMM] = []
-        for depth in range(self.max_depth):
-            remaining = owner["train"] == self.max_depth
+        for depth in range(self.p.max_depth):
+            remaining = owner["train"] == self.p.max_depth
             if int(remaining.sum()) < 2:
                 break
             flow = self.train_flow(feats.train_x[remaining], feats.train_y[remaining])
@@ -271,9 +258,9 @@ class DLSA(FeatureMethod):
                 hist = torch.zeros(k, c, device=dev).index_put_(
                     (assign_all, feats.train_y), torch.ones(len(feats.train_y), device=dev), accumulate=True)
                 hist = hist / hist.sum(1, keepdim=True).clamp_min(1)
-                tau = torch.quantile(llh["train"][remaining], 1 - self.rho)
+                tau = torch.quantile(llh["train"][remaining], 1 - self.p.llh_proportion)
                 for s, v in xs.items():
-                    route = (owner[s] == self.max_depth) & (llh[s] >= tau)
+                    route = (owner[s] == self.p.max_depth) & (llh[s] >= tau)
                     owner[s][route] = depth
                     priors[s][route] = hist[flow.cluster_logits(v[route]).argmax(1)] if route.any() \
                         else priors[s][route]
@@ -282,31 +269,29 @@ class DLSA(FeatureMethod):
             [ClusterAidedClassifier(feats.feature_dim, c, with_prior=True) for _ in self.flows]
             + [ClusterAidedClassifier(feats.feature_dim, c, with_prior=False)]
         ).to(dev)
-        self.stage_ids = list(range(len(self.flows))) + [self.max_depth]
+        self.stage_ids = list(range(len(self.flows))) + [self.p.max_depth]
         self.counts = []
         for sid in self.stage_ids:
             ys = feats.train_y[owner["train"] == sid]
-            self.counts.append(feats.class_counts if sid == self.max_depth else torch.bincount(ys, minlength=c))
+            self.counts.append(feats.class_counts if sid == self.p.max_depth else torch.bincount(ys, minlength=c))
 
     def classifier(self) -> nn.Module:
         return self.stages
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
-        if self.loss_kind == "bsm":
-            return balanced_softmax_loss(logits, y, self.ctx.class_counts if counts is None else counts)
-        return F.cross_entropy(logits, y)
-
-    def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        f = self.feats
-        total, steps = torch.zeros((), device=f.train_x.device), 0
-        for stage, sid, counts in zip(self.stages, self.stage_ids, self.counts, strict=True):
+    def batches(self, epoch: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(stage index, train rows) batches: one pass over each stage's routed samples, stage by stage."""
+        for i, sid in enumerate(self.stage_ids):
             rows = (self.owner["train"] == sid).nonzero().flatten()
             for b in minibatches(len(rows), self.ctx.train.batch_size, rows.device):
-                i = rows[b]
-                logits = stage(f.train_x[i], self.priors["train"][i])
-                total += self.step(optimizer, self.loss(logits, f.train_y[i], counts))
-                steps += 1
-        return total / max(steps, 1)
+                yield i, rows[b]
+
+    def batch_loss(self, batch: tuple[int, torch.Tensor]) -> torch.Tensor:
+        i, rows = batch
+        f = self.feats
+        logits = self.stages[i](f.train_x[rows], self.priors["train"][rows])
+        if self.p.classifier_loss == "bsm":
+            return balanced_softmax_loss(logits, f.train_y[rows], self.counts[i])
+        return F.cross_entropy(logits, f.train_y[rows])
 
     def logits(self, split: str) -> torch.Tensor:
         x = self.feats.val_x if split == "val" else self.feats.test_x

@@ -34,6 +34,7 @@ Where ltstudy differs from the reference, and why:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -42,8 +43,8 @@ from pydantic import Field
 from torch import nn
 
 from ltstudy.errors import ConfigError
-from ltstudy.methods.base import MethodContext, Params, register
-from ltstudy.methods.feature_base import FeatureMethod, FeatureSet, minibatches
+from ltstudy.methods.feature import FeatureMethod, FeatureSet, minibatches
+from ltstudy.methods.registry import Params, register
 
 
 def grad_cam(maps: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -104,12 +105,6 @@ class FSA(FeatureMethod):
     def extract_options(cls, params: Any) -> dict[str, Any]:
         return {"fmaps": True, "augmented_views": 0}
 
-    def __init__(self, params: FSAParams, ctx: MethodContext) -> None:
-        super().__init__(params, ctx)
-        self.ts, self.tg = params.ts, params.tg
-        self.na = params.num_fused
-        self.head_ratio = params.head_ratio
-
     def prepare(self, feats: FeatureSet) -> None:
         super().prepare(feats)
         if feats.train_maps is None:
@@ -124,8 +119,8 @@ class FSA(FeatureMethod):
         c = feats.num_classes
         sums = torch.zeros(c, c, device=dev).index_add_(0, feats.train_y, probs)
         self.scores = sums / feats.class_counts.clamp_min(1)[:, None].to(sums.dtype)
-        self.is_head = head_classes(feats.class_counts, self.head_ratio)
-        self.confusing = confusing_classes(self.scores, self.is_head, self.na)  # (C, Na)
+        self.is_head = head_classes(feats.class_counts, self.p.head_ratio)
+        self.confusing = confusing_classes(self.scores, self.is_head, self.p.num_fused)  # (C, Na)
         y = feats.train_y
         self.tail_idx = (~self.is_head[y]).nonzero().flatten()
         self.head_idx = self.is_head[y].nonzero().flatten()
@@ -136,40 +131,34 @@ class FSA(FeatureMethod):
     def classifier(self) -> nn.Module:
         return self.fc
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, y)
-
     def _draw(self, classes: torch.Tensor) -> torch.Tensor:
         """One uniformly random training sample of each requested class."""
         n = self.feats.class_counts[classes]
         off = (torch.rand(classes.shape, device=classes.device) * n).long().clamp_max(n - 1)
         return self.by_class[self.starts[classes] + off]
 
-    def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        f = self.feats
-        maps, y = f.train_maps, f.train_y
-        items = max(self.ctx.train.batch_size // (2 + 2 * self.na), 1)
-        total, steps = torch.zeros((), device=maps.device), 0
-        for b in minibatches(len(self.tail_idx), items, maps.device):
-            tail = self.tail_idx[b]  # (B,)
-            ty = y[tail]
-            conf = self._draw(self.confusing[ty])  # (B, Na) one sample from each confusing class
-            heads = self.head_idx[torch.randint(len(self.head_idx), (len(tail), 1 + self.na),
-                                                device=maps.device)]
-            with torch.no_grad():
-                w = self.fc.weight
-                tmap = maps[tail]
-                tcam = grad_cam(tmap, w, ty)
-                gmap = maps[conf.flatten()]
-                gcam = grad_cam(gmap, w, y[conf.flatten()])
-                nb = len(tail) * self.na
-                gamma = torch.rand(nb, device=maps.device)
-                u = torch.rand(nb, *tmap.shape[2:], device=maps.device)
-                fused = fuse(tmap.repeat_interleave(self.na, 0), tcam.repeat_interleave(self.na, 0),
-                             gmap, gcam, self.ts, self.tg, gamma, u)
-            inputs = torch.cat([tmap, fused, maps[heads.flatten()]])
-            labels = torch.cat([ty, ty.repeat_interleave(self.na), y[heads.flatten()]])
-            logits = self.fc(inputs.mean((2, 3)))  # avgpool → fc
-            total += self.step(optimizer, self.loss(logits, labels))
-            steps += 1
-        return total / max(steps, 1)
+    def batches(self, epoch: int) -> Iterable[torch.Tensor]:
+        """Batches of tail-class train rows; each row brings 1 + 2·Na maps, so a batch stays ~batch_size."""
+        items = max(self.ctx.train.batch_size // (2 + 2 * self.p.num_fused), 1)
+        return minibatches(len(self.tail_idx), items, self.tail_idx.device)
+
+    def batch_loss(self, b: torch.Tensor) -> torch.Tensor:
+        maps, y, na = self.feats.train_maps, self.feats.train_y, self.p.num_fused
+        tail = self.tail_idx[b]  # (B,)
+        ty = y[tail]
+        conf = self._draw(self.confusing[ty])  # (B, Na) one sample from each confusing class
+        heads = self.head_idx[torch.randint(len(self.head_idx), (len(tail), 1 + na), device=maps.device)]
+        with torch.no_grad():
+            w = self.fc.weight
+            tmap = maps[tail]
+            tcam = grad_cam(tmap, w, ty)
+            gmap = maps[conf.flatten()]
+            gcam = grad_cam(gmap, w, y[conf.flatten()])
+            nb = len(tail) * na
+            gamma = torch.rand(nb, device=maps.device)
+            u = torch.rand(nb, *tmap.shape[2:], device=maps.device)
+            fused = fuse(tmap.repeat_interleave(na, 0), tcam.repeat_interleave(na, 0),
+                         gmap, gcam, self.p.ts, self.p.tg, gamma, u)
+        inputs = torch.cat([tmap, fused, maps[heads.flatten()]])
+        labels = torch.cat([ty, ty.repeat_interleave(na), y[heads.flatten()]])
+        return F.cross_entropy(self.fc(inputs.mean((2, 3))), labels)  # avgpool → fc

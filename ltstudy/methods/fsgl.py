@@ -60,8 +60,10 @@ from ltstudy.data.augment import AugmentSpec, apply, normalize
 from ltstudy.data.loader import derive_seed, global_batches, per_rank_batch, shard
 from ltstudy.data.samplers import epoch_order, sample_weights
 from ltstudy.errors import ConfigError
-from ltstudy.methods.base import Amp, Method, MethodContext, Params, register
+from ltstudy.methods.image import ImageMethod
+from ltstudy.methods.registry import MethodContext, Params, register
 from ltstudy.models import Classifier, build_backbone
+from ltstudy.runtime import Amp, optimizer_step
 
 # ----------------------------------------------------------------------------------------------
 # The maths (pure functions, unit-tested without data)
@@ -276,7 +278,7 @@ class FSGLParams(Params):
 
 
 @register
-class FSGL(Method):
+class FSGL(ImageMethod):
     name = "fsgl"
     summary = "GLMC two-branch global-local mixture + feature scaling module + SAM"
     Params = FSGLParams
@@ -285,22 +287,18 @@ class FSGL(Method):
 
     def __init__(self, params: FSGLParams, ctx: MethodContext) -> None:
         super().__init__(params, ctx)
-        p = params
-        self.fcc, self.rho, self.contrast_weight = p.fcc, p.rho, p.contrast_weight
-        self.label_weighting, self.resample_weighting = p.label_weighting, p.resample_weighting
-        self.mix_alpha, self.cumulative_power = p.mix_alpha, p.cumulative_power
         counts = ctx.class_counts
-        self.scales = fsm_factors(counts, self.fcc).float().to(ctx.device)
-        self.label_w = label_weights(counts, self.label_weighting).float().to(ctx.device)
-        self._beta = torch.distributions.Beta(torch.tensor(float(self.mix_alpha)),
-                                              torch.tensor(float(self.mix_alpha)))
+        self.scales = fsm_factors(counts, params.fcc).float().to(ctx.device)
+        self.label_w = label_weights(counts, params.label_weighting).float().to(ctx.device)
+        alpha = torch.tensor(float(params.mix_alpha))
+        self._beta = torch.distributions.Beta(alpha, alpha)
         self.alpha_t = 1.0
 
     def build_model(self) -> nn.Module:
         return FSGLNet(build_backbone(self.ctx.model_name), self.ctx.num_classes)
 
     def on_epoch_start(self, epoch: int) -> None:
-        self.alpha_t = 1.0 - (epoch / self.ctx.epochs) ** self.cumulative_power
+        self.alpha_t = 1.0 - (epoch / self.ctx.epochs) ** self.p.cumulative_power
 
     def train_loader(self, **kw: Any) -> PairedTwoViewLoader:
         data = self.ctx.data
@@ -312,7 +310,7 @@ class FSGL(Method):
         return PairedTwoViewLoader(
             data.train.images, data.train.labels, data.class_counts, batch_size=kw["batch_size"],
             device=kw.get("device", self.ctx.device), mean=data.mean, std=data.std,
-            augment=kw.get("augment"), org_weights=org_weights, q=self.resample_weighting,
+            augment=kw.get("augment"), org_weights=org_weights, q=self.p.resample_weighting,
             seed=kw.get("seed", self.ctx.train.seed if self.ctx.train is not None else 0),
             rank=kw.get("rank", self.ctx.rank), world_size=kw.get("world_size", self.ctx.world_size),
             channels_last=kw.get("channels_last", False),
@@ -343,17 +341,15 @@ class FSGL(Method):
         l_bal = soft_ce(z[:b], y[:b]) + soft_ce(z[b:], y[b:])
         l_reb = soft_ce(z_cb[:b], y_w[:b]) + soft_ce(z_cb[b:], y_w[b:])
         l_con = simsiam_consistency(p[:b], h[:b], p[b:], h[b:])
-        return self.alpha_t * l_bal + (1.0 - self.alpha_t) * l_reb + self.contrast_weight * l_con
+        return self.alpha_t * l_bal + (1.0 - self.alpha_t) * l_reb + self.p.contrast_weight * l_con
 
     def train_step(self, model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
                    amp: Amp) -> torch.Tensor:
         x, phi, y, y_w = self.mix(batch)
-        if self.rho <= 0:
+        if self.p.rho <= 0:
             with amp.autocast():
                 loss = self.loss_from_outputs(model(x, phi), y, y_w)
-            optimizer.zero_grad(set_to_none=True)
-            amp.backward_step(loss, optimizer)
-            return loss.detach()
+            return optimizer_step(optimizer, loss, amp)
         ctx_amp = amp if amp.scaler is None else Amp(device_type=amp.device_type)
 
         def closure() -> torch.Tensor:
@@ -361,4 +357,4 @@ class FSGL(Method):
                 return self.loss_from_outputs(model(x, phi), y, y_w)
 
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        return sam_step(params, closure, optimizer, self.rho)
+        return sam_step(params, closure, optimizer, self.p.rho)

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ltstudy.methods.base import Method, MethodContext, Params, register
+from ltstudy.methods.image import ImageMethod
+from ltstudy.methods.registry import MethodContext, Params, register
 
 
 def ldam_margins(class_counts: torch.Tensor, max_m: float) -> torch.Tensor:
@@ -47,7 +48,7 @@ class LDAMDRWParams(Params):
 
 
 @register
-class LDAMDRW(Method):
+class LDAMDRW(ImageMethod):
     name = "ldam_drw"
     summary = "LDAM margins on a normalised classifier + deferred class-balanced re-weighting"
     Params = LDAMDRWParams
@@ -57,7 +58,6 @@ class LDAMDRW(Method):
         super().__init__(params, ctx)
         self.margins = ldam_margins(ctx.class_counts, params.max_m).to(ctx.device)
         self.cb_weights = class_balanced_weights(ctx.class_counts, params.beta).to(ctx.device)
-        self.s = params.s
         self.drw_epoch = int(params.drw_start * ctx.epochs)
         self.weight: torch.Tensor | None = None
 
@@ -65,4 +65,4 @@ class LDAMDRW(Method):
         self.weight = self.cb_weights if epoch >= self.drw_epoch else None
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return ldam_loss(logits, y, self.margins, self.s, self.weight)
+        return ldam_loss(logits, y, self.margins, self.p.s, self.weight)

@@ -22,18 +22,17 @@ Before ``switch`` (a fraction of the epochs; published 160/200 = 0.8) training i
 with no ISDA, no meta step and no estimator update: the estimator starts (at zero) at the switch, as in
 the reference.
 
-Meta set: ``num_meta`` images per class are drawn (seeded by ``seed``) from the **validation** split
-and removed from it: ``__init__`` replaces ``ctx.data.val`` by the remaining images, so they are never
-used for model selection. With the default ``val_per_class`` = 20 and ``num_meta`` = 10, 10 images per
-class remain for selection. ``num_meta`` ≥ the smallest per-class val count raises ``ConfigError``.
+Meta set: ``num_meta`` images per class, declared by :meth:`MetaSAug.carved_sets` and carved by the data
+layer (seeded by ``seed``) from each class's training pool, after the validation images and before the
+long-tailed training images, as the reference takes its meta set out of the train pool first. The meta
+images are therefore in neither the training set nor the validation set that selects models.
 Meta images get the training augmentation (as in the reference); a meta batch is ``meta_batch``
 images drawn without replacement from the meta set (the whole set when it is smaller).
 
 Where ltstudy differs from the reference, and why:
 
-* The meta set comes from ltstudy's balanced val split (the reference removes 10/class from the CIFAR
-  train pool and shrinks n_max to 4990/490). The LT train set is therefore the paper's standard one,
-  and the meta images are excluded from selection instead of from training.
+* The meta set is carved from the train pool like the validation set (the reference removes 10/class
+  from the CIFAR train pool and shrinks n_max to 4990/490); the head class gives up what it cannot spare.
 * ``s`` (LDAM logit scale) is exposed; the reference effectively uses s = 1 (no scaling, unnormalised
   linear head). ltstudy's logits are s · (z + ½λ_t q - m_y e_y), equal to the reference at s = 1.
 * The CE variant (``loss: ce``) — absent from the reference's CIFAR code — is the same loss without
@@ -69,11 +68,12 @@ from torch import nn
 from torch.func import functional_call
 
 from ltstudy.data.augment import AugmentSpec, apply
-from ltstudy.data.containers import Split
 from ltstudy.errors import ConfigError
-from ltstudy.methods.base import Amp, Method, MethodContext, Params, register
+from ltstudy.methods.image import ImageMethod
 from ltstudy.methods.ldam_drw import class_balanced_weights, ldam_margins
+from ltstudy.methods.registry import MethodContext, Params, register
 from ltstudy.models import Classifier, LinearHead, build_backbone
+from ltstudy.runtime import Amp, optimizer_step
 
 # ----------------------------------------------------------------------------------------------
 # The maths
@@ -169,26 +169,6 @@ class CovarianceEstimator:
         self.count, self.mean, self.cov = (state[k].to(dev) for k in ("count", "mean", "cov"))
 
 
-def split_meta(val: Split, num_classes: int, num_meta: int, seed: int) -> tuple[Split, Split]:
-    """(meta, rest): ``num_meta`` random images per class of ``val`` and the remaining ones."""
-    gen = torch.Generator().manual_seed(int(seed) * 7919 + 6)
-    labels = val.labels.cpu()
-    meta_pos = []
-    for c in range(num_classes):
-        pos = (labels == c).nonzero().flatten()
-        meta_pos.append(pos[torch.randperm(len(pos), generator=gen)[:num_meta]])
-    meta_idx = torch.cat(meta_pos).sort().values
-    keep = torch.ones(len(labels), dtype=torch.bool)
-    keep[meta_idx] = False
-
-    def take(idx: torch.Tensor) -> Split:
-        return Split(labels=val.labels[idx], indices=val.indices[idx],
-                     images=None if val.images is None else val.images[idx],
-                     paths=None if val.paths is None else [val.paths[i] for i in idx.tolist()])
-
-    return take(meta_idx), take(keep.nonzero().flatten())
-
-
 def lookahead_meta_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor,
                         inner_lr: float, x_meta: torch.Tensor, y_meta: torch.Tensor, lam: float,
                         margins: torch.Tensor | None, s: float,
@@ -245,7 +225,7 @@ class MetaSAugNet(Classifier):
 class MetaSAugParams(Params):
     lam: float = Field(0.75, ge=0.0, description="ISDA strength λ0, λ_t = λ0·t/T (0.75 = README CIFAR)")
     meta_lr: float = Field(0.1, gt=0.0, description="step size of the meta update of Σ")
-    num_meta: int = Field(10, ge=1, description="meta images per class, taken out of the val split")
+    num_meta: int = Field(10, ge=1, description="meta images per class, carved from the training pool")
     switch: float = Field(0.8, ge=0.0, le=1.0, description="fraction of epochs of plain CE before MetaSAug")
     max_m: float = Field(0.5, ge=0.0, description="largest LDAM margin (loss=ldam)")
     s: float = Field(1.0, gt=0.0, description="logit scale (reference code: effectively 1)")
@@ -256,7 +236,7 @@ class MetaSAugParams(Params):
 
 
 @register
-class MetaSAug(Method):
+class MetaSAug(ImageMethod):
     name = "metasaug"
     summary = "ISDA with meta-learned class covariances (LDAM/CE), deferred class-balanced weights"
     Params = MetaSAugParams
@@ -264,41 +244,25 @@ class MetaSAug(Method):
                       "warmup_epochs": 0, "schedule": "step", "milestones": (0.8, 0.9), "gamma": 0.01,
                       "model": "resnet32"}
 
+    @classmethod
+    def carved_sets(cls, params: MetaSAugParams) -> dict[str, int]:
+        return {"meta": params.num_meta}
+
     def __init__(self, params: MetaSAugParams, ctx: MethodContext) -> None:
         super().__init__(params, ctx)
-        p = params
-        self.lam, self.meta_lr, self.num_meta = p.lam, p.meta_lr, p.num_meta
-        self.s, self.meta_batch = p.s, p.meta_batch
-        self.full = p.covariance == "full"
-        self.margins = ldam_margins(ctx.class_counts, p.max_m).to(ctx.device) if p.loss == "ldam" else None
-        self.cb_weights = class_balanced_weights(ctx.class_counts, p.beta).to(ctx.device)
-        self.switch_epoch = int(p.switch * ctx.epochs)
+        self.margins = (ldam_margins(ctx.class_counts, params.max_m).to(ctx.device)
+                        if params.loss == "ldam" else None)
+        self.cb_weights = class_balanced_weights(ctx.class_counts, params.beta).to(ctx.device)
+        self.switch_epoch = int(params.switch * ctx.epochs)
         self.epoch = 0
         self.estimator: CovarianceEstimator | None = None
         t = ctx.train
-        self.augment = (AugmentSpec(crop_padding=t.crop_padding, flip=t.flip, cutout=t.cutout,
-                                    autoaugment=t.autoaugment) if t is not None else AugmentSpec())
-        self.meta = self._take_meta_set(ctx, t.seed if t is not None else 0)
-
-    def _take_meta_set(self, ctx: MethodContext, seed: int) -> Split:
-        data = ctx.data
-        if data is None:
-            raise ConfigError("metasaug needs the dataset (its meta set comes from the val split)")
-        cached = getattr(data, "_metasaug_meta", None)
-        if cached is not None and cached[0] == (self.num_meta, seed):
-            return cached[1]  # this LTData already gave its meta set away
-        if data.val.images is None:
-            raise ConfigError("metasaug needs an in-memory dataset (cifar10-lt, cifar100-lt, synthetic)")
-        per_class = torch.bincount(data.val.labels, minlength=data.num_classes)
-        if self.num_meta >= int(per_class.min()):
-            raise ConfigError(
-                f"num_meta={self.num_meta} leaves no validation images for model selection "
-                f"(the val split has {int(per_class.min())} images in its smallest class); "
-                f"raise val_per_class or lower num_meta")
-        meta, rest = split_meta(data.val, data.num_classes, self.num_meta, seed)
-        data.val = rest
-        data._metasaug_meta = ((self.num_meta, seed), meta)
-        return meta
+        self.augment = AugmentSpec(crop_padding=t.crop_padding, flip=t.flip, cutout=t.cutout,
+                                   autoaugment=t.autoaugment)
+        if ctx.data is None or "meta" not in ctx.data.carved or ctx.data.carved["meta"].images is None:
+            raise ConfigError("metasaug needs an in-memory dataset (cifar10-lt, cifar100-lt, synthetic) "
+                              "with its meta set carved (MetaSAug.carved_sets)")
+        self.meta = ctx.data.carved["meta"]
 
     # -- schedule --------------------------------------------------------------------------
 
@@ -311,12 +275,7 @@ class MetaSAug(Method):
 
     @property
     def lam_t(self) -> float:
-        return self.lam * self.epoch / self.ctx.epochs
-
-    def train_loader(self, **kw: Any) -> Any:
-        if kw.get("augment") is not None:
-            self.augment = kw["augment"]
-        return super().train_loader(**kw)
+        return self.p.lam * self.epoch / self.ctx.epochs
 
     # -- model -----------------------------------------------------------------------------
 
@@ -326,12 +285,13 @@ class MetaSAug(Method):
 
     def _estimator(self, dim: int) -> CovarianceEstimator:
         if self.estimator is None:
-            self.estimator = CovarianceEstimator(self.ctx.num_classes, dim, self.full, self.ctx.device)
+            self.estimator = CovarianceEstimator(self.ctx.num_classes, dim, self.p.covariance == "full",
+                                                 self.ctx.device)
         return self.estimator
 
     def _meta_batch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self.meta)
-        pick = torch.randperm(n)[: min(self.meta_batch, n)]
+        pick = torch.randperm(n)[: min(self.p.meta_batch, n)]
         data = self.ctx.data
         x = apply(self.augment, self.meta.images[pick].to(device), data.mean, data.std)
         return x, self.meta.labels[pick].to(device)
@@ -339,8 +299,8 @@ class MetaSAug(Method):
     def meta_covariance(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, cov: torch.Tensor,
                         inner_lr: float, x_meta: torch.Tensor, y_meta: torch.Tensor) -> torch.Tensor:
         """Σ' = Σ - meta_lr ∂L_meta/∂Σ (see :func:`lookahead_meta_loss`)."""
-        return meta_step_covariance(module, x, y, cov, inner_lr, x_meta, y_meta, self.meta_lr,
-                                    self.lam_t, self.margins, self.s, self.cb_weights)
+        return meta_step_covariance(module, x, y, cov, inner_lr, x_meta, y_meta, self.p.meta_lr,
+                                    self.lam_t, self.margins, self.p.s, self.cb_weights)
 
     def train_step(self, model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
                    amp: Amp) -> torch.Tensor:
@@ -348,9 +308,7 @@ class MetaSAug(Method):
         if not self.meta_phase:
             with amp.autocast():
                 loss = F.cross_entropy(model(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            amp.backward_step(loss, optimizer)
-            return loss.detach()
+            return optimizer_step(optimizer, loss, amp)
         module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         est = self._estimator(int(module.feature_dim))
         x_meta, y_meta = self._meta_batch(x.device)
@@ -358,10 +316,9 @@ class MetaSAug(Method):
                                        x_meta, y_meta)
         with amp.autocast():
             feats, z = model(x, with_features=True)
-        loss = metasaug_loss(z, module.head.weight, y, new_cov, self.lam_t, self.margins, self.s,
+        loss = metasaug_loss(z, module.head.weight, y, new_cov, self.lam_t, self.margins, self.p.s,
                              self.cb_weights)
-        optimizer.zero_grad(set_to_none=True)
-        amp.backward_step(loss, optimizer)
+        optimizer_step(optimizer, loss, amp)
         est.update(feats.float(), y)
         return loss.detach()
 

@@ -38,6 +38,7 @@ Where ltstudy differs from the reference, and why:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
@@ -45,8 +46,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ltstudy.methods.base import MethodContext, Params, register
-from ltstudy.methods.feature_base import FeatureMethod, FeatureSet, minibatches
+from ltstudy.methods.feature import FeatureMethod, FeatureSet, minibatches
+from ltstudy.methods.registry import Params, register
 from ltstudy.models.heads import CosineHead
 
 JITTER = 1e-4
@@ -162,36 +163,23 @@ class TailCalibX(FeatureMethod):
     def extract_options(cls, params: Any) -> dict[str, Any]:
         return {"fmaps": False, "augmented_views": int(params.augmented_views)}
 
-    def __init__(self, params: TailCalibXParams, ctx: MethodContext) -> None:
-        super().__init__(params, ctx)
-        self.lam = params.tukey
-        self.alpha = params.alpha
-        self.topk = params.topk
-        self.extra_points = params.extra_points
-        self.regenerate = params.regenerate
-        self.stats_after_tukey = params.stats_after_tukey
-        self.scale_init = params.scale_init
-        self.steps_per_epoch = params.steps_per_epoch
-        self.views = params.augmented_views
-
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         """Val/test: Tukey with the same λ on L2-normalised features, then L2-normalise."""
-        return F.normalize(tukey(F.normalize(x, dim=1), self.lam), dim=1)
+        return F.normalize(tukey(F.normalize(x, dim=1), self.p.tukey), dim=1)
 
     def _generate(self, epoch: int) -> None:
-        f = self.feats
+        f, p = self.feats, self.p
         source = f.train_x
-        if self.views and f.train_views:
+        if p.augmented_views and f.train_views:
             source = f.train_views[epoch % len(f.train_views)]
         gx, gy = generate_features(F.normalize(source, dim=1), f.train_y, f.num_classes,
-                                   tukey_lambda=self.lam, alpha=self.alpha, topk=self.topk,
-                                   extra_points=self.extra_points,
-                                   stats_after_tukey=self.stats_after_tukey)
+                                   tukey_lambda=p.tukey, alpha=p.alpha, topk=p.topk,
+                                   extra_points=p.extra_points, stats_after_tukey=p.stats_after_tukey)
         self.gen_x, self.gen_y = F.normalize(gx, dim=1), gy
 
     def prepare(self, feats: FeatureSet) -> None:
         super().prepare(feats)
-        head = CosineHead(feats.feature_dim, feats.num_classes, scale_init=self.scale_init)
+        head = CosineHead(feats.feature_dim, feats.num_classes, scale_init=self.p.scale_init)
         if feats.head_type == "cosine" and feats.head is not None:
             head.load_state_dict(feats.head.state_dict())
         self.head = head.to(feats.train_x.device)
@@ -201,21 +189,19 @@ class TailCalibX(FeatureMethod):
     def classifier(self) -> nn.Module:
         return self.head
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, y)
-
-    def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        if self.regenerate and epoch > 0:
+    def on_epoch_start(self, epoch: int) -> None:
+        if self.p.regenerate and epoch > 0:
             self._generate(epoch)
+
+    def batches(self, epoch: int) -> Iterable[torch.Tensor]:
         bs = self.ctx.train.batch_size
         steps = None
-        if self.regenerate and self.steps_per_epoch == "original":
+        if self.p.regenerate and self.p.steps_per_epoch == "original":
             steps = max(len(self.feats.train_y) // bs, 1)
-        total, count = torch.zeros((), device=self.gen_x.device), 0
-        for idx in minibatches(len(self.gen_y), bs, self.gen_x.device, steps=steps):
-            total += self.step(optimizer, self.loss(self.head(self.gen_x[idx]), self.gen_y[idx]))
-            count += 1
-        return total / max(count, 1)
+        return minibatches(len(self.gen_y), bs, self.gen_x.device, steps=steps)
+
+    def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.head(self.gen_x[idx]), self.gen_y[idx])
 
     def logits(self, split: str) -> torch.Tensor:
         return self.head(self.val_x if split == "val" else self.test_x)

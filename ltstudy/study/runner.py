@@ -24,6 +24,9 @@ from ray.train import Checkpoint
 from ltstudy.config import resolve_config
 from ltstudy.train import NonFiniteLossError, TrialContext, run_trial
 
+#: rank 0 of a multi-worker trial reports its workers' placement group under this key (see callbacks)
+PLACEMENT_GROUP_KEY = "train_placement_group"
+
 
 @dataclass(frozen=True)
 class Resources:
@@ -117,37 +120,6 @@ def train_worker(loop: dict[str, Any]) -> None:
         if resume:
             shutil.rmtree(resume, ignore_errors=True)
 
-
-PLACEMENT_GROUP_KEY = "train_placement_group"
-
-
-class PlacementGroupReaper(ray.tune.Callback):
-    """Removes a multi-worker trial's Train placement group when the trial ends.
-
-    Tune ends a trial by killing its actor (ASHA stops, ``max_t``); Ray Train V2's own
-    ``PlacementGroupCleaner`` then misses the orphaned workers' group often enough (seen here with
-    Ray 2.60: a 2-worker study on a 2-CPU box deadlocked with the group still CREATED), so the study
-    frees it itself. Rank 0 reports the group's id with every result.
-    """
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._remove(trial)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._remove(trial)
-
-    @staticmethod
-    def _remove(trial: Any) -> None:
-        from ray._raylet import PlacementGroupID
-        from ray.util.placement_group import PlacementGroup
-
-        group = (trial.last_result or {}).get(PLACEMENT_GROUP_KEY)
-        if not group:
-            return
-        try:
-            ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group))))
-        except Exception:  # noqa: BLE001 - already removed by Ray's cleaner: nothing to do
-            pass
 
 
 def make_multi_worker_trial(res: Resources):

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from ltstudy.config import TrainConfig, load_yaml, resolve_config
 from ltstudy.errors import ConfigError
+from ltstudy.methods import get_method
 
 #: metrics reported every epoch that a study may select on (test metrics are report-only)
 OBJECTIVES = ("val_top1", "val_many", "val_medium", "val_few", "val_loss")
@@ -219,8 +220,6 @@ def _condition(where: str, name: str, raw: Any, earlier: dict[str, Param]) -> di
 def parse_space(data: dict[str, Any], where: str = "search space",
                 method: str | None = None) -> SearchSpace:
     """Validate a parsed mapping; ``method`` (from ``--method``) must match the file's, when given."""
-    from ltstudy.methods import get_method
-
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise SpaceError(f"{where}: unknown top-level key(s) {sorted(unknown)}; expected "
@@ -261,9 +260,10 @@ def load_space(path: str | Path, method: str | None = None) -> SearchSpace:
 
 
 def default_space_path(method: str) -> Path:
-    """``search_spaces/<method>.yaml`` in the current directory, else in the source checkout."""
+    """``search_spaces/<method>.yaml`` in the current directory (a user's copy), else the one shipped
+    with the package (``ltstudy/search_spaces``, the repository's top-level folder)."""
     here = Path("search_spaces") / f"{method}.yaml"
     if here.is_file():
         return here
-    shipped = Path(__file__).resolve().parents[2] / "search_spaces" / f"{method}.yaml"
+    shipped = Path(__file__).resolve().parents[1] / "search_spaces" / f"{method}.yaml"
     return shipped if shipped.is_file() else here

@@ -1,10 +1,6 @@
-"""MLflow for studies: the study (parent) run, a Tune callback for trial (child) runs, export, listing.
+"""MLflow for studies (MLflow only, no Ray): the study (parent) run, reading trials back, export, listing.
 
-Why not Ray's ``MLflowLoggerCallback``: it has no parent/child nesting, sends one request per metric, and
-opens a second run for a trial that is restored after a crash (ray#48664). This callback uses
-``log_batch``, nests each trial under the study run with ``mlflow.parentRunId``, and finds an existing
-run by the ``ltstudy.trial_id`` tag before creating one, so every trial has exactly one run even across
-``ltstudy tune --resume``.
+The Tune side, which writes one child run per trial, is :mod:`ltstudy.study.callbacks`.
 """
 
 from __future__ import annotations
@@ -96,11 +92,11 @@ def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _params(flat: dict[str, Any]) -> dict[str, str]:
+def params_as_strings(flat: dict[str, Any]) -> dict[str, str]:
     return {k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v) for k, v in flat.items()}
 
 
-def _log_batch(mlc, run_id: str, metrics=(), params=None, tags=None) -> None:
+def log_batch(mlc, run_id: str, metrics=(), params=None, tags=None) -> None:
     from mlflow.entities import Param, RunTag
 
     params = [Param(k, v) for k, v in (params or {}).items()]
@@ -147,7 +143,7 @@ class StudyTracker:
             run = self.mlc.create_run(self.experiment_id, run_name=self.study,
                                       tags={ROLE_TAG: "study", STUDY_TAG: self.study})
             self.parent_run_id = run.info.run_id
-            _log_batch(self.mlc, self.parent_run_id, tags=tags)
+            log_batch(self.mlc, self.parent_run_id, tags=tags)
         else:
             self.parent_run_id = parent
             self.mlc.update_run(parent, status="RUNNING")
@@ -175,7 +171,7 @@ class StudyTracker:
         counts: dict[str, int] = {}
         for t in trials:
             counts[t["status"]] = counts.get(t["status"], 0) + 1
-        _log_batch(self.mlc, self.parent_run_id,
+        log_batch(self.mlc, self.parent_run_id,
                    tags={f"ltstudy.trials_{k}": v for k, v in counts.items()})
         self.mlc.set_terminated(self.parent_run_id, status)
         return best
@@ -188,123 +184,11 @@ def _log_best(mlc, run_id: str, best: dict[str, Any]) -> None:
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, 0) for k, v in best["metrics"].items()]
     tags = {"ltstudy.best_trial_id": best["trial_id"], "ltstudy.best_run_id": best["run_id"]}
-    _log_batch(mlc, run_id, metrics=metrics, tags=tags)
+    log_batch(mlc, run_id, metrics=metrics, tags=tags)
     try:
-        _log_batch(mlc, run_id, params=best["params"])
+        log_batch(mlc, run_id, params=best["params"])
     except MlflowException:  # a resumed study whose best changed: params are immutable, keep tags
-        _log_batch(mlc, run_id, tags={f"best.{k}": v for k, v in best["params"].items()})
-
-
-# ---------------------------------------------------------------------------------- the Tune callback
-def _tune_callback_base():
-    from ray.tune import Callback
-
-    return Callback
-
-
-class MLflowTrialCallback(_tune_callback_base()):
-    """One child run per Tune trial, found again by tag on restore; ``log_batch`` once per epoch."""
-
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, study: str,
-                 commit: str = "unknown", echo: Any = None) -> None:
-        self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
-        self.study, self.commit, self.echo = study, commit, echo
-        self._mlc = None
-        self._runs: dict[str, str] = {}
-        self._start: dict[str, float] = {}
-        self.wall: dict[str, float] = {}  # trial id -> driver-side wall time, for ``bench study``
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles callbacks with the experiment; clients and run caches are rebuilt on restore.
-        state = dict(self.__dict__)
-        state.update(_mlc=None, _runs={}, _start={}, echo=None)
-        return state
-
-    @property
-    def mlc(self):
-        if self._mlc is None:
-            self._mlc = client(self.uri)
-        return self._mlc
-
-    def run_id(self, trial: Any) -> str:
-        tid = trial.trial_id
-        if tid in self._runs:
-            return self._runs[tid]
-        found = self.mlc.search_runs([self.experiment_id], f"tags.`{TRIAL_TAG}` = '{tid}'", max_results=5)
-        if found:
-            run_id = found[0].info.run_id
-            self.mlc.update_run(run_id, status="RUNNING")
-            _log_batch(self.mlc, run_id, tags={STATUS_TAG: "running"})
-        else:
-            run_id = self._create(trial)
-        self._runs[tid] = run_id
-        return run_id
-
-    def _create(self, trial: Any) -> str:
-        from ltstudy.config import resolve_config
-
-        flat = resolve_config(dict(trial.config)).to_dict()
-        run = self.mlc.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}", tags={
-            PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial.trial_id, STUDY_TAG: self.study,
-            ROLE_TAG: "trial"})
-        tags = {"method": flat["method"], "dataset": flat["dataset"], "imbalance": flat["imbalance"],
-                "seed": flat["seed"], "trial_id": trial.trial_id, "git_commit": self.commit,
-                STATUS_TAG: "running"}
-        if flat.get("feature_key"):
-            tags["feature_key"] = flat["feature_key"]
-        _log_batch(self.mlc, run.info.run_id, params=_params(flat), tags=tags)
-        self.mlc.log_text(run.info.run_id, yaml.safe_dump(flat, sort_keys=False), CONFIG_ARTIFACT)
-        return run.info.run_id
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._start[trial.trial_id] = time.time()
-        self.run_id(trial)
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        from mlflow.entities import Metric
-
-        if "epoch" not in result:
-            return
-        now, step = int(time.time() * 1000), int(result["epoch"])
-        metrics = [Metric(k, v, now, step) for k, v in trial_metrics(result).items()]
-        tags = {"node_id": result["node_id"]} if result.get("node_id") else None
-        _log_batch(self.mlc, self.run_id(trial), metrics=metrics, tags=tags)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, errored=False)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, errored=True)
-
-    def _end(self, trial: Any, errored: bool) -> None:
-        run_id = self.run_id(trial)
-        last = trial.last_result or {}
-        outcome = trial_outcome(last, errored)
-        tags = {STATUS_TAG: outcome, "early_stopped": str(outcome == "pruned").lower()}
-        if outcome == "failed":
-            tags["error"] = str(last.get("failure") or _error_text(trial))[:4000]
-        if trial.trial_id in self._start:
-            self.wall[trial.trial_id] = time.time() - self._start[trial.trial_id]
-        checkpoint = last.get("checkpoint_path") or getattr(trial.checkpoint, "path", None)
-        if checkpoint:  # lets `--backbone RUN_ID` find the trained weights later
-            tags[CHECKPOINT_TAG] = checkpoint
-        _log_batch(self.mlc, run_id, tags=tags)
-        per_class = {k: last[k] for k in ("val_per_class", "test_per_class") if k in last}
-        if per_class:
-            self.mlc.log_dict(run_id, per_class, "per_class_accuracy.json")
-        status = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}[outcome]
-        self.mlc.set_terminated(run_id, status)
-        if self.echo is not None:
-            self.echo(trial.trial_id, outcome, last)
-
-
-def _error_text(trial: Any) -> str:
-    for attr in ("error_msg", "get_error"):
-        value = getattr(trial, attr, None)
-        value = value() if callable(value) else value
-        if value:
-            return str(value).strip().splitlines()[-1]
-    return "trial raised an error"
+        log_batch(mlc, run_id, tags={f"best.{k}": v for k, v in best["params"].items()})
 
 
 # --------------------------------------------------------------------------- reading a study back

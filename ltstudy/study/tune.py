@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ltstudy.config import PATH_KEYS
 from ltstudy.errors import ConfigError
 from ltstudy.study.space import SearchSpace, default_space_path, load_space
 from ltstudy.study.tracking import (
@@ -83,9 +84,9 @@ class StudySummary:
 
 
 def _absolute_paths(overrides: dict[str, Any]) -> dict[str, Any]:
-    """Relative local data paths become absolute: Tune runs each trial in its own working folder."""
+    """Relative local paths become absolute: Tune runs each trial in its own working folder."""
     out = dict(overrides)
-    for key in ("data_root", "train_list", "val_list", "test_list"):
+    for key in PATH_KEYS:
         value = out.get(key)
         if isinstance(value, str) and "://" not in value and not os.path.isabs(value):
             out[key] = str(Path(value).resolve())
@@ -109,15 +110,15 @@ def _check_resources(o: StudyOptions) -> None:
 
 def _backbone_pins(o: StudyOptions, pins: dict[str, Any]) -> dict[str, Any]:
     """Feature-stage studies: the backbone checkpoint and the data split it was trained on."""
-    from ltstudy.feature_train import CHECKED_FIELDS
     from ltstudy.features.extract import load_backbone_checkpoint
+    from ltstudy.train.feature import CHECKED_KEYS
 
     value = o.backbone or pins.get("backbone")
     if not value:
         raise ConfigError(f"method {o.method!r} tunes on cached backbone features: pass --backbone "
                           "CHECKPOINT (a checkpoint.pt, its folder, or the MLflow run id of a trial)")
     state = load_backbone_checkpoint(resolve_backbone(str(value), o.tracking_uri))
-    keys = (*CHECKED_FIELDS, "data_root", "train_list", "val_list", "test_list")
+    keys = (*CHECKED_KEYS, *(k for k in PATH_KEYS if k != "backbone"))
     data = {k: state["config"][k] for k in keys if state["config"].get(k) is not None}
     return {**data, **pins, "backbone": state["path"]}
 
@@ -125,7 +126,7 @@ def _backbone_pins(o: StudyOptions, pins: dict[str, Any]) -> dict[str, Any]:
 def _feature_pins(plan: StudyPlan) -> dict[str, Any]:
     """Extract the backbone's features into the study's storage once, before any trial starts."""
     from ltstudy.config import resolve_config
-    from ltstudy.feature_train import resolve_features
+    from ltstudy.train.feature import resolve_features
 
     space = plan.space
     cfg = resolve_config({**space.fixed, **space.published_point(), "method": space.method,
@@ -146,7 +147,7 @@ def plan_study(o: StudyOptions) -> StudyPlan:
     pins = dict(o.overrides)
     if get_method(o.method).stage == "feature":
         pins = _backbone_pins(o, pins)
-    for key in ("data_root", "train_list", "val_list", "test_list"):
+    for key in PATH_KEYS:
         if key in space.fixed and key not in pins:
             pins[key] = space.fixed[key]
     space = space.with_overrides(_absolute_paths(pins))
@@ -216,7 +217,7 @@ def _build_tuner(plan: StudyPlan, trainable: Any, callback: Any):
     import ray.tune
     from ray.tune import Tuner
 
-    from ltstudy.study.runner import PlacementGroupReaper
+    from ltstudy.study.callbacks import PlacementGroupReaper
     from ltstudy.study.search import make_scheduler, make_searcher
 
     o = plan.opts
@@ -258,8 +259,9 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None) -> Study
     """Plan, record, run (or resume) and summarise one study."""
     import optuna
 
+    from ltstudy.study.callbacks import MLflowTrialCallback
     from ltstudy.study.runner import Resources, make_trainable
-    from ltstudy.study.tracking import MLflowTrialCallback, study_trials
+    from ltstudy.study.tracking import study_trials
 
     tic = time.time()
     plan = plan_study(o)

@@ -1,34 +1,14 @@
 from __future__ import annotations
 
-import pickle
 import shutil
 
-import numpy as np
 import pytest
 import torch
 import torchvision.datasets
 
 from ltstudy.data import build_data, load_cifar
 from ltstudy.errors import ConfigError, DataError
-
-
-def _write(path, obj):
-    with open(path, "wb") as f:
-        pickle.dump(obj, f)
-
-
-def _fake_cifar100(root, per_class=25, classes=100):
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name, n in (("train", per_class), ("test", 2)):
-        labels = np.repeat(np.arange(classes), n)
-        data = rng.integers(0, 256, (labels.size, 3072), dtype=np.uint8)
-        _write(
-            folder / name, {"data": data, "fine_labels": labels.tolist(), "coarse_labels": [0] * labels.size}
-        )
-    _write(folder / "meta", {"fine_label_names": [f"c{i}" for i in range(classes)], "coarse_label_names": []})
-    return folder
+from ltstudy.testing.data import write_cifar100
 
 
 def test_shared_cifar10_loads(shared_data):
@@ -50,7 +30,7 @@ def test_cifar10_lt_splits_disjoint_and_balanced(shared_data):
 
 
 def test_cifar100_layout_loads(tmp_path):
-    _fake_cifar100(tmp_path)
+    write_cifar100(tmp_path)
     train_x, train_y, test_x, _, names = load_cifar(tmp_path, "cifar100")
     assert train_x.shape == (2500, 3, 32, 32) and test_x.shape == (200, 3, 32, 32)
     assert names[-1] == "c99" and int(train_y.max()) == 99
@@ -74,7 +54,7 @@ def test_missing_batch_file_named(shared_data, tmp_path):
 
 
 def test_truncated_pickle_named(tmp_path):
-    folder = _fake_cifar100(tmp_path, per_class=2, classes=3)
+    folder = write_cifar100(tmp_path, per_class=2, classes=3)
     raw = (folder / "train").read_bytes()
     (folder / "train").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(DataError, match=r"cifar-100-python/train"):
@@ -87,7 +67,7 @@ def test_download_calls_torchvision(tmp_path, monkeypatch):
     class FakeCIFAR100:
         def __init__(self, root, train=True, download=False):
             calls.append((root, download))
-            _fake_cifar100(tmp_path, per_class=2, classes=3)
+            write_cifar100(tmp_path, per_class=2, classes=3)
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", FakeCIFAR100)
     _, train_y, *_ = load_cifar(tmp_path, "cifar100", download=True)

@@ -2,32 +2,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchvision.io import encode_jpeg, write_file
 
 from ltstudy.data import build_data, make_loader, read_filelist
 from ltstudy.errors import DataError
-
-
-def _jpeg(path, h, w, value):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = torch.full((3, h, w), value, dtype=torch.uint8)
-    write_file(str(path), encode_jpeg(img))
+from ltstudy.testing.data import write_filelist_tree
 
 
 @pytest.fixture
 def tree(tmp_path):
-    root = tmp_path / "images"
-    lists = {}
-    for split, per_class in (("train", (6, 3, 1)), ("val", (2, 2, 2)), ("test", (2, 2, 2))):
-        lines = []
-        for label, n in enumerate(per_class):
-            for k in range(n):
-                rel = f"{split}/c{label}/img {k}.jpg"  # a space in the name is allowed
-                _jpeg(root / rel, 40 + 7 * k, 50, 30 * label)
-                lines.append(f"{rel} {label}")
-        lists[split] = tmp_path / f"{split}.txt"
-        lists[split].write_text("\n".join(lines) + "\n")
-    return root, lists
+    return write_filelist_tree(tmp_path, {"train": [6, 3, 1], "val": [2, 2, 2], "test": [2, 2, 2]})
 
 
 def test_read_filelist(tree):

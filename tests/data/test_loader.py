@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ltstudy.data import AugmentSpec, build_data, epoch_order, make_loader, sample_weights, shot_groups
+from ltstudy.data import AugmentSpec, build_data, epoch_order, make_loader, sample_weights
 from ltstudy.errors import ConfigError
 
 
@@ -69,13 +69,6 @@ def test_class_balanced_draws_tail_like_head(synth):
     assert torch.allclose(sq, sample_weights(synth.train.labels, synth.class_counts, "power", 0.5))
     with pytest.raises(ConfigError):
         sample_weights(synth.train.labels, synth.class_counts, "focal")
-
-
-def test_shot_groups_thresholds_are_strict():
-    groups = shot_groups(torch.tensor([101, 100, 50, 20, 19, 5]))
-    assert groups["many"].tolist() == [True, False, False, False, False, False]
-    assert groups["medium"].tolist() == [False, True, True, True, False, False]
-    assert groups["few"].tolist() == [False, False, False, False, True, True]
 
 
 def test_distributed_eval_keeps_every_sample(synth):

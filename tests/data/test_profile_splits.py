@@ -49,18 +49,18 @@ def test_subset_has_documented_counts(subset_labels):
 
 @pytest.mark.parametrize("profile", ["exp", "step"])
 def test_subset_split_follows_formula(subset_labels, profile):
-    train, val = make_lt_splits(subset_labels, 10, 100, profile, val_per_class=20, seed=0)
+    train, val, carved = make_lt_splits(subset_labels, 10, 100, profile, val_per_class=20, seed=0)
     n_max = min(SUBSET_COUNTS[:5]) - 20 if profile == "step" else SUBSET_COUNTS[0] - 20
     assert np.bincount(subset_labels[train], minlength=10).tolist() == lt_counts(n_max, 10, 100, profile)
     assert np.bincount(subset_labels[val], minlength=10).tolist() == [20] * 10
-    assert np.intersect1d(train, val).size == 0
+    assert np.intersect1d(train, val).size == 0 and carved == {}
     assert (np.diff(train) > 0).all() and (np.diff(val) > 0).all()
 
 
 @pytest.mark.parametrize(("val", "n_max"), [(20, 4980), (10, 4990)])
 def test_official_cifar10_n_max(val, n_max):
     labels = np.repeat(np.arange(10), 5000)
-    train, _ = make_lt_splits(labels, 10, 100, "exp", val_per_class=val, seed=1)
+    train, _, _ = make_lt_splits(labels, 10, 100, "exp", val_per_class=val, seed=1)
     assert np.bincount(labels[train]).tolist() == lt_counts(n_max, 10, 100)
 
 
@@ -68,7 +68,7 @@ def test_split_seeded(subset_labels):
     a = make_lt_splits(subset_labels, 10, 100, "exp", 20, seed=3)
     b = make_lt_splits(subset_labels, 10, 100, "exp", 20, seed=3)
     c = make_lt_splits(subset_labels, 10, 100, "exp", 20, seed=4)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert all(np.array_equal(x, y) for x, y in zip(a[:2], b[:2], strict=True))
     assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[1], c[1])
 
 
@@ -83,3 +83,17 @@ def test_exact_floor_is_not_lost():
     assert lt_counts(500, 2, 100) == [500, 5]
     assert all(isinstance(n, int) for n in lt_counts(7, 3, 3.5))
     assert lt_counts(7, 3, 3.5)[1] == math.floor(7 * 3.5**-0.5)
+
+
+def test_carved_sets_come_from_the_pool_and_leave_val_alone(subset_labels):
+    train, val, carved = make_lt_splits(subset_labels, 10, 100, "exp", val_per_class=20, seed=0,
+                                        carved={"meta": 10})
+    plain_train, plain_val, _ = make_lt_splits(subset_labels, 10, 100, "exp", val_per_class=20, seed=0)
+    meta = carved["meta"]
+    assert np.array_equal(val, plain_val), "carving never changes the validation split"
+    assert np.bincount(subset_labels[meta], minlength=10).tolist() == [10] * 10
+    assert np.intersect1d(meta, train).size == 0 and np.intersect1d(meta, val).size == 0
+    n_max = SUBSET_COUNTS[0] - 30
+    assert np.bincount(subset_labels[train], minlength=10).tolist() == lt_counts(n_max, 10, 100)
+    with pytest.raises(DataError, match="20 for validation \\+ 500 meta"):
+        make_lt_splits(subset_labels, 10, 100, "exp", val_per_class=20, seed=0, carved={"meta": 500})

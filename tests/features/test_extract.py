@@ -8,7 +8,8 @@ from ltstudy.features import clear_process_cache, load_features
 from ltstudy.features.extract import extract_features
 
 
-def test_extract_reuse_and_rebuild(synthetic_backbone, synthetic_store):
+def test_extract_reuse_and_rebuild(synthetic_backbone, tmp_path):
+    synthetic_store = str(tmp_path)  # its own store: the first extraction must not find a cache
     r = extract_features(synthetic_backbone, storage=synthetic_store, fmaps=True, device="cpu")
     assert not r.reused and set(r.rows) == {"train", "val", "test"}
     clear_process_cache()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from ltstudy.features.store import (
     read_manifest,
     write_cache,
 )
+from ltstudy.testing.servers import free_port
 
 
 def _splits(seed: int = 0, n: int = 37, d: int = 5, fmap=(3, 2, 2)) -> dict[str, SplitArrays]:
@@ -118,14 +118,8 @@ def test_concurrent_writers_leave_one_cache(tmp_path):
     outs = [p.communicate()[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert sorted(os.listdir(tmp_path / "features")) == ["k5"]
-    assert outs.count("won") >= 1
+    assert sorted(outs) == ["lost", "won"], outs  # exactly one writer commits
     read_manifest(open_storage(str(tmp_path)), "k5", verify_files=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -134,7 +128,7 @@ def s3_endpoint(monkeypatch):
     boto3 = pytest.importorskip("boto3")
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",

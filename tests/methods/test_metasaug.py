@@ -1,4 +1,4 @@
-"""MetaSAug: ISDA loss, covariance estimator, meta step, meta set taken out of val, one epoch."""
+"""MetaSAug: ISDA loss, covariance estimator, meta step, meta set carved as data, one epoch."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 from ltstudy.config import resolve_config
 from ltstudy.data import make_synthetic
 from ltstudy.errors import ConfigError
-from ltstudy.methods.base import MethodContext
+from ltstudy.methods import MethodContext
 from ltstudy.methods.metasaug import (
     CovarianceEstimator,
     MetaSAug,
@@ -122,41 +122,51 @@ def _ctx(data, **train):
                          device=torch.device("cpu"), model_name="resnet32", train=cfg.train, data=data)
 
 
-def test_meta_set_is_taken_out_of_val():
-    data = make_synthetic(num_classes=5, n_max=20, imbalance=5, val_per_class=20, test_per_class=2)
-    val_before = data.val.indices.clone()
+def _data(num_meta=7):
+    return make_synthetic(num_classes=5, n_max=20, imbalance=5, val_per_class=4, test_per_class=2,
+                          carved=MetaSAug.carved_sets(MetaSAugParams(num_meta=num_meta)))
+
+
+def test_meta_set_is_carved_data_apart_from_train_and_val():
+    data = _data(num_meta=7)
     m = MetaSAug(MetaSAugParams(num_meta=7), _ctx(data))
+    assert m.meta is data.carved["meta"]
     assert torch.bincount(m.meta.labels, minlength=5).tolist() == [7] * 5
-    assert torch.bincount(data.val.labels, minlength=5).tolist() == [13] * 5
-    meta, rest = set(m.meta.indices.tolist()), set(data.val.indices.tolist())
-    assert not meta & rest and meta | rest == set(val_before.tolist())
-    # building again on the same LTData does not take a second meta set
-    again = MetaSAug(MetaSAugParams(num_meta=7), _ctx(data))
-    assert torch.equal(again.meta.indices, m.meta.indices) and len(data.val) == 65
-    with pytest.raises(ConfigError, match="val_per_class"):
-        MetaSAug(MetaSAugParams(num_meta=20),
-                 _ctx(make_synthetic(num_classes=5, n_max=20, imbalance=5, val_per_class=20)))
+    assert torch.bincount(data.val.labels, minlength=5).tolist() == [4] * 5  # val keeps val_per_class
+    assert data.class_counts[0] == 20  # the head keeps n_max
+    meta = set(m.meta.indices.tolist())
+    assert not meta & set(data.val.indices.tolist()) and not meta & set(data.train.indices.tolist())
+    with pytest.raises(ConfigError, match="meta set"):
+        MetaSAug(MetaSAugParams(), _ctx(make_synthetic(num_classes=5, n_max=20, imbalance=5)))
+
+
+def test_the_trainer_never_validates_on_a_meta_image(monkeypatch):
+    import ltstudy.train.image as image
+
+    built = []
+    real = image.make_loader
+
+    def spy(data, split, **kw):
+        built.append((split, getattr(data, split).indices.clone(), data.carved["meta"].indices.clone()))
+        return real(data, split, **kw)
+
+    monkeypatch.setattr(image, "make_loader", spy)
+    cfg = resolve_config({"method": "metasaug", "dataset": "synthetic", "image_size": 8, "epochs": 1,
+                          "batch_size": 32, "device": "cpu", "model": "resnet32", "num_meta": 3,
+                          "meta_batch": 8, "val_per_class": 5, "synthetic_classes": 4})
+    run_trial(cfg)
+    val = [(idx, meta) for split, idx, meta in built if split == "val"]
+    assert val and len(val[0][0]) == 4 * 5
+    for idx, meta in val:
+        assert len(meta) == 4 * 3 and not set(idx.tolist()) & set(meta.tolist())
 
 
 def test_state_dict_carries_the_estimator():
-    data = make_synthetic(num_classes=5, n_max=20, imbalance=5, val_per_class=20, test_per_class=2)
-    m = MetaSAug(MetaSAugParams(), _ctx(data))
+    m = MetaSAug(MetaSAugParams(), _ctx(_data(num_meta=10)))
     est = m._estimator(4)
     est.update(torch.randn(10, 4), torch.randint(0, 5, (10,)))
     state = m.state_dict()
-    data2 = make_synthetic(num_classes=5, n_max=20, imbalance=5, val_per_class=20, test_per_class=2)
-    m2 = MetaSAug(MetaSAugParams(), _ctx(data2))
+    m2 = MetaSAug(MetaSAugParams(), _ctx(_data(num_meta=10)))
     m2.load_state_dict(state)
     for k in ("count", "mean", "cov"):
         assert torch.equal(getattr(m2.estimator, k), getattr(est, k))
-
-
-def test_one_epoch_on_synthetic(one_thread):
-    # image_size 32 (TrainConfig defaults to 224, also for synthetic); meta_batch 20 keeps it fast
-    cfg = resolve_config({"method": "metasaug", "dataset": "synthetic", "epochs": 1, "model": "resnet32",
-                          "batch_size": 32, "device": "cpu", "image_size": 32,
-                          "meta_batch": 20})
-    assert int(cfg.params.switch * cfg.train.epochs) == 0  # the epoch runs the MetaSAug phase
-    metrics = run_trial(cfg)
-    for key in ("val_top1", "val_loss", "test_top1", "test_loss", "train_loss"):
-        assert math.isfinite(metrics[key]), key

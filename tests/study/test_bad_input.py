@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from ltstudy.cli import main
+from ltstudy.testing.servers import free_port
 
 BAD_SPACES = {
     "malformed": "method: ce\ntune: {lr: [unclosed\n",
@@ -14,12 +13,6 @@ BAD_SPACES = {
     "low_gt_high": "method: ce\ntune:\n  lr: {type: float, low: 0.5, high: 0.01}\n",
     "log_nonpositive": "method: ce\ntune:\n  weight_decay: {type: float, low: 0.0, high: 0.001, log: true}\n",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(argv, capsys):
@@ -42,7 +35,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys,
     elif case == "unknown_method":
         argv += ["--method", "no_such_method", "--tracking-uri", uri]
     else:
-        uri = f"http://127.0.0.1:{_free_port()}"
+        uri = f"http://127.0.0.1:{free_port()}"
         argv += ["--method", "ce", "--tracking-uri", uri]
     code, err = _run(argv + ["dataset=synthetic"], capsys)
     assert code == 2
@@ -65,5 +58,5 @@ def test_unknown_override_key(tmp_path, capsys, monkeypatch):
 
 def test_export_unknown_study(tmp_path, capsys):
     code, err = _run(["best-config", "export", "--study", "nope", "--tracking-uri",
-                      f"http://127.0.0.1:{_free_port()}"], capsys)
+                      f"http://127.0.0.1:{free_port()}"], capsys)
     assert code == 2 and "unreachable" in err

@@ -1,5 +1,5 @@
-"""SIGKILL the ``ltstudy tune`` driver mid-study, then ``--resume``: finished trials are kept (not re-run),
-the rest finish, and MLflow ends with exactly one run per trial."""
+"""SIGKILL the ``ltstudy tune`` driver right after a trial finished, then ``--resume``: the finished trial
+keeps its run and is not trained again, the rest finish, and MLflow ends with exactly one run per trial."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import REPO, TINY, ray_env
+from .conftest import TINY, ray_env
 
 pytestmark = pytest.mark.slow
 
@@ -34,41 +35,61 @@ def _trial_runs(uri):
     return mlc.search_runs([exp.experiment_id], "tags.`ltstudy.role` = 'trial'", max_results=100)
 
 
+def _live_members(pgid: int) -> list[int]:
+    """Processes of the group that are not zombies (a container's init may never reap them)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def _kill_group(driver: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGKILL the driver's process group (the driver and the Ray processes it started); wait until no
+    process of it runs any more."""
+    try:
+        os.killpg(driver.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    driver.wait()
+    deadline = time.monotonic() + timeout
+    while _live_members(driver.pid):
+        assert time.monotonic() < deadline, f"processes {_live_members(driver.pid)} survived SIGKILL"
+        time.sleep(0.1)
+
+
 def test_sigkill_then_resume(tmp_path, mlflow_server):
     ray_env()
-    env = dict(os.environ)
-    driver = subprocess.Popen(_cmd(tmp_path, mlflow_server, resume=False), cwd=REPO, env=env, start_new_session=True,
-                              stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 400
-    done_before: dict[str, tuple[str, int]] = {}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen(_cmd(tmp_path, mlflow_server, resume=False), cwd=tmp_path, env=env,
+                              start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    log = []
     try:
-        while time.time() < deadline and driver.poll() is None:
-            runs = _trial_runs(mlflow_server)
-            finished = [r for r in runs if r.data.tags.get("ltstudy.status") == "completed"]
-            if finished and len(runs) > len(finished):
-                done_before = {r.data.tags["ltstudy.trial_id"]: (r.info.run_id, r.info.end_time)
-                               for r in finished}
+        for line in driver.stdout:  # the driver prints one line per finished trial
+            log.append(line)
+            if ": completed after epoch" in line:
                 break
-            time.sleep(1)
-        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert done_before, "no trial finished before the deadline"
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
     finally:
-        time.sleep(3)
-        try:  # Ray processes the driver started share its session; make sure none survive
-            os.killpg(driver.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    resumed = subprocess.run(_cmd(tmp_path, mlflow_server, resume=True), cwd=REPO, env=env, capture_output=True,
-                             text=True, timeout=600)
+        _kill_group(driver)
+    assert any(": completed after epoch" in line for line in log), "".join(log)[-3000:]
+    done_before = {r.data.tags["ltstudy.trial_id"]: r.info.run_id
+                   for r in _trial_runs(mlflow_server) if r.data.tags.get("ltstudy.status") == "completed"}
+    assert done_before
+    resumed = subprocess.run(_cmd(tmp_path, mlflow_server, resume=True), cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     runs = _trial_runs(mlflow_server)
     ids = [r.data.tags["ltstudy.trial_id"] for r in runs]
     assert len(ids) == len(set(ids)) == 4, ids
     by_id = {r.data.tags["ltstudy.trial_id"]: r for r in runs}
-    for tid, (run_id, end_time) in done_before.items():
+    mlc = MlflowClient(mlflow_server)
+    for tid, run_id in done_before.items():
         assert by_id[tid].info.run_id == run_id
-        assert by_id[tid].info.end_time == end_time  # not re-run
+        steps = [m.step for m in mlc.get_metric_history(run_id, "val_loss")]
+        assert steps == [1, 2, 3], steps  # not trained again: no epoch logged twice
     assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
-    print(f"SIGKILL/resume: {len(runs)} MLflow trial runs for 4 trials; kept {len(done_before)} finished")

@@ -14,10 +14,17 @@ from typing import Any
 
 import torch
 
-from ltstudy.config import parse_overrides, resolve_config
-from ltstudy.features.extract import build_backbone_model, compute_features, extract_features
+from ltstudy.config import DATA_KEYS, PATH_KEYS, load_data, parse_overrides, resolve_config
+from ltstudy.features.extract import (
+    build_backbone_model,
+    compute_features,
+    data_config,
+    extract_features,
+    load_backbone_checkpoint,
+)
 from ltstudy.features.store import SPLITS, clear_process_cache, load_split
-from ltstudy.train import TrialContext, load_data, resolve_device, run_trial
+from ltstudy.runtime import resolve_device
+from ltstudy.train import TrialContext, run_trial
 
 
 def bench_features(checkpoint: str | None = None, storage: str | None = None, method: str = "ce_classifier",
@@ -42,8 +49,6 @@ def bench_features(checkpoint: str | None = None, storage: str | None = None, me
             load_split(st, key, split, "cpu")
         reads.append(time.perf_counter() - tic)
     # recompute: the backbone forward over the three splits, without writing
-    from ltstudy.features.extract import data_config, load_backbone_checkpoint
-
     ckpt = load_backbone_checkpoint(checkpoint)
     dcfg = data_config(ckpt["config"], parse_overrides(overrides or []))
     data = load_data(dcfg)
@@ -58,9 +63,8 @@ def bench_features(checkpoint: str | None = None, storage: str | None = None, me
     backbone_cfg = ckpt["config"]
     trial_cfg = resolve_config({"method": method, "device": str(dev), "feature_storage": storage,
                                 "feature_key": key, "backbone": checkpoint,
-                                **{k: backbone_cfg[k] for k in ("dataset", "imbalance", "profile",
-                                                                "val_per_class", "synthetic_classes",
-                                                                "image_size") if k in backbone_cfg}})
+                                **{k: backbone_cfg[k] for k in DATA_KEYS
+                                   if k in backbone_cfg and k != "seed" and k not in PATH_KEYS}})
     clear_process_cache()
     tic = time.perf_counter()
     run_trial(trial_cfg)

@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 
-from ltstudy.config import resolve_config
+from ltstudy.config import load_data, resolve_config
 from ltstudy.data import AugmentSpec, make_loader
-from ltstudy.train import _amp, _optimizer, _prepare_model, build_method, load_data, resolve_device
+from ltstudy.runtime import make_amp, resolve_device
+from ltstudy.train.image import build_method, prepare_model
+from ltstudy.train.optim import make_optimizer
 
 
 def _sync(device: torch.device) -> None:
@@ -50,9 +52,9 @@ def bench_train(method: str = "ce", model: str = "resnet32", batch_size: int = 1
     meth = build_method(cfg, data, dev)
     # time the last phase of the schedule: deferred phases (DRW, MetaSAug's meta step) are the costly ones
     meth.on_epoch_start(t.epochs - 1)
-    net = _prepare_model(meth, t, dev, 1)
-    opt = _optimizer(net, t)
-    amp = _amp(t, dev)
+    net = prepare_model(meth.build_model(), t, dev, 1)
+    opt = make_optimizer(net.parameters(), t)
+    amp = make_amp(t.amp, dev)
     cl = dev.type == "cuda" and t.channels_last
     loader = meth.train_loader(batch_size=batch_size, train=True, augment=AugmentSpec(),
                                channels_last=cl)
@@ -79,7 +81,7 @@ def bench_train(method: str = "ce", model: str = "resnet32", batch_size: int = 1
         for _ in range(n):
             x = eval_batch
             with amp.autocast():
-                meth.predict(net, x)
+                net(x)
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

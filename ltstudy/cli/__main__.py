@@ -1,0 +1,5 @@
+"""``python -m ltstudy.cli``."""
+
+from ltstudy.cli import main
+
+main()

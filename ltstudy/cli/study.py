@@ -1,0 +1,165 @@
+"""Study commands: ``tune``, ``validate-space``, ``best-config export``, ``studies list``.
+
+Thin wrappers over :mod:`ltstudy.study`; Ray, Optuna and MLflow are imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from ltstudy.cli.common import (
+    DATA_ROOT,
+    DATASET,
+    IMBALANCE,
+    OVERRIDES,
+    TRACKING,
+    app,
+    best_config_app,
+    console,
+    pct,
+    studies_app,
+)
+from ltstudy.errors import LtstudyError
+
+
+@app.command("validate-space")
+def validate_space(
+    file: Path = typer.Argument(..., help="search-space YAML"),
+    method: str | None = typer.Option(None, "--method", "-m", help="expected method"),
+) -> None:
+    """Check a search-space file against the method's declared hyperparameters."""
+    from ltstudy.study.space import load_space
+
+    space = load_space(file, method)
+    console.print(f"ok: {file} — {space.method}, {space.mode} {space.metric}, tuned "
+                  f"{', '.join(space.tuned_names) or '(none)'}; first trial {space.published_point()}")
+
+
+def _echo_trial(trial_id: str, outcome: str, last: dict[str, Any]) -> None:
+    value = last.get("val_top1")
+    console.print(f"trial {trial_id}: {outcome} after epoch {last.get('epoch', 0)}"
+                  + (f", val top-1 {pct(value)}" if value is not None else "")
+                  + (f" ({last['failure']})" if last.get("failure") else ""))
+
+
+@app.command()
+def tune(
+    method: str = typer.Option(..., "--method", "-m", help="method name (see `ltstudy methods`)"),
+    space: Path | None = typer.Option(None, "--space", help="search-space file "
+                                         "(default search_spaces/METHOD.yaml)"),
+    dataset: str | None = DATASET,
+    imbalance: float | None = IMBALANCE,
+    data_root: str | None = DATA_ROOT,
+    num_trials: int = typer.Option(8, "--num-trials", "-n"),
+    max_concurrent: int | None = typer.Option(None, help="concurrent trials (default: what fits)"),
+    sampler: str = typer.Option("tpe", help="tpe | random | cmaes | gp | qmc"),
+    scheduler: str = typer.Option("asha", help="asha (on the per-epoch objective) | none"),
+    workers: int = typer.Option(1, help="workers per trial (>1: Ray Train DDP)"),
+    cpus_per_worker: float = typer.Option(1.0),
+    gpus_per_worker: float = typer.Option(0.0, help="fractions share a GPU, e.g. 0.5"),
+    retries: int = typer.Option(1, help="restarts from the last checkpoint after a killed worker"),
+    storage: str | None = typer.Option(None, help="results/checkpoints URI or shared folder "
+                                          "(default ./ltstudy_results)"),
+    tracking_uri: str | None = TRACKING,
+    study_name: str | None = typer.Option(None, help="default METHOD-DATASET-TIMESTAMP"),
+    address: str | None = typer.Option(None, help="existing Ray cluster (e.g. auto)"),
+    resume: bool = typer.Option(False, help="continue an interrupted study"),
+    seed: int = typer.Option(0, help="sampler seed"),
+    grace_period: int = typer.Option(1, help="ASHA: epochs before a trial can be stopped"),
+    backbone: str | None = typer.Option(
+        None, help="feature-stage methods: backbone checkpoint, or the MLflow run id of a trial"),
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """Tune METHOD with Ray Tune + Optuna (+ ASHA), recording every trial in MLflow."""
+    from ltstudy.config import parse_overrides
+    from ltstudy.study.tune import StudyOptions, run_study
+
+    fixed = parse_overrides(overrides or [])
+    flags = (("dataset", dataset), ("imbalance", imbalance), ("data_root", data_root))
+    fixed.update({k: v for k, v in flags if v is not None})
+    opts = StudyOptions(method=method, space_path=str(space) if space else None, num_trials=num_trials,
+                        max_concurrent=max_concurrent, sampler=sampler, scheduler=scheduler,
+                        workers=workers, cpus_per_worker=cpus_per_worker,
+                        gpus_per_worker=gpus_per_worker, storage=storage, tracking_uri=tracking_uri,
+                        study_name=study_name, address=address, resume=resume, seed=seed,
+                        overrides=fixed, retries=retries, grace_period=grace_period,
+                        backbone=backbone)
+    summary = run_study(opts, echo=_echo_trial)
+    _print_summary(summary)
+
+
+def _print_summary(s: Any) -> None:
+    table = Table(title=f"study {s.study}: best by {s.mode} {s.metric}")
+    table.add_column("", style="bold")
+    table.add_column("value")
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(s.counts.items()))
+    table.add_row("trials", counts or "none")
+    if s.best is None:
+        table.add_row("best", "no trial finished")
+    else:
+        b = s.best
+        table.add_row("best trial", f"{b['trial_id']} (run {b['run_id']})")
+        for name in s.tuned:
+            if name in b["params"]:
+                table.add_row(f"  {name}", b["params"][name])
+        m = b["metrics"]
+        for split in ("val", "test"):
+            table.add_row(f"{split} top-1 / many / medium / few (%)",
+                          " / ".join(pct(m.get(f"{split}_{k}")) for k in ("top1", "many", "medium", "few")))
+    table.add_row("results", s.experiment_path)
+    table.add_row("tracking", f"{s.tracking_uri} (study run {s.parent_run_id})")
+    ui = (f"open {s.tracking_uri}" if s.tracking_uri.startswith("http")
+          else f"mlflow ui --backend-store-uri {s.tracking_uri}")
+    table.add_row("MLflow UI", ui)
+    table.add_row("export", f"ltstudy best-config export --study {s.study} -o best.yaml")
+    table.add_row("wall time", f"{s.wall_s:.0f} s")
+    console.print(table)
+
+
+@best_config_app.command("export")
+def best_config_export(
+    study: str = typer.Option(..., "--study", help="study name"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="file (default: stdout)"),
+    fmt: str = typer.Option("yaml", "--format", help="yaml | json"),
+    tracking_uri: str | None = TRACKING,
+) -> None:
+    """Write the best trial's config (with provenance) for `ltstudy train --config`."""
+    import json
+
+    import yaml
+
+    from ltstudy.study.tracking import check_reachable, export_best, resolve_tracking_uri
+
+    if fmt not in ("yaml", "json"):
+        raise LtstudyError(f"--format must be yaml or json, not {fmt!r}")
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    config = export_best(uri, study)
+    text = json.dumps(config, indent=2) if fmt == "json" else yaml.safe_dump(config, sort_keys=False)
+    if output is None:
+        print(text)
+    else:
+        output.write_text(text)
+        console.print(f"wrote {output} (trial {config['provenance']['trial_id']}, "
+                      f"run {config['provenance']['run_id']})")
+
+
+@studies_app.command("list")
+def studies_list(tracking_uri: str | None = TRACKING) -> None:
+    """The studies in a tracking store with their best objective values."""
+    from ltstudy.study.tracking import check_reachable, list_studies, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    table = Table(title=f"studies in {uri}")
+    for col in ("study", "method", "objective", "trials", "best", "best trial", "status"):
+        table.add_column(col)
+    for r in list_studies(uri):
+        best = "–" if r["best"] is None else f"{r['best']:.4f}"
+        table.add_row(r["study"], r["method"], f"{r['mode']} {r['metric']}", str(r["trials"]), best,
+                      r["best_trial"] or "–", r["status"])
+    console.print(table)

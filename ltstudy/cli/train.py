@@ -1,0 +1,170 @@
+"""Commands that train: ``train``, ``compare``, ``methods``, ``datasets show``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from ltstudy.cli.common import (
+    CONFIG,
+    DATA_ROOT,
+    DATASET,
+    DOWNLOAD,
+    IMBALANCE,
+    METHOD,
+    OVERRIDES,
+    app,
+    console,
+    datasets_app,
+    metrics_table,
+    pct,
+    split_metrics,
+)
+from ltstudy.errors import LtstudyError
+
+
+def _print_epoch(epochs: int) -> Any:
+    def report(m: dict[str, Any], checkpoint: str | None) -> None:
+        console.print(
+            f"epoch {m['epoch']:>3}/{epochs}  loss {m['train_loss']:.4f}  lr {m['lr']:.4g}  "
+            f"val top-1 {pct(m['val_top1'])}  many/med/few {pct(m['val_many'])}/"
+            f"{pct(m['val_medium'])}/{pct(m['val_few'])}  {m['epoch_seconds']:.1f}s"
+        )
+    return report
+
+
+@app.command()
+def train(
+    method: str | None = METHOD,
+    dataset: str | None = DATASET,
+    imbalance: float | None = IMBALANCE,
+    data_root: str | None = DATA_ROOT,
+    config: Path | None = CONFIG,
+    download: bool | None = DOWNLOAD,
+    checkpoint_dir: Path | None = typer.Option(None, help="write a checkpoint after every epoch"),
+    resume: bool = typer.Option(False, help="continue from the checkpoint in --checkpoint-dir"),
+    save_config: Path | None = typer.Option(None, help="write the resolved config as YAML"),
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """Train and evaluate one configuration; ends with a metrics table."""
+    import yaml
+
+    from ltstudy.config import load_config
+    from ltstudy.train import TrialContext, run_trial
+
+    cfg = load_config(config, overrides or [], method=method, dataset=dataset, imbalance=imbalance,
+                      data_root=data_root, download=download)
+    if resume and checkpoint_dir is None:
+        raise LtstudyError("--resume needs --checkpoint-dir")
+    if save_config:
+        save_config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    t = cfg.train
+    console.print(f"ltstudy train: {t.method} on {t.dataset} (IF {t.imbalance:g}), "
+                  f"{t.model}, {t.epochs} epochs, seed {t.seed}")
+    ctx = TrialContext(checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+                       resume_from=str(checkpoint_dir) if resume else None)
+    metrics = run_trial(cfg, _print_epoch(t.epochs), ctx)
+    if not metrics:
+        console.print("nothing to do: the checkpoint is already at the last epoch")
+        return
+    console.print(metrics_table({"val": split_metrics(metrics, "val_"),
+                                 "test": split_metrics(metrics, "test_")}))
+
+
+@app.command()
+def compare(
+    methods: str = typer.Option("ce,ldam_drw,balanced_softmax", help="comma-separated method names"),
+    seeds: str = typer.Option("0,1,2", help="comma-separated seeds"),
+    config: Path | None = CONFIG,
+    checkpoint_root: Path | None = typer.Option(None, help="keep each run's checkpoint here"),
+    per_method: list[str] | None = typer.Option(
+        None, "--set", help="METHOD:KEY=VALUE for one method only ({seed} is replaced)"),
+    output: Path | None = typer.Option(None, "-o", help="also write the Markdown table here"),
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """Train several methods over several seeds with the same settings; mean ± std table."""
+    from ltstudy.config import load_yaml, parse_overrides
+    from ltstudy.experiments.compare import compare as run
+    from ltstudy.experiments.compare import markdown
+    from ltstudy.methods import get_method
+
+    values = {**(load_yaml(config) if config else {}), **parse_overrides(overrides or [])}
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    for name in names:
+        get_method(name)
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise LtstudyError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    extra: dict[str, dict[str, Any]] = {}
+    for item in per_method or []:
+        name, sep, assignment = item.partition(":")
+        if not sep:
+            raise LtstudyError(f"--set {item!r} is not of the form METHOD:KEY=VALUE")
+        extra.setdefault(name, {}).update(parse_overrides([assignment]))
+
+    def progress(method: str, seed: int, m: dict[str, Any]) -> None:
+        console.print(f"{method} seed {seed}: val top-1 {pct(m['val_top1'])}  test top-1 "
+                      f"{pct(m['test_top1'])}  many/med/few {pct(m['test_many'])}/"
+                      f"{pct(m['test_medium'])}/{pct(m['test_few'])}")
+
+    rows = run(names, seed_list, values, progress, extra,
+               str(checkpoint_root) if checkpoint_root else None)
+    table = markdown(rows)
+    print(table)
+    if output:
+        output.write_text(table + "\n")
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods with their hyperparameters and published defaults."""
+    from ltstudy.methods import get_method, iter_hyperparameters, list_methods
+
+    for name in list_methods():
+        spec = get_method(name)
+        console.print(f"[bold]{name}[/bold] ({spec.stage}) — {spec.summary}")
+        for key, kind, default, desc in iter_hyperparameters(name):
+            console.print(f"    {key:<22} {kind:<8} default {default!r:<10} {desc}")
+        if spec.train_defaults:
+            recipe = ", ".join(f"{k}={v}" for k, v in spec.train_defaults.items())
+            console.print(f"    recipe: {recipe}")
+
+
+@datasets_app.command("show")
+def datasets_show(
+    dataset: str | None = DATASET,
+    imbalance: float | None = IMBALANCE,
+    data_root: str | None = DATA_ROOT,
+    config: Path | None = CONFIG,
+    split: str = typer.Option("train", help="train | val | test"),
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """Print the class counts of a split, head to tail, with the many/medium/few buckets."""
+    from ltstudy.config import load_config, load_data
+    from ltstudy.metrics import shot_masks
+
+    if split not in ("train", "val", "test"):
+        raise LtstudyError(f"unknown split {split!r}; choose train, val or test")
+    cfg = load_config(config, overrides or [], dataset=dataset, imbalance=imbalance,
+                      data_root=data_root)
+    t = cfg.train
+    data = load_data(cfg)
+    labels = getattr(data, split).labels
+    counts = [int((labels == c).sum()) for c in range(data.num_classes)]
+    masks = shot_masks(data.class_counts, t.many_threshold, t.few_threshold)
+    bucket = {c: g for g, m in masks.items() for c in m.nonzero().flatten().tolist()}
+    order = sorted(range(data.num_classes), key=lambda c: -int(data.class_counts[c]))
+    table = Table(title=f"{data.name} {split} (IF {t.imbalance:g}, {len(labels)} images)")
+    for col in ("class", "name", "images", "bucket"):
+        table.add_column(col)
+    for c in order:
+        table.add_row(str(c), data.class_names[c], str(counts[c]), bucket[c])
+    console.print(table)
+    summary = ", ".join(f"{g} {int(m.sum())} classes (n {'>' if g == 'many' else '<' if g == 'few' else 'in'} "
+                        f"{t.many_threshold if g == 'many' else t.few_threshold if g == 'few' else f'[{t.few_threshold}, {t.many_threshold}]'})"
+                        for g, m in masks.items())
+    console.print(f"buckets by training count: {summary}")

@@ -1,0 +1,1 @@
+"""Drivers that run many trials and print tables: ``compare`` (the README's results) and the benchmarks."""

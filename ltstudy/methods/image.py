@@ -1,0 +1,66 @@
+"""The contract of image methods (``stage = "end_to_end"``): methods that train the network on images.
+
+The trainer (:mod:`ltstudy.train.image`) builds the data, calls :meth:`ImageMethod.build_model`, then each
+epoch calls ``on_epoch_start(epoch)`` and :meth:`ImageMethod.train_step` on every batch of
+:meth:`ImageMethod.train_loader`; evaluation is ``model(x)``. A method overrides only what it changes:
+
+===================== ======================================================= ==========================
+hook                  default                                                 methods that override it
+===================== ======================================================= ==========================
+``loss(logits, y)``   none (required unless ``train_step`` is overridden)      ce, balanced_softmax,
+                                                                              ldam_drw
+``build_model()``     ``ltstudy.models.build_model`` with the class's ``head`` fsgl, metasaug
+``on_epoch_start``    nothing                                                 ldam_drw, fsgl, metasaug
+``train_loader(**kw)`` the standard augmented ``(x, y)`` loader                fsgl
+``train_step(...)``   forward, ``loss``, :func:`ltstudy.runtime.optimizer_step` fsgl, metasaug
+``carved_sets(p)``    no carved sets                                          metasaug
+``state_dict()``      empty                                                   metasaug
+===================== ======================================================= ==========================
+
+``carved_sets(params)`` declares data a method needs besides train / val / test (MetaSAug's balanced
+meta set): ``{name: images per class}``; the data layer carves them from the training pool before any
+loader is built, so no split is ever changed afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ltstudy.methods.registry import Method, Params
+from ltstudy.models import build_model
+from ltstudy.runtime import Amp, optimizer_step
+
+
+class ImageMethod(Method):
+    """Base of the image methods; see the module docstring for the hooks and who uses them."""
+
+    stage = "end_to_end"
+    #: the classifier head of the default model (``ltstudy.models``: linear | normed | cosine)
+    head: ClassVar[str] = "linear"
+
+    @classmethod
+    def carved_sets(cls, params: Params) -> dict[str, int]:
+        """Extra per-class image sets this method needs, carved from the training pool by the data layer."""
+        return {}
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.ctx.model_name, self.ctx.num_classes, head=self.head)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} defines neither loss() nor train_step()")
+
+    def train_loader(self, **kw: Any) -> Any:
+        """The training batches; ``kw`` are the trainer's ``make_loader`` arguments."""
+        assert self.ctx.make_loader is not None
+        return self.ctx.make_loader("train", **kw)
+
+    def train_step(self, model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
+                   amp: Amp) -> torch.Tensor:
+        """One update on one batch of :meth:`train_loader`; returns the detached training loss."""
+        x, y = batch
+        with amp.autocast():
+            loss = self.loss(model(x).float(), y)
+        return optimizer_step(optimizer, loss, amp)

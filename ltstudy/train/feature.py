@@ -1,0 +1,142 @@
+"""The feature trial body: a feature method's classifier on cached backbone features, as a :class:`Stage`.
+
+Where the features come from:
+
+* ``feature_key`` set: that cache under ``feature_storage`` (default ``./ltstudy_results``);
+  when it is missing and ``backbone`` is set, it is extracted first;
+* else ``backbone`` (a checkpoint file): the key is derived from the checkpoint and its dataset, and the
+  cache is extracted if needed (``ltstudy.features.extract``).
+
+The data split is always the backbone's own (its checkpoint config): the val/test images must be ones
+the backbone never trained on. The trial's dataset settings (:data:`CHECKED_KEYS`) are checked against it
+(a mismatch is a ``ConfigError``); the trial's ``seed`` only seeds the classifier stage, so several seeds
+can share one cache. No DataLoader: tensors stay on the device, batches come from ``torch.randperm``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ltstudy.config import DATA_KEYS, PATH_KEYS, TrialConfig, data_location
+from ltstudy.errors import ConfigError
+from ltstudy.features.extract import extract_features, load_backbone_checkpoint
+from ltstudy.features.store import Storage, cache_exists, load_split, open_storage, read_head, read_manifest
+from ltstudy.methods import FeatureMethod, FeatureSet, MethodContext, get_method
+from ltstudy.metrics import accuracy_metrics
+from ltstudy.models import build_head
+from ltstudy.runtime import optimizer_step
+from ltstudy.train.loop import Stage, TrialContext
+
+#: dataset settings that must agree between a feature trial and its backbone (seed excluded: see above;
+#: list files are paths, which may differ between machines)
+CHECKED_KEYS = tuple(k for k in DATA_KEYS if k != "seed" and k not in PATH_KEYS)
+
+
+def resolve_features(cfg: TrialConfig, device: torch.device | str = "cpu") -> tuple[Storage, str]:
+    """(storage, key) of the trial's feature cache, extracting it first when needed."""
+    t = cfg.train
+    spec = get_method(t.method)
+    opts = spec.extract_options(cfg.params) if issubclass(spec, FeatureMethod) else {}
+    storage = open_storage(t.feature_storage)
+    if t.feature_key and cache_exists(storage, t.feature_key):
+        return storage, t.feature_key
+    if t.backbone is None:
+        if t.feature_key:
+            raise ConfigError(f"feature cache {t.feature_key} not found under {storage.uri}; set "
+                              "backbone=CHECKPOINT to extract it")
+        raise ConfigError(f"method {t.method!r} works on cached backbone features: set "
+                          "backbone=CHECKPOINT (or feature_key=KEY)")
+    ckpt_cfg = load_backbone_checkpoint(t.backbone)["config"]
+    for name in CHECKED_KEYS:
+        if name in ckpt_cfg and ckpt_cfg[name] != getattr(t, name):
+            raise ConfigError(f"{name}={getattr(t, name)!r} differs from the backbone's "
+                              f"{name}={ckpt_cfg[name]!r} ({t.backbone}); feature trials use the "
+                              "backbone's data split")
+    result = extract_features(t.backbone, storage=storage, overrides=data_location(t), device=device,
+                              fmaps=opts.get("fmaps", False),
+                              augmented_views=opts.get("augmented_views", 0))
+    if t.feature_key and t.feature_key != result.key:
+        raise ConfigError(f"feature_key {t.feature_key} does not match backbone {t.backbone} "
+                          f"(its key is {result.key})")
+    return storage, result.key
+
+
+def load_feature_set(storage: Storage, key: str, device: torch.device, *, fmaps: bool = False,
+                     views: bool = False) -> FeatureSet:
+    manifest = read_manifest(storage, key)
+    train = load_split(storage, key, "train", device, fmaps=fmaps)
+    val = load_split(storage, key, "val", device)
+    test = load_split(storage, key, "test", device)
+    sel = (train.views == 0).nonzero().flatten()
+    train_x, train_y = train.features[sel], train.labels[sel]
+    order = train.index[sel]
+    view_list = None
+    if views and int(train.views.max()) > 0:
+        view_list = []
+        for v in range(1, int(train.views.max()) + 1):
+            rows = (train.views == v).nonzero().flatten()
+            # the augmented rows are written in the same sample order as view 0
+            if not torch.equal(train.index[rows], order):
+                raise ConfigError(f"feature cache {key}: augmented view {v} is not aligned with view 0")
+            view_list.append(train.features[rows])
+    num_classes = int(manifest["num_classes"])
+    head_state = read_head(storage, key, manifest)
+    head = None
+    if head_state is not None:
+        head = build_head(head_state["type"], int(head_state["in_features"]), num_classes)
+        head.load_state_dict(head_state["state_dict"])
+        head = head.to(device).eval().requires_grad_(False)
+    return FeatureSet(
+        train_x=train_x, train_y=train_y, val_x=val.features, val_y=val.labels, test_x=test.features,
+        test_y=test.labels, num_classes=num_classes,
+        class_counts=torch.bincount(train_y, minlength=num_classes),
+        head=head, head_type=head_state["type"] if head_state else "linear",
+        train_maps=train.fmaps[sel] if fmaps and train.fmaps is not None else None,
+        train_views=view_list,
+    )
+
+
+class FeatureStage(Stage):
+    """A feature trial: the method's batches and batch loss on its classifier, the default update."""
+
+    def __init__(self, cfg: TrialConfig, ctx: TrialContext, device: torch.device) -> None:
+        t = cfg.train
+        spec = get_method(t.method)
+        if not issubclass(spec, FeatureMethod):
+            raise ConfigError(f"method {t.method!r} is not a feature-stage method")
+        storage, self.key = resolve_features(cfg, device)
+        opts = spec.extract_options(cfg.params)
+        self.feats = feats = load_feature_set(storage, self.key, device, fmaps=opts.get("fmaps", False),
+                                              views=opts.get("augmented_views", 0) > 0)
+        mctx = MethodContext(num_classes=feats.num_classes, class_counts=feats.class_counts, epochs=t.epochs,
+                             device=device, model_name=t.model, train=t, rank=ctx.rank,
+                             world_size=ctx.world_size, extras={"feature_key": self.key})
+        torch.manual_seed(t.seed)
+        method: FeatureMethod = spec(cfg.params, mctx)
+        method.prepare(feats)
+        self.cfg = t
+        super().__init__(method, method.classifier(), cfg, device, len(feats.train_y))
+
+    def batches(self, epoch: int) -> Any:
+        self.module.train()
+        return self.method.batches(epoch)
+
+    def step(self, batch: Any) -> torch.Tensor:
+        return optimizer_step(self.optimizer, self.method.batch_loss(batch))
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> tuple[dict[str, float], list[float]]:
+        self.module.eval()
+        y = self.feats.val_y if split == "val" else self.feats.test_y
+        logits = self.method.logits(split).float()
+        metrics, per_class = accuracy_metrics(logits.argmax(1), y, self.feats.class_counts,
+                                              self.cfg.many_threshold, self.cfg.few_threshold)
+        metrics["loss"] = F.cross_entropy(logits, y).item() if len(y) else math.nan
+        return metrics, per_class
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "feature_key": self.key}

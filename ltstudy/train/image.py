@@ -1,0 +1,111 @@
+"""The image trial body: data, network and method of an end-to-end trial, as a :class:`Stage`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ltstudy.config import TrialConfig, load_data
+from ltstudy.data import AugmentSpec, LTData, make_loader
+from ltstudy.methods import ImageMethod, MethodContext, get_method
+from ltstudy.metrics import accuracy_metrics
+from ltstudy.runtime import make_amp
+from ltstudy.train.loop import Stage, TrialContext
+
+
+def build_method(cfg: TrialConfig, data: LTData, device: torch.device, rank: int = 0,
+                 world_size: int = 1) -> ImageMethod:
+    t = cfg.train
+
+    def loader(split: str, **kw: Any) -> Any:
+        kw.setdefault("device", device)
+        kw.setdefault("seed", t.seed)
+        return make_loader(data, split, **kw)
+
+    ctx = MethodContext(
+        num_classes=data.num_classes, class_counts=data.class_counts.to(device), epochs=t.epochs,
+        device=device, model_name=t.model, train=t, data=data, make_loader=loader, rank=rank,
+        world_size=world_size,
+    )
+    return get_method(t.method)(cfg.params, ctx)
+
+
+def prepare_model(model: nn.Module, cfg: Any, device: torch.device, world_size: int) -> nn.Module:
+    """On the device, channels-last on CUDA, and wrapped in DDP (SyncBatchNorm on CUDA) for several ranks."""
+    model = model.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else model
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class ImageStage(Stage):
+    """An end-to-end trial: the method's loader and ``train_step`` on the (possibly DDP) network."""
+
+    def __init__(self, cfg: TrialConfig, ctx: TrialContext, device: torch.device) -> None:
+        t = cfg.train
+        self.data = data = load_data(cfg)
+        torch.manual_seed(t.seed)
+        method = build_method(cfg, data, device, ctx.rank, ctx.world_size)
+        self.model = prepare_model(method.build_model(), t, device, ctx.world_size)
+        self.amp = make_amp(t.amp, device)
+        self.cfg = t
+        channels_last = device.type == "cuda" and t.channels_last
+        augment = AugmentSpec(crop_padding=t.crop_padding, flip=t.flip, cutout=t.cutout,
+                              autoaugment=t.autoaugment)
+        self.loader = method.train_loader(
+            batch_size=t.batch_size, train=True, augment=augment, sampler=t.sampler, sampler_q=t.sampler_q,
+            rank=ctx.rank, world_size=ctx.world_size, channels_last=channels_last, num_workers=t.num_workers,
+        )
+        self.eval_kw = dict(batch_size=t.eval_batch_size, device=device, train=False,
+                            channels_last=channels_last, num_workers=t.num_workers)
+        self.val_loader = make_loader(data, "val", **self.eval_kw)
+        super().__init__(method, unwrap(self.model), cfg, device, self.loader.num_samples,
+                         parameters=self.model.parameters())
+
+    def batches(self, epoch: int) -> Any:
+        self.model.train()
+        self.loader.set_epoch(epoch)
+        return self.loader
+
+    def step(self, batch: Any) -> torch.Tensor:
+        return self.method.train_step(self.model, batch, self.optimizer, self.amp)
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> tuple[dict[str, float], list[float]]:
+        self.model.eval()
+        loader = self.val_loader if split == "val" else make_loader(self.data, split, **self.eval_kw)
+        preds, labels, loss_sum = [], [], 0.0
+        for x, y in loader:
+            with self.amp.autocast():
+                logits = self.model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            preds.append(logits.argmax(1))
+            labels.append(y)
+        pred, lab = torch.cat(preds), torch.cat(labels)
+        metrics, per_class = accuracy_metrics(pred, lab, self.data.class_counts, self.cfg.many_threshold,
+                                              self.cfg.few_threshold)
+        metrics["loss"] = loss_sum / max(len(lab), 1)
+        return metrics, per_class
+
+    def state(self) -> dict[str, Any]:
+        state = super().state()
+        if self.amp.scaler is not None:
+            state["scaler"] = self.amp.scaler.state_dict()
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        if self.amp.scaler is not None and "scaler" in state:
+            self.amp.scaler.load_state_dict(state["scaler"])
