@@ -62,16 +62,30 @@ def make_sampler(name: str, seed: int | None):
     return factories[name]()
 
 
-def make_searcher(space, sampler: str, seed: int | None, study_name: str, optuna_db: str,
+#: the Optuna journal of every study under a local storage root (``optuna-dashboard <root>/optuna.journal``)
+OPTUNA_JOURNAL = "optuna.journal"
+
+
+def open_optuna_storage(location: str):
+    """The Optuna storage that holds every study: a journal file path, or an RDB URL (``sqlite:///…``,
+    ``postgresql://…``)."""
+    import optuna
+
+    if "://" in location:
+        return optuna.storages.RDBStorage(location)
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(location))
+
+
+def make_searcher(space, sampler: str, seed: int | None, study_name: str, optuna_storage: str,
                   fresh: bool) -> LtOptunaSearch:
-    """The searcher over ``space`` with its Optuna study in SQLite under the study's storage.
+    """The searcher over ``space`` with its Optuna study named ``study_name`` in ``optuna_storage``.
 
     The published configuration is enqueued only on a fresh start: OptunaSearch re-enqueues
     ``points_to_evaluate`` into the persistent study every time it is built (platform notes 1.7).
     """
-    import optuna
-
-    storage = optuna.storages.RDBStorage(f"sqlite:///{optuna_db}")
+    storage = open_optuna_storage(optuna_storage)
     return LtOptunaSearch(
         space=space.define_by_run(), metric=space.metric, mode=space.mode,
         points_to_evaluate=[space.published_point()] if fresh else None,

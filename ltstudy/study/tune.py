@@ -62,7 +62,7 @@ class StudyPlan:
     study: str
     storage: str
     experiment_path: str
-    optuna_db: str
+    optuna_storage: str  # a journal file or an RDB URL holding every study's Optuna study
     tracking_uri: str
     fresh: bool
 
@@ -138,7 +138,7 @@ def _feature_pins(plan: StudyPlan) -> dict[str, Any]:
 def plan_study(o: StudyOptions) -> StudyPlan:
     """Every user-input check, with nothing written anywhere."""
     from ltstudy.methods import get_method
-    from ltstudy.study.search import make_sampler, make_scheduler
+    from ltstudy.study.search import OPTUNA_JOURNAL, make_sampler, make_scheduler
 
     get_method(o.method)
     _check_resources(o)
@@ -165,13 +165,13 @@ def plan_study(o: StudyOptions) -> StudyPlan:
             raise ConfigError(f"--storage {storage} is a file, not a folder")
         experiment_path = str(Path(storage) / study)
         exists = (Path(experiment_path) / "tuner.pkl").is_file()
-        optuna_db = str(Path(experiment_path) / "optuna.db")
+        optuna_storage = str(Path(storage) / OPTUNA_JOURNAL)
     else:
         from ray.tune import Tuner
 
         experiment_path = f"{storage.rstrip('/')}/{study}"
         exists = Tuner.can_restore(experiment_path)
-        optuna_db = str(Path("~/.cache/ltstudy/optuna").expanduser() / f"{study}.db")
+        optuna_storage = str(Path("~/.cache/ltstudy").expanduser() / OPTUNA_JOURNAL)
     if o.resume and not exists:
         raise ConfigError(f"--resume: no study {study!r} to continue under {storage}")
     if exists and not o.resume:
@@ -183,12 +183,14 @@ def plan_study(o: StudyOptions) -> StudyPlan:
 
     space_text = path.read_text() + "\n# effective fixed settings (file + overrides)\n" + \
         yaml.safe_dump({"fixed": space.fixed}, sort_keys=False)
-    return StudyPlan(o, space, space_text, study, storage, experiment_path, optuna_db, uri, not o.resume)
+    return StudyPlan(o, space, space_text, study, storage, experiment_path, optuna_storage, uri, not o.resume)
 
 
 def _ray_init(address: str | None) -> bool:
-    """Connect to ``address`` or start a local Ray; returns whether this call started it.
+    """Connect to ``address`` or start a new local Ray; returns whether this call started it.
 
+    Without ``--address`` the study always starts its own Ray (``address="local"``): a plain
+    ``ray.init()`` would join whatever cluster Ray's current-cluster file names, a dead one included.
     Ray 2.60 turns token auth on for a new local cluster; ltstudy keeps it off unless the user set
     ``RAY_AUTH_MODE`` (documented in the README; cluster.yaml sets it explicitly).
     """
@@ -197,7 +199,7 @@ def _ray_init(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING")
     return True
 
 
@@ -227,9 +229,10 @@ def _build_tuner(plan: StudyPlan, trainable: Any, callback: Any):
         # The pickled callback would carry the old process's settings; use this run's.
         tuner._local_tuner.get_run_config().callbacks = [callback, PlacementGroupReaper()]
         return tuner
-    Path(plan.optuna_db).parent.mkdir(parents=True, exist_ok=True)
+    if "://" not in plan.optuna_storage:
+        Path(plan.optuna_storage).parent.mkdir(parents=True, exist_ok=True)
     space = plan.space
-    searcher = make_searcher(space, o.sampler, o.seed, plan.study, plan.optuna_db, fresh=True)
+    searcher = make_searcher(space, o.sampler, o.seed, plan.study, plan.optuna_storage, fresh=True)
     scheduler = make_scheduler(o.scheduler, space.metric, space.mode, int(space.fixed.get("epochs", 200)),
                                o.grace_period, o.reduction_factor)
     return Tuner(
@@ -261,6 +264,7 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None) -> Study
 
     from ltstudy.study.callbacks import MLflowTrialCallback
     from ltstudy.study.runner import Resources, make_trainable
+    from ltstudy.study.search import open_optuna_storage
     from ltstudy.study.tracking import study_trials
 
     tic = time.time()
@@ -287,9 +291,10 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None) -> Study
             import ray
 
             ray.shutdown()
-    ot_study = None
-    if Path(plan.optuna_db).is_file():
-        ot_study = optuna.load_study(study_name=plan.study, storage=f"sqlite:///{plan.optuna_db}")
+    try:
+        ot_study = optuna.load_study(study_name=plan.study, storage=open_optuna_storage(plan.optuna_storage))
+    except KeyError:  # no trial was ever asked for
+        ot_study = None
     best = tracker.finish(plan.space_text, plan.space.metric, plan.space.mode, ot_study)
     trials = study_trials(tracker.mlc, tracker.experiment_id, parent)
     counts: dict[str, int] = {}

@@ -13,7 +13,7 @@ def ray_local():
     import ray
 
     ray_env()
-    ray.init(num_cpus=4, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=4, log_to_driver=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from ltstudy.cli import main
 from ltstudy.config import load_yaml, resolve_config
+from ltstudy.study.search import OPTUNA_JOURNAL, open_optuna_storage
 from ltstudy.study.tracking import ROLE_TAG, find_study, study_trials
 from ltstudy.study.tune import StudyOptions, run_study
 
@@ -98,7 +99,7 @@ def test_parent_holds_best_params_metrics_space_and_plots(study, mlflow_server):
 
 def test_first_trial_is_published_config_and_optuna_sees_pruned(study):
     summary, tmp = study
-    ot = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp / 'storage' / 'e2e' / 'optuna.db'}")
+    ot = optuna.load_study(study_name="e2e", storage=open_optuna_storage(str(tmp / "storage" / OPTUNA_JOURNAL)))
     trials = sorted(ot.trials, key=lambda t: t.number)
     assert trials[0].params == {"lr": 0.1, "weight_decay": 2e-4}
     by_state = {t.state for t in trials}
