@@ -27,8 +27,12 @@ from ltstudy.methods import get_method
 from ltstudy.methods.image import ImageMethod
 from ltstudy.models import list_models
 
-#: Keys a config file may carry that are not settings (kept for provenance, ignored when resolving).
-META_KEYS = ("provenance",)
+#: Marks the published configuration (the first trial of a study) in a Tune trial's config.
+PUBLISHED_KEY = "ltstudy_published"
+#: Marks a confirmation run in a Tune trial's config: the id of the study trial it re-runs.
+CONFIRMS_KEY = "ltstudy_confirms"
+#: Keys a config may carry that are not settings (provenance, study markers): ignored when resolving.
+META_KEYS = ("provenance", PUBLISHED_KEY, CONFIRMS_KEY)
 #: The keys that define a dataset and its split: two trials that agree on them (and on the method's
 #: carved sets) see the same train / val / test images.
 DATA_KEYS = ("dataset", "imbalance", "profile", "val_per_class", "seed", "image_size", "synthetic_classes",
@@ -144,15 +148,24 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, where: str) -> dict[str, Any]:
+    """A YAML mapping from text; malformed YAML or another type is one ``ConfigError`` line naming ``where``."""
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"malformed YAML in {where}{line}: {getattr(exc, 'problem', exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of key: value, not {type(data).__name__}")
+        raise ConfigError(f"{where} must hold a mapping of key: value, not {type(data).__name__}")
     return data
 
 

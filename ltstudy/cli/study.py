@@ -35,7 +35,8 @@ def validate_space(
     from ltstudy.study.space import load_space
 
     space = load_space(file, method)
-    console.print(f"ok: {file} — {space.method}, {space.mode} {space.metric}, tuned "
+    objective = ", ".join(f"{mode} {m}" for m, mode in zip(space.metrics, space.modes, strict=True))
+    console.print(f"ok: {file} — {space.method}, {objective}, tuned "
                   f"{', '.join(space.tuned_names) or '(none)'}; first trial {space.published_point()}")
 
 
@@ -48,61 +49,83 @@ def _echo_trial(trial_id: str, outcome: str, last: dict[str, Any]) -> None:
 
 @app.command()
 def tune(
-    method: str = typer.Option(..., "--method", "-m", help="method name (see `ltstudy methods`)"),
+    method: str | None = typer.Option(None, "--method", "-m", help="method name (see `ltstudy methods`)"),
     space: Path | None = typer.Option(None, "--space", help="search-space file "
                                          "(default search_spaces/METHOD.yaml)"),
     dataset: str | None = DATASET,
     imbalance: float | None = IMBALANCE,
     data_root: str | None = DATA_ROOT,
-    num_trials: int = typer.Option(8, "--num-trials", "-n"),
+    num_trials: int | None = typer.Option(None, "--num-trials", "-n", help="trials (default 16)"),
     max_concurrent: int | None = typer.Option(None, help="concurrent trials (default: what fits)"),
-    sampler: str = typer.Option("tpe", help="tpe | random | cmaes | gp | qmc"),
-    scheduler: str = typer.Option("asha", help="asha (on the per-epoch objective) | none"),
-    workers: int = typer.Option(1, help="workers per trial (>1: Ray Train DDP)"),
-    cpus_per_worker: float = typer.Option(1.0),
-    gpus_per_worker: float = typer.Option(0.0, help="fractions share a GPU, e.g. 0.5"),
-    retries: int = typer.Option(1, help="restarts from the last checkpoint after a killed worker"),
+    sampler: str | None = typer.Option(None, help="tpe (default) | random | cmaes | gp | qmc"),
+    scheduler: str | None = typer.Option(None, help="asha (default: early stopping on the per-epoch "
+                                                    "objective) | none"),
+    grace_period: str | None = typer.Option(
+        None, help="ASHA's first rung, in epochs; default 'auto': after the last phase of the schedule"),
+    reduction_factor: float | None = typer.Option(None, help="ASHA's reduction factor (default 2)"),
+    workers: int | None = typer.Option(None, help="workers per trial (>1: Ray Train DDP; default 1)"),
+    cpus_per_worker: float | None = typer.Option(None, help="default 1"),
+    gpus_per_worker: float | None = typer.Option(None, help="fractions share a GPU, e.g. 0.5; default 0"),
+    retries: int | None = typer.Option(None, help="restarts after a lost worker or node (default 1)"),
+    seed: int | None = typer.Option(None, help="sampler seed (default: derived from the study name)"),
+    time_budget: str | None = typer.Option(None, help="stop starting trials after this long (90m, 2h)"),
+    confirm: int = typer.Option(0, help="re-run the top K configurations over more seeds before export"),
+    confirm_seeds: int = typer.Option(3, help="seeds per confirmed configuration"),
     storage: str | None = typer.Option(None, help="results/checkpoints URI or shared folder "
                                           "(default ./ltstudy_results)"),
     tracking_uri: str | None = TRACKING,
     study_name: str | None = typer.Option(None, help="default METHOD-DATASET-TIMESTAMP"),
     address: str | None = typer.Option(None, help="existing Ray cluster (e.g. auto)"),
-    resume: bool = typer.Option(False, help="continue an interrupted study"),
-    seed: int = typer.Option(0, help="sampler seed"),
-    grace_period: int = typer.Option(1, help="ASHA: epochs before a trial can be stopped"),
+    resume: bool = typer.Option(False, help="continue an interrupted study (with its saved options)"),
     backbone: str | None = typer.Option(
         None, help="feature-stage methods: backbone checkpoint, or the MLflow run id of a trial"),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Tune METHOD with Ray Tune + Optuna (+ ASHA), recording every trial in MLflow."""
     from ltstudy.config import parse_overrides
+    from ltstudy.errors import StudyFailed
+    from ltstudy.study.options import parse_duration
     from ltstudy.study.tune import StudyOptions, run_study
 
     fixed = parse_overrides(overrides or [])
     flags = (("dataset", dataset), ("imbalance", imbalance), ("data_root", data_root))
     fixed.update({k: v for k, v in flags if v is not None})
-    opts = StudyOptions(method=method, space_path=str(space) if space else None, num_trials=num_trials,
-                        max_concurrent=max_concurrent, sampler=sampler, scheduler=scheduler,
-                        workers=workers, cpus_per_worker=cpus_per_worker,
-                        gpus_per_worker=gpus_per_worker, storage=storage, tracking_uri=tracking_uri,
-                        study_name=study_name, address=address, resume=resume, seed=seed,
-                        overrides=fixed, retries=retries, grace_period=grace_period,
-                        backbone=backbone)
-    summary = run_study(opts, echo=_echo_trial)
+    if method is None and not resume:
+        raise LtstudyError("missing option '--method' (the method to tune; see `ltstudy methods`)")
+    given = {"method": method, "space_path": str(space) if space else None, "num_trials": num_trials,
+             "sampler": sampler, "scheduler": scheduler, "workers": workers,
+             "cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker, "retries": retries,
+             "seed": seed, "grace_period": grace_period, "reduction_factor": reduction_factor,
+             "backbone": backbone, "overrides": fixed or None}
+    given = {k: v for k, v in given.items() if v is not None}
+    opts = StudyOptions(**{"method": "", **given}, max_concurrent=max_concurrent, storage=storage,
+                        tracking_uri=tracking_uri, study_name=study_name, address=address, resume=resume,
+                        time_budget=parse_duration(time_budget), confirm=confirm, confirm_seeds=confirm_seeds,
+                        given=frozenset(given))
+    summary = run_study(opts, echo=_echo_trial, say=lambda line: console.print(f"warning: {line}"))
     _print_summary(summary)
+    if summary.failure():
+        raise StudyFailed(summary.failure())
 
 
 def _print_summary(s: Any) -> None:
-    table = Table(title=f"study {s.study}: best by {s.mode} {s.metric}")
+    objective = ", ".join(f"{mode} {m}" for m, mode in zip(s.metrics, s.modes, strict=True))
+    table = Table(title=f"study {s.study}: {objective}")
     table.add_column("", style="bold")
     table.add_column("value")
     counts = ", ".join(f"{v} {k}" for k, v in sorted(s.counts.items()))
     table.add_row("trials", counts or "none")
-    if s.best is None:
+    if len(s.metrics) > 1:
+        table.add_row("Pareto front", f"{len(s.front)} trials (best-config export --pick N chooses one)")
+        for n, t in enumerate(s.front):
+            values = ", ".join(f"{m} {pct(t['metrics'].get(m))}" for m in s.metrics)
+            table.add_row(f"  {n}: {t['trial_id']}", values)
+    elif s.best is None:
         table.add_row("best", "no trial finished")
     else:
         b = s.best
-        table.add_row("best trial", f"{b['trial_id']} (run {b['run_id']})")
+        table.add_row("best trial", f"{b['trial_id']} (run {b['run_id']})"
+                      + (" — the published configuration" if b.get("published") else ""))
         for name in s.tuned:
             if name in b["params"]:
                 table.add_row(f"  {name}", b["params"][name])
@@ -110,6 +133,12 @@ def _print_summary(s: Any) -> None:
         for split in ("val", "test"):
             table.add_row(f"{split} top-1 / many / medium / few (%)",
                           " / ".join(pct(m.get(f"{split}_{k}")) for k in ("top1", "many", "medium", "few")))
+        if s.gain:
+            table.add_row("gain over published", ", ".join(f"{k} {100 * v:+.2f}" for k, v in s.gain.items())
+                          + " (points; test reported only)")
+    for row in s.confirmed[:5]:
+        table.add_row(f"confirmed {row['trial_id']}",
+                      f"{s.metric} {pct(row['mean'])} ± {pct(row['std'])} over seeds {row['seeds']}")
     table.add_row("results", s.experiment_path)
     table.add_row("tracking", f"{s.tracking_uri} (study run {s.parent_run_id})")
     ui = (f"open {s.tracking_uri}" if s.tracking_uri.startswith("http")
@@ -118,6 +147,35 @@ def _print_summary(s: Any) -> None:
     table.add_row("export", f"ltstudy best-config export --study {s.study} -o best.yaml")
     table.add_row("wall time", f"{s.wall_s:.0f} s")
     console.print(table)
+    for note in s.notes:
+        console.print(f"note: {note}")
+
+
+@app.command()
+def confirm(
+    study: str = typer.Argument(..., help="study name"),
+    top: int = typer.Option(3, help="configurations to confirm (best first)"),
+    seeds: int = typer.Option(3, help="new seeds per configuration"),
+    tracking_uri: str | None = TRACKING,
+    address: str | None = typer.Option(None, help="existing Ray cluster (e.g. auto)"),
+    max_concurrent: int | None = typer.Option(None, help="concurrent trials (default: what fits)"),
+) -> None:
+    """Re-run a study's top configurations over more seeds; export then uses the confirmed ranking."""
+    from ltstudy.errors import StudyFailed
+    from ltstudy.study.confirm import confirm_study
+    from ltstudy.study.tracking import check_reachable, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    result = confirm_study(study, top, seeds, uri, address, max_concurrent, echo=_echo_trial)
+    table = Table(title=f"study {study}: confirmed ranking by mean {result['metric']} ({result['mode']})")
+    for col in ("trial", "mean (%)", "std (%)", "seeds"):
+        table.add_column(col)
+    for row in result["ranking"]:
+        table.add_row(row["trial_id"], pct(row["mean"]), pct(row["std"]), str(row["seeds"]))
+    console.print(table)
+    if not result["ranking"]:
+        raise StudyFailed(f"no confirmation run of study {study} finished")
 
 
 @best_config_app.command("export")
@@ -125,9 +183,11 @@ def best_config_export(
     study: str = typer.Option(..., "--study", help="study name"),
     output: Path | None = typer.Option(None, "--output", "-o", help="file (default: stdout)"),
     fmt: str = typer.Option("yaml", "--format", help="yaml | json"),
+    pick: str | None = typer.Option(None, "--pick", help="multi-objective studies: the Pareto point N, "
+                                                          "or 'max METRIC where METRIC >= X'"),
     tracking_uri: str | None = TRACKING,
 ) -> None:
-    """Write the best trial's config (with provenance) for `ltstudy train --config`."""
+    """Write the recommended config (confirmed winner, best trial or picked Pareto point) with provenance."""
     import json
 
     import yaml
@@ -136,9 +196,13 @@ def best_config_export(
 
     if fmt not in ("yaml", "json"):
         raise LtstudyError(f"--format must be yaml or json, not {fmt!r}")
+    if output is not None and not output.parent.is_dir():
+        raise LtstudyError(f"--output {output}: folder {output.parent} does not exist")
+    if output is not None and output.is_dir():
+        raise LtstudyError(f"--output {output} is a folder; give a file name")
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
-    config = export_best(uri, study)
+    config = export_best(uri, study, pick)
     text = json.dumps(config, indent=2) if fmt == "json" else yaml.safe_dump(config, sort_keys=False)
     if output is None:
         print(text)

@@ -84,7 +84,8 @@ def load_backbone_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise DataError(f"cannot read backbone checkpoint {path}: {exc}") from None
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise DataError(f"{path} is not a PyTorch checkpoint ({first.strip()[:200]})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise DataError(f"{path} is not an ltstudy checkpoint (needs 'model' and 'config')")
     state["path"] = str(path.resolve())

@@ -58,8 +58,12 @@ class LDAMDRW(ImageMethod):
         super().__init__(params, ctx)
         self.margins = ldam_margins(ctx.class_counts, params.max_m).to(ctx.device)
         self.cb_weights = class_balanced_weights(ctx.class_counts, params.beta).to(ctx.device)
-        self.drw_epoch = int(params.drw_start * ctx.epochs)
+        (self.drw_epoch,) = self.phase_epochs(params, ctx.epochs)
         self.weight: torch.Tensor | None = None
+
+    @classmethod
+    def phase_epochs(cls, params: LDAMDRWParams, epochs: int) -> list[int]:
+        return [int(params.drw_start * epochs)]
 
     def on_epoch_start(self, epoch: int) -> None:
         self.weight = self.cb_weights if epoch >= self.drw_epoch else None

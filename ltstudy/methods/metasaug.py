@@ -248,12 +248,16 @@ class MetaSAug(ImageMethod):
     def carved_sets(cls, params: MetaSAugParams) -> dict[str, int]:
         return {"meta": params.num_meta}
 
+    @classmethod
+    def phase_epochs(cls, params: MetaSAugParams, epochs: int) -> list[int]:
+        return [int(params.switch * epochs)]
+
     def __init__(self, params: MetaSAugParams, ctx: MethodContext) -> None:
         super().__init__(params, ctx)
         self.margins = (ldam_margins(ctx.class_counts, params.max_m).to(ctx.device)
                         if params.loss == "ldam" else None)
         self.cb_weights = class_balanced_weights(ctx.class_counts, params.beta).to(ctx.device)
-        self.switch_epoch = int(params.switch * ctx.epochs)
+        (self.switch_epoch,) = self.phase_epochs(params, ctx.epochs)
         self.epoch = 0
         self.estimator: CovarianceEstimator | None = None
         t = ctx.train

@@ -63,6 +63,15 @@ class Method:
         self.p = params
         self.ctx = ctx
 
+    @classmethod
+    def phase_epochs(cls, params: Params, epochs: int) -> list[int]:
+        """0-based epochs where the method's own schedule changes phase (DRW, a meta phase).
+
+        Studies never stop a trial early before the last phase has begun (``ltstudy.study.schedulers``);
+        the lr schedule's own milestones are added by the trainer (``ltstudy.train.optim``).
+        """
+        return []
+
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each epoch (0-based), after the trainer reseeded the global RNG for it."""
 

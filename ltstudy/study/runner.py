@@ -3,13 +3,17 @@ through Ray Train's ``TorchTrainer`` (DDP), launched from the trial as Train V2 
 
 Every report carries ``epochs_total`` (so a stopped trial can be told from a finished one), the node id
 (so a multi-node study can be checked) and ``time_in_run_trial_s`` (for the per-trial overhead bench).
-A non-finite loss is a property of the configuration, not an accident: it is reported as a ``failure``
-result and the trial ends without raising, so Tune's and Train's retries (meant for killed workers) do
-not re-run it.
+
+Deterministic errors — a non-finite loss, a bad setting or dataset (``LtstudyError``), running out of GPU
+memory — are properties of the configuration, not accidents: they are reported as a ``failure`` result
+and the trial ends without raising, so Tune's and Train's retries (meant for lost workers and nodes) do
+not re-run them. A trial restored from its final checkpoint (it finished, but the driver died before
+Tune's state caught up) replays its final result instead of loading its data again.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -19,10 +23,15 @@ from typing import Any
 import ray
 import ray.train
 import ray.tune
+import torch
 from ray.train import Checkpoint
 
 from ltstudy.config import resolve_config
-from ltstudy.train import NonFiniteLossError, TrialContext, run_trial
+from ltstudy.errors import LtstudyError
+from ltstudy.train import NonFiniteLossError, TrialContext, finished_metrics, run_trial
+
+#: failures that a retry would only repeat
+DETERMINISTIC = (NonFiniteLossError, LtstudyError, torch.cuda.OutOfMemoryError)
 
 #: rank 0 of a multi-worker trial reports its workers' placement group under this key (see callbacks)
 PLACEMENT_GROUP_KEY = "train_placement_group"
@@ -79,6 +88,15 @@ def _reporter(cfg: Any, send: Any, checkpoints: bool = True, group: Any = None) 
     return report
 
 
+def _run_or_replay(cfg: Any, report: Any, ctx: TrialContext) -> None:
+    """Train, or report the final result again when the checkpoint already holds the last epoch."""
+    done = finished_metrics(ctx.resume_from, cfg) if ctx.resume_from else None
+    if done is not None:
+        report(done, None)
+    else:
+        run_trial(cfg, report, ctx)
+
+
 def single_worker_trial(config: dict[str, Any]) -> None:
     """One-worker trial: train here, report each epoch to Tune with a Tune checkpoint."""
     cfg = resolve_config(dict(config))
@@ -87,8 +105,8 @@ def single_worker_trial(config: dict[str, Any]) -> None:
     report = _reporter(cfg, ray.tune.report)
 
     try:
-        run_trial(cfg, report, TrialContext(checkpoint_dir=work, resume_from=resume))
-    except NonFiniteLossError as exc:
+        _run_or_replay(cfg, report, TrialContext(checkpoint_dir=work, resume_from=resume))
+    except DETERMINISTIC as exc:
         ray.tune.report(_failure_result(exc, cfg))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -112,8 +130,8 @@ def train_worker(loop: dict[str, Any]) -> None:
     tctx = TrialContext(device=ray.train.torch.get_device(), rank=rank, world_size=world,
                         checkpoint_dir=work, resume_from=resume)
     try:
-        run_trial(cfg, report, tctx)
-    except NonFiniteLossError as exc:
+        _run_or_replay(cfg, report, tctx)
+    except DETERMINISTIC as exc:
         ray.train.report(_failure_result(exc, cfg))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -152,3 +170,28 @@ def make_trainable(res: Resources):
     """The function Tune runs per trial, with the resources it must hold."""
     fn = single_worker_trial if res.workers == 1 else make_multi_worker_trial(res)
     return ray.tune.with_resources(fn, res.tune_resources())
+
+
+def ray_init(address: str | None) -> bool:
+    """Connect to ``address`` or start a new local Ray; returns whether this call started it.
+
+    Without ``--address`` the study always starts its own Ray (``address="local"``): a plain
+    ``ray.init()`` would join whatever cluster Ray's current-cluster file names, a dead one included.
+    Ray 2.60 turns token auth on for a new local cluster; ltstudy keeps it off unless the user set
+    ``RAY_AUTH_MODE`` (documented in the README; cluster.yaml sets it explicitly).
+    """
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING")
+    return True
+
+
+def max_concurrent(o: Any) -> int:
+    if o.max_concurrent:
+        return o.max_concurrent
+    total = ray.cluster_resources()
+    fits = int(total.get("CPU", 1) // (o.workers * o.cpus_per_worker))
+    if o.gpus_per_worker:
+        fits = min(fits, int(total.get("GPU", 0) // (o.workers * o.gpus_per_worker)))
+    return max(1, fits)

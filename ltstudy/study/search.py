@@ -1,24 +1,62 @@
-"""Searchers and schedulers: OptunaSearch that tells Optuna the truth about stopped trials, and ASHA.
+"""The searcher: Optuna inside Ray Tune, told the truth about every trial.
 
-Ray's OptunaSearch stores a trial that ASHA stopped as COMPLETE with its truncated value, so TPE would
-learn from short runs as if they were finished (platform notes 2.4). ``LtOptunaSearch`` marks a trial
-PRUNED when its last epoch is below its budget and FAIL when the trial reported a failure (a non-finite
-loss), and reports intermediate values by epoch (Tune's iteration counter restarts after a restore).
+Ray's ``OptunaSearch`` stores a trial that ASHA stopped as COMPLETE with its truncated value (platform
+notes 2.4), and on a STOP decision Tune does not even pass the result it stopped on to the searcher, so a
+plain ``tell(PRUNED)`` would reach Optuna without the value. :class:`LtOptunaSearch`:
+
+* reports intermediate values by epoch (Tune's iteration counter restarts after a restore);
+* tells a stopped trial PRUNED after reporting the value it was stopped on, at its epoch, so TPE ranks
+  pruned trials by how far and how well they got;
+* tells FAIL for a failed trial and for a NaN objective;
+* marks the published configuration (the enqueued first trial) in its config (``PUBLISHED_KEY``), so the
+  scheduler never stops it and the tracking tags it;
+* supports multi-objective studies (a list of metrics; no intermediate values, no pruning signal);
+* fails, on restore, the Optuna trials that no Tune trial owns (asked just before the driver was killed):
+  left RUNNING they would steer TPE's constant liar away from their region forever.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import math
+from typing import Any
+
 from ray.tune.search.optuna import OptunaSearch
 
+from ltstudy.config import PUBLISHED_KEY
+from ltstudy.errors import ConfigError
+
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
-SCHEDULERS = ("asha", "none")
+#: the Optuna journal of every study under a local storage root (``optuna-dashboard <root>/optuna.journal``)
+OPTUNA_JOURNAL = "optuna.journal"
+#: below this many trials a model-based sampler has too little to model; the study says so
+MODEL_MIN_TRIALS = 10
+
+logger = logging.getLogger(__name__)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class LtOptunaSearch(OptunaSearch):
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if config is not None and ot_trial is not None and ot_trial.number == 0 and self._points_enqueued():
+            config[PUBLISHED_KEY] = True
+        return config
+
+    def _points_enqueued(self) -> bool:
+        return bool(self._points_to_evaluate)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         import optuna
 
-        if result.get("failure") or self.metric not in result or trial_id in self._completed_trials:
+        if isinstance(self.metric, list) or result.get("failure") or trial_id in self._completed_trials:
+            return
+        if not _finite(result.get(self.metric)) or trial_id not in self._ot_trials:
             return
         try:
             self._ot_trials[trial_id].report(result[self.metric], int(result.get("epoch", 0)))
@@ -29,32 +67,66 @@ class LtOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         import optuna
 
+        state = optuna.trial.TrialState
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]
-        if ot_trial.study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+        if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
             self._completed_trials.add(trial_id)
             return
-        if error or not result or result.get("failure") or result.get(self.metric) is None:
-            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        values = [(result or {}).get(m) for m in metrics]
+        if error or not result or result.get("failure") or not all(_finite(v) for v in values):
+            self._ot_study.tell(ot_trial, state=state.FAIL)
         elif int(result.get("epoch", 0)) < int(result.get("epochs_total", 0)):
-            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+            if len(metrics) == 1:  # the value it was stopped on: Tune withholds the STOP result
+                self.on_trial_result(trial_id, result)
+            self._ot_study.tell(ot_trial, state=state.PRUNED)
         else:
-            self._ot_study.tell(ot_trial, result[self.metric])
+            self._ot_study.tell(ot_trial, values if len(values) > 1 else values[0])
         self._completed_trials.add(trial_id)
 
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self.fail_orphans()
 
-def make_sampler(name: str, seed: int | None):
-    """An Optuna sampler by name; TPE (multivariate, constant liar in Optuna 5) is the default."""
+    def fail_orphans(self) -> list[int]:
+        """Fail the RUNNING Optuna trials that no Tune trial of this searcher owns; returns their numbers."""
+        import optuna
+
+        owned = {t.number for t in self._ot_trials.values()}
+        running = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        orphans = [t.number for t in running if t.number not in owned]
+        for number in orphans:
+            self._ot_study.tell(number, state=optuna.trial.TrialState.FAIL)
+            logger.warning("Optuna trial %d was asked before the study stopped and never ran: failed it", number)
+        return orphans
+
+
+def startup_trials(num_trials: int) -> int:
+    """Random start-up trials of a model-based sampler: a quarter of the study, 2 to 10."""
+    return max(2, min(10, num_trials // 4))
+
+
+def study_seed(study: str) -> int:
+    """The sampler seed of a study without ``--seed``: derived from its name, so studies differ."""
+    return int.from_bytes(hashlib.sha256(study.encode()).digest()[:4], "big")
+
+
+def make_sampler(name: str, seed: int | None, num_trials: int = 64):
+    """An Optuna sampler by name; TPE (multivariate, constant liar in Optuna 5) is the default.
+
+    Model-based samplers (TPE, GP) start with :func:`startup_trials` random trials (Optuna's fixed 10
+    made every study of up to 10 trials a random search).
+    """
     import optuna
 
-    from ltstudy.errors import ConfigError
-
+    startup = startup_trials(num_trials)
     factories = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
-        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup),
         "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
     }
     if name not in factories:
@@ -62,8 +134,13 @@ def make_sampler(name: str, seed: int | None):
     return factories[name]()
 
 
-#: the Optuna journal of every study under a local storage root (``optuna-dashboard <root>/optuna.journal``)
-OPTUNA_JOURNAL = "optuna.journal"
+def sampler_warning(name: str, num_trials: int) -> str | None:
+    """One line when a model-based study is too short for its model to matter."""
+    if name in ("tpe", "gp", "cmaes") and num_trials < MODEL_MIN_TRIALS:
+        return (f"{num_trials} trials: {name} models the space from {startup_trials(num_trials)} start-up "
+                f"trials, so this study is close to a random search; use --num-trials "
+                f"{MODEL_MIN_TRIALS} or more (or --sampler random to say so)")
+    return None
 
 
 def open_optuna_storage(location: str):
@@ -78,31 +155,16 @@ def open_optuna_storage(location: str):
     return optuna.storages.JournalStorage(JournalFileBackend(location))
 
 
-def make_searcher(space, sampler: str, seed: int | None, study_name: str, optuna_storage: str,
+def make_searcher(space, sampler: str, seed: int, num_trials: int, study_name: str, optuna_storage: str,
                   fresh: bool) -> LtOptunaSearch:
     """The searcher over ``space`` with its Optuna study named ``study_name`` in ``optuna_storage``.
 
     The published configuration is enqueued only on a fresh start: OptunaSearch re-enqueues
     ``points_to_evaluate`` into the persistent study every time it is built (platform notes 1.7).
     """
-    storage = open_optuna_storage(optuna_storage)
     return LtOptunaSearch(
-        space=space.define_by_run(), metric=space.metric, mode=space.mode,
+        space=space.define_by_run(), metric=space.searcher_metric, mode=space.searcher_mode,
         points_to_evaluate=[space.published_point()] if fresh else None,
-        sampler=make_sampler(sampler, seed), study_name=study_name, storage=storage,
+        sampler=make_sampler(sampler, seed, num_trials), study_name=study_name,
+        storage=open_optuna_storage(optuna_storage),
     )
-
-
-def make_scheduler(name: str, metric: str, mode: str, epochs: int, grace: int = 1,
-                   reduction_factor: int = 2):
-    """ASHA on ``epoch`` (not training_iteration, which restarts after a restore), or none."""
-    from ltstudy.errors import ConfigError
-
-    if name == "none":
-        return None
-    if name != "asha":
-        raise ConfigError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    from ray.tune.schedulers import ASHAScheduler
-
-    return ASHAScheduler(time_attr="epoch", metric=metric, mode=mode, max_t=max(epochs, 1),
-                         grace_period=max(1, min(grace, epochs)), reduction_factor=reduction_factor)

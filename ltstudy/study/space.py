@@ -1,7 +1,7 @@
 """Search-space files (``search_spaces/<method>.yaml``) → validated :class:`SearchSpace` → Optuna.
 
-A file names the method, the objective (``metric``, ``mode``), the ``fixed`` settings and the ``tune``d
-parameters. Every name is checked against the method's declared hyperparameters and the shared
+A file names the method, the objective (``metric``, ``mode``; a list of two or three metrics, each with
+a mode, makes a multi-objective study), the ``fixed`` settings and the ``tune``d parameters. Every name is checked against the method's declared hyperparameters and the shared
 ``TrainConfig`` fields, and every range end is resolved through :func:`resolve_config`, so a space that
 validates can only produce configs the trainer accepts. The published configuration (method defaults
 plus the fixed settings) must lie inside the space: it is enqueued as the first trial, which is what
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ltstudy.config import TrainConfig, load_yaml, resolve_config
+from ltstudy.config import TrainConfig, load_yaml, parse_yaml, resolve_config
 from ltstudy.errors import ConfigError
 from ltstudy.methods import get_method
 
@@ -91,8 +91,8 @@ class DefineByRun:
 @dataclass(frozen=True)
 class SearchSpace:
     method: str
-    metric: str
-    mode: Literal["max", "min"]
+    metrics: tuple[str, ...]
+    modes: tuple[Literal["max", "min"], ...]
     fixed: dict[str, Any]
     params: tuple[Param, ...]
     path: str | None = None
@@ -100,6 +100,28 @@ class SearchSpace:
     @property
     def tuned_names(self) -> list[str]:
         return [p.name for p in self.params]
+
+    @property
+    def metric(self) -> str:
+        """The first objective: the one early stopping decides on."""
+        return self.metrics[0]
+
+    @property
+    def mode(self) -> Literal["max", "min"]:
+        return self.modes[0]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.metrics) > 1
+
+    @property
+    def searcher_metric(self) -> str | list[str]:
+        """What OptunaSearch takes: one metric name, or the list of a multi-objective study."""
+        return list(self.metrics) if self.multi_objective else self.metric
+
+    @property
+    def searcher_mode(self) -> str | list[str]:
+        return list(self.modes) if self.multi_objective else self.mode
 
     def with_overrides(self, overrides: dict[str, Any]) -> SearchSpace:
         """Fix extra settings (CLI ``key=value``). Fixing a tuned name removes it from the search."""
@@ -114,7 +136,7 @@ class SearchSpace:
             for dep in p.when:
                 if dep in pinned:
                     raise SpaceError(f"cannot fix {dep!r}: tuned parameter {p.name!r} depends on it")
-        space = SearchSpace(self.method, self.metric, self.mode,
+        space = SearchSpace(self.method, self.metrics, self.modes,
                             {**self.fixed, **{k: v for k, v in overrides.items() if k != "method"}},
                             kept, self.path)
         space.check()
@@ -155,6 +177,17 @@ class SearchSpace:
                         f"search space; widen it so the published configuration can be the first trial"
                     )
                 chosen[p.name] = value
+
+    def corner_configs(self) -> list[dict[str, Any]]:
+        """The published point and, for each tuned parameter, the point with it at each range end (or
+        choice): the configurations where anything monotonic in one parameter takes its extremes."""
+        base = {**self.fixed, "method": self.method}
+        published = self.published_point()
+        out = [{**base, **published}]
+        for p in self.params:
+            ends = p.choices if p.type == "categorical" else (p.low, p.high)
+            out += [{**base, **published, p.name: value} for value in ends]
+        return out
 
     def _where(self) -> str:
         return self.path or f"search space of {self.method}"
@@ -217,6 +250,22 @@ def _condition(where: str, name: str, raw: Any, earlier: dict[str, Param]) -> di
     return out
 
 
+def _objectives(where: str, metric: Any, mode: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``metric: val_top1, mode: max`` or ``metric: [val_top1, val_few], mode: [max, max]`` (one mode for all
+    is allowed too); two or three distinct validation metrics make a multi-objective study."""
+    metrics = tuple(metric) if isinstance(metric, list) else (metric,)
+    modes = tuple(mode) if isinstance(mode, list) else (mode,) * len(metrics)
+    for m in metrics:
+        if m not in OBJECTIVES:
+            raise SpaceError(f"{where}: metric must be one of {', '.join(OBJECTIVES)} (or a list of 2-3 of them); "
+                             f"got {m!r}")
+    if not 1 <= len(metrics) <= 3 or len(set(metrics)) != len(metrics):
+        raise SpaceError(f"{where}: metric must be one metric or a list of 2 or 3 different ones, got {metric!r}")
+    if len(modes) != len(metrics) or any(m not in ("max", "min") for m in modes):
+        raise SpaceError(f"{where}: mode must be 'max' or 'min', or one of them per metric; got {mode!r}")
+    return metrics, modes
+
+
 def parse_space(data: dict[str, Any], where: str = "search space",
                 method: str | None = None) -> SearchSpace:
     """Validate a parsed mapping; ``method`` (from ``--method``) must match the file's, when given."""
@@ -230,11 +279,7 @@ def parse_space(data: dict[str, Any], where: str = "search space",
     if method is not None and file_method != method:
         raise SpaceError(f"{where} is for method {file_method!r}, not {method!r}")
     spec = get_method(file_method)
-    metric, mode = data.get("metric", "val_top1"), data.get("mode", "max")
-    if metric not in OBJECTIVES:
-        raise SpaceError(f"{where}: metric must be one of {', '.join(OBJECTIVES)}; got {metric!r}")
-    if mode not in ("max", "min"):
-        raise SpaceError(f"{where}: mode must be 'max' or 'min', got {mode!r}")
+    metrics, modes = _objectives(where, data.get("metric", "val_top1"), data.get("mode", "max"))
     fixed, tune = data.get("fixed") or {}, data.get("tune") or {}
     if not isinstance(fixed, dict) or not isinstance(tune, dict):
         raise SpaceError(f"{where}: 'fixed' and 'tune' must be mappings")
@@ -243,13 +288,15 @@ def parse_space(data: dict[str, Any], where: str = "search space",
     if bad_fixed:
         raise SpaceError(f"{where}: fixed key {bad_fixed[0]!r} is not a hyperparameter of "
                          f"{file_method!r} or a training setting")
+    if not tune:
+        raise SpaceError(f"{where}: tunes nothing; list the tuned parameters under 'tune:'")
     both = sorted(set(fixed) & set(tune))
     if both:
         raise SpaceError(f"{where}: {both[0]!r} is both fixed and tuned")
     params: dict[str, Param] = {}
     for name, pspec in tune.items():
         params[name] = _param(where, str(name), pspec, allowed, params, file_method)
-    space = SearchSpace(file_method, metric, mode, dict(fixed), tuple(params.values()), where)
+    space = SearchSpace(file_method, metrics, modes, dict(fixed), tuple(params.values()), where)
     space.check()
     return space
 
@@ -257,6 +304,11 @@ def parse_space(data: dict[str, Any], where: str = "search space",
 def load_space(path: str | Path, method: str | None = None) -> SearchSpace:
     """Read and validate a search-space file; every problem is one :class:`SpaceError` line."""
     return parse_space(load_yaml(path), str(path), method)
+
+
+def space_from_text(text: str, where: str, method: str | None = None) -> SearchSpace:
+    """A space from the text of its file (a study keeps the text it started with, for --resume)."""
+    return parse_space(parse_yaml(text, where), where, method)
 
 
 def default_space_path(method: str) -> Path:

@@ -19,11 +19,22 @@ from typing import Any
 import yaml
 
 from ltstudy.errors import ConfigError, LtstudyError
+from ltstudy.study.selection import (
+    Objectives,
+    confirmed_ranking,
+    gain_over_published,
+    pareto_front,
+    pick_best,
+    pick_point,
+)
 
 STUDY_TAG = "ltstudy.study"
 ROLE_TAG = "ltstudy.role"
 TRIAL_TAG = "ltstudy.trial_id"
-STATUS_TAG = "ltstudy.status"  # completed | pruned | failed | running
+STATUS_TAG = "ltstudy.status"  # completed | pruned | failed | running | interrupted
+PUBLISHED_TAG = "ltstudy.published"  # "true" on the published configuration's trial run
+CONFIRMS_TAG = "ltstudy.confirms"  # on a confirmation run: the trial id it re-runs with another seed
+ENDED = ("completed", "pruned", "failed")  # statuses of a trial run that must never be touched again
 CHECKPOINT_TAG = "ltstudy.checkpoint"  # where the trial's last checkpoint lives (storage URI)
 PARENT_TAG = "mlflow.parentRunId"
 CONFIG_ARTIFACT = "config.yaml"
@@ -106,13 +117,24 @@ def log_batch(mlc, run_id: str, metrics=(), params=None, tags=None) -> None:
         mlc.log_batch(run_id, metrics=metrics[i:i + 100], params=params[i:i + 100], tags=tags[i:i + 100])
 
 
-def trial_outcome(result: dict[str, Any] | None, errored: bool) -> str:
-    """completed | pruned | failed: a trial that stopped before its last epoch was pruned (ASHA)."""
-    if errored or not result or result.get("failure"):
-        return "failed"
+def trial_outcome(result: dict[str, Any] | None, errored: bool,
+                  objectives: tuple[str, ...] = ()) -> tuple[str, str | None]:
+    """(completed | pruned | failed, why it failed): a trial that stopped before its last epoch was pruned
+    (early stopping); one that ended with a NaN objective failed."""
+    if errored or not result:
+        return "failed", None
+    if result.get("failure"):
+        return "failed", str(result["failure"])
     if int(result.get("epoch", 0)) < int(result.get("epochs_total", 0)):
-        return "pruned"
-    return "completed"
+        return "pruned", None
+    bad = [m for m in objectives if not _finite(result.get(m))]
+    if bad:
+        return "failed", f"objective {bad[0]} is {result.get(bad[0])} at the last epoch"
+    return "completed", None
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ---------------------------------------------------------------------------------------- the study
@@ -126,7 +148,11 @@ class StudyTracker:
         self.parent_run_id: str | None = None
 
     def open(self, tags: dict[str, Any], resume: bool) -> str:
-        """Get or create the experiment and the study run; on resume reuse both."""
+        """Get or create the experiment and the study run; on resume reuse both.
+
+        A fresh start finds no study run unless an earlier start failed before its first trial (Ray never
+        started, e.g. a cluster that went away): that run is deleted and the study starts again.
+        """
         exp = self.mlc.get_experiment_by_name(self.study)
         if exp is None:
             self.experiment_id = self.mlc.create_experiment(self.study, tags={STUDY_TAG: self.study})
@@ -137,8 +163,11 @@ class StudyTracker:
             self.experiment_id = exp.experiment_id
         parent = self._find_parent()
         if parent is not None and not resume:
-            raise TrackingError(f"study {self.study!r} already has a run in {self.uri}; pass --resume "
-                                "or pick another --study-name")
+            if self.mlc.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent}'", max_results=1):
+                raise TrackingError(f"study {self.study!r} already has trial runs in {self.uri}; pass --resume "
+                                    "or pick another --study-name")
+            self.mlc.delete_run(parent)  # a start that failed before any trial: start again
+            parent = None
         if parent is None:
             run = self.mlc.create_run(self.experiment_id, run_name=self.study,
                                       tags={ROLE_TAG: "study", STUDY_TAG: self.study})
@@ -147,6 +176,7 @@ class StudyTracker:
         else:
             self.parent_run_id = parent
             self.mlc.update_run(parent, status="RUNNING")
+            log_batch(self.mlc, parent, tags={"ltstudy.interrupted": "false"})
         return self.parent_run_id
 
     def _find_parent(self) -> str | None:
@@ -157,24 +187,46 @@ class StudyTracker:
     def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.mlc.log_artifact(self.parent_run_id, str(path), artifact_path)
 
-    def finish(self, space_text: str, metric: str, mode: str, optuna_study: Any = None,
-               status: str = "FINISHED") -> dict[str, Any] | None:
-        """Put the best trial's params and metrics, the space and the plots on the study run."""
+    def finish(self, space_text: str, obj: Objectives, optuna_study: Any = None,
+               status: str = "FINISHED") -> dict[str, Any]:
+        """Put the best trial (or the Pareto front), its gain over the published trial, the space and
+        the plots on the study run; returns ``{"best", "front", "gain", "trials"}``."""
         trials = study_trials(self.mlc, self.experiment_id, self.parent_run_id)
-        best = pick_best(trials, metric, mode)
+        best = pick_best(trials, obj)
+        front = pareto_front(trials, obj) if obj.multi else []
+        gain = gain_over_published(trials, best, obj)
         self.mlc.log_text(self.parent_run_id, space_text, "search_space.yaml")
         if best is not None:
             _log_best(self.mlc, self.parent_run_id, best)
+        if front:
+            log_batch(self.mlc, self.parent_run_id, tags={"ltstudy.pareto_trials": ",".join(
+                t["trial_id"] for t in front)})
+        if gain:
+            now = int(time.time() * 1000)
+            from mlflow.entities import Metric
+
+            log_batch(self.mlc, self.parent_run_id,
+                      metrics=[Metric(f"gain_over_published.{k}", v, now, 0) for k, v in gain.items()])
         with tempfile.TemporaryDirectory() as tmp:
-            for path in _plots(trials, metric, mode, optuna_study, Path(tmp)):
+            for path in _plots(trials, obj.metric, obj.mode, optuna_study, Path(tmp)):
                 self.mlc.log_artifact(self.parent_run_id, str(path), "plots")
-        counts: dict[str, int] = {}
-        for t in trials:
-            counts[t["status"]] = counts.get(t["status"], 0) + 1
         log_batch(self.mlc, self.parent_run_id,
-                   tags={f"ltstudy.trials_{k}": v for k, v in counts.items()})
+                  tags={f"ltstudy.trials_{k}": v for k, v in status_counts(trials).items()})
         self.mlc.set_terminated(self.parent_run_id, status)
-        return best
+        return {"best": best, "front": front, "gain": gain, "trials": trials}
+
+    def interrupted(self, how: str) -> int:
+        """Mark the study run and every trial run still RUNNING as KILLED (tagged interrupted)."""
+        killed = 0
+        for run in self.mlc.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+                                        max_results=5000):
+            if run.info.status == "RUNNING":
+                log_batch(self.mlc, run.info.run_id, tags={STATUS_TAG: "interrupted"})
+                self.mlc.set_terminated(run.info.run_id, "KILLED")
+                killed += 1
+        log_batch(self.mlc, self.parent_run_id, tags={"ltstudy.interrupted": how})
+        self.mlc.set_terminated(self.parent_run_id, "KILLED")
+        return killed
 
 
 def _log_best(mlc, run_id: str, best: dict[str, Any]) -> None:
@@ -192,27 +244,24 @@ def _log_best(mlc, run_id: str, best: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- reading a study back
-def study_trials(mlc, experiment_id: str, parent_run_id: str) -> list[dict[str, Any]]:
-    """Every trial run of a study with its status, last metrics and params, oldest first."""
-    runs = mlc.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+def study_trials(mlc, experiment_id: str, parent_run_id: str, role: str = "trial") -> list[dict[str, Any]]:
+    """Every trial run (``role="confirmation"``: every confirmation run) of a study, oldest first."""
+    runs = mlc.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}' and "
+                                            f"tags.`{ROLE_TAG}` = '{role}'",
                            max_results=5000, order_by=["attributes.start_time ASC"])
     return [{"run_id": r.info.run_id, "trial_id": r.data.tags.get(TRIAL_TAG, ""),
              "status": r.data.tags.get(STATUS_TAG, "running"), "metrics": dict(r.data.metrics),
-             "params": dict(r.data.params), "mlflow_status": r.info.status} for r in runs]
+             "params": dict(r.data.params), "mlflow_status": r.info.status,
+             "published": r.data.tags.get(PUBLISHED_TAG) == "true", "confirms": r.data.tags.get(CONFIRMS_TAG),
+             "seed": r.data.tags.get("seed"), "error": r.data.tags.get("error"),
+             "node_id": r.data.tags.get("node_id")} for r in runs]
 
 
-def pick_best(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    """Best trial on the objective among those that ran their whole budget.
-
-    Pruned trials are left out while any trial completed: their metric is from a shorter run, and a
-    config exported for ``ltstudy train`` should be one whose full-length result was measured.
-    """
-    scored = [t for t in trials if metric in t["metrics"] and t["status"] in ("completed", "pruned")]
-    full = [t for t in scored if t["status"] == "completed"] or scored
-    if not full:
-        return None
-    sign = 1.0 if mode == "max" else -1.0
-    return max(full, key=lambda t: sign * t["metrics"][metric])
+def status_counts(trials: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    return counts
 
 
 def find_study(uri: str, study: str):
@@ -228,23 +277,41 @@ def find_study(uri: str, study: str):
     return mlc, exp, runs[0]
 
 
-def export_best(uri: str, study: str) -> dict[str, Any]:
-    """The best trial's resolved config plus a ``provenance`` block, read from the tracking store."""
+def export_best(uri: str, study: str, pick: str | None = None) -> dict[str, Any]:
+    """The recommended trial's resolved config plus a ``provenance`` block, read from the tracking store.
+
+    The recommendation is, in this order: the confirmed winner (best mean validation objective over the
+    confirmation seeds) when the study was confirmed; for a multi-objective study the Pareto point that
+    ``pick`` names; else the best trial.
+    """
     mlc, exp, parent = find_study(uri, study)
-    metric = parent.data.tags.get("ltstudy.metric", "val_top1")
-    mode = parent.data.tags.get("ltstudy.mode", "max")
-    best = pick_best(study_trials(mlc, exp.experiment_id, parent.info.run_id), metric, mode)
-    if best is None:
-        raise TrackingError(f"study {study!r} has no finished trial with {metric!r}")
+    obj = Objectives.from_tags(parent.data.tags)
+    trials = study_trials(mlc, exp.experiment_id, parent.info.run_id)
+    ranking = confirmed_ranking(study_trials(mlc, exp.experiment_id, parent.info.run_id, "confirmation"), obj)
+    by_id = {t["trial_id"]: t for t in trials}
+    confirmed = None
+    if ranking and ranking[0]["trial_id"] in by_id and not obj.multi:
+        chosen, confirmed = by_id[ranking[0]["trial_id"]], ranking
+    elif obj.multi:
+        chosen = pick_point(trials, obj, pick)
+    else:
+        chosen = pick_best(trials, obj)
+        if chosen is None:
+            raise TrackingError(f"study {study!r} has no finished trial with {obj.metric!r}")
     with tempfile.TemporaryDirectory() as tmp:
-        path = mlc.download_artifacts(best["run_id"], CONFIG_ARTIFACT, tmp)
+        path = mlc.download_artifacts(chosen["run_id"], CONFIG_ARTIFACT, tmp)
         config = yaml.safe_load(Path(path).read_text())
     config["provenance"] = {
-        "study": study, "trial_id": best["trial_id"], "run_id": best["run_id"],
-        "tracking_uri": uri, "objective": {"metric": metric, "mode": mode},
-        "status": best["status"], "metrics": {k: best["metrics"][k] for k in sorted(best["metrics"])
-                                               if k.startswith(("val_", "test_"))},
+        "study": study, "trial_id": chosen["trial_id"], "run_id": chosen["run_id"],
+        "tracking_uri": uri, "objective": {"metric": ",".join(obj.metrics), "mode": ",".join(obj.modes)},
+        "status": chosen["status"], "published": chosen["published"],
+        "metrics": {k: chosen["metrics"][k] for k in sorted(chosen["metrics"]) if k.startswith(("val_", "test_"))},
+        "selected_by": "confirmation" if confirmed else ("pick " + str(pick) if obj.multi else "best trial"),
     }
+    if confirmed:
+        config["provenance"]["confirmation"] = {
+            "metric": obj.metric, "ranking": [{k: row[k] for k in ("trial_id", "mean", "std", "seeds")}
+                                              for row in confirmed]}
     return config
 
 
@@ -260,13 +327,12 @@ def list_studies(uri: str) -> list[dict[str, Any]]:
             _, _, parent = find_study(uri, study)
         except TrackingError:
             continue
-        metric = parent.data.tags.get("ltstudy.metric", "val_top1")
-        mode = parent.data.tags.get("ltstudy.mode", "max")
+        obj = Objectives.from_tags(parent.data.tags)
         trials = study_trials(mlc, exp.experiment_id, parent.info.run_id)
-        best = pick_best(trials, metric, mode)
+        best = pick_best(trials, obj)
         rows.append({"study": study, "method": parent.data.tags.get("ltstudy.method", "?"),
-                     "metric": metric, "mode": mode, "trials": len(trials),
-                     "best": best["metrics"][metric] if best else None,
+                     "metric": ",".join(obj.metrics), "mode": ",".join(obj.modes), "trials": len(trials),
+                     "best": best["metrics"][obj.metric] if best else None,
                      "best_trial": best["trial_id"] if best else None, "status": parent.info.status})
     return rows
 

@@ -1,23 +1,33 @@
-"""``ltstudy tune``: validate everything, open the tracking records, then build or restore the Tuner.
+"""``ltstudy tune``: check everything, open the tracking records, run (or resume) the study, summarise it.
 
-Order matters: every check that can fail on user input (space file, overrides, resources, storage,
-tracking server) runs in :func:`plan_study` before anything is written, so a bad command leaves no
-trace in the tracking store or the storage folder.
+Order matters. :func:`plan_study` runs every check that can fail on user input — the options, the space,
+the fixed settings, the dataset (built once on the driver), the backbone, the tracking store, the Ray
+address — before anything is written, so a bad command leaves no trace anywhere. Only then does
+:func:`run_study` open MLflow, save the study's options next to it and start Ray.
+
+Interruption: ltstudy owns SIGINT and SIGTERM while a study runs. The first one asks Tune to stop
+gracefully (Tune's SIGUSR1 handler: the loop ends and the experiment state is saved); the study run and
+the trial runs still running are then marked KILLED, and :class:`~ltstudy.errors.StudyInterrupted`
+carries the exact ``--resume`` command (exit code 130). A second signal stops at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from ltstudy.config import PATH_KEYS
-from ltstudy.errors import ConfigError
-from ltstudy.study.space import SearchSpace, default_space_path, load_space
+from ltstudy.errors import ConfigError, StudyInterrupted
+from ltstudy.study.options import StudyOptions, read_saved, write_saved
+from ltstudy.study.space import SearchSpace, default_space_path, space_from_text
 from ltstudy.study.tracking import (
     StudyTracker,
     check_reachable,
@@ -28,43 +38,40 @@ from ltstudy.study.tracking import (
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://")
 
-
-@dataclass
-class StudyOptions:
-    method: str
-    space_path: str | None = None
-    num_trials: int = 8
-    max_concurrent: int | None = None
-    sampler: str = "tpe"
-    scheduler: str = "asha"
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    storage: str | None = None
-    tracking_uri: str | None = None
-    study_name: str | None = None
-    address: str | None = None
-    resume: bool = False
-    seed: int | None = 0
-    backbone: str | None = None  # feature-stage methods: a checkpoint, or the MLflow run of a trial
-    overrides: dict[str, Any] = field(default_factory=dict)
-    retries: int = 1
-    grace_period: int = 1
-    reduction_factor: int = 2
-    verbose: int = 1
+__all__ = ["StudyOptions", "StudyPlan", "StudySummary", "plan_study", "run_study"]
 
 
 @dataclass
 class StudyPlan:
     opts: StudyOptions
     space: SearchSpace
-    space_text: str
+    space_yaml: str  # the space file's text as the study started
     study: str
     storage: str
     experiment_path: str
     optuna_storage: str  # a journal file or an RDB URL holding every study's Optuna study
     tracking_uri: str
     fresh: bool
+    seed: int  # the sampler's seed (derived from the study name unless --seed)
+    max_t: int  # the trials' epochs: the budget early stopping works within
+    grace: int  # ASHA's first rung
+    phases: list[int] = field(default_factory=list)  # the latest schedule phase start per corner config
+    notes: list[str] = field(default_factory=list)  # one-line warnings for the user
+
+    @property
+    def space_text(self) -> str:
+        import yaml
+
+        return self.space_yaml + "\n# effective fixed settings (file + overrides)\n" + \
+            yaml.safe_dump({"fixed": self.space.fixed}, sort_keys=False)
+
+    def resume_command(self) -> str:
+        o = self.opts
+        parts = ["ltstudy tune --resume", f"--method {self.space.method}", f"--study-name {self.study}",
+                 f"--storage {self.storage}", f"--tracking-uri {self.tracking_uri}"]
+        if o.address:
+            parts.append(f"--address {o.address}")
+        return " ".join(parts)
 
 
 @dataclass
@@ -81,8 +88,25 @@ class StudySummary:
     wall_s: float
     trial_wall_s: dict[str, float]
     trials: list[dict[str, Any]]
+    metrics: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ()
+    front: list[dict[str, Any]] = field(default_factory=list)  # multi-objective: the Pareto front
+    gain: dict[str, float] | None = None  # the best trial minus the published one
+    confirmed: list[dict[str, Any]] = field(default_factory=list)  # confirmation ranking, best first
+    notes: list[str] = field(default_factory=list)
+
+    def failure(self) -> str | None:
+        """One line when every trial failed: how many, and the most common error."""
+        if not self.trials or any(t["status"] != "failed" for t in self.trials):
+            return None
+        errors: dict[str, int] = {}
+        for t in self.trials:
+            errors[t.get("error") or "unknown error"] = errors.get(t.get("error") or "unknown error", 0) + 1
+        common, n = max(errors.items(), key=lambda kv: kv[1])
+        return f"all {len(self.trials)} trials failed; most common error ({n} of {len(self.trials)}): {common}"
 
 
+# ----------------------------------------------------------------------------------------------- plan
 def _absolute_paths(overrides: dict[str, Any]) -> dict[str, Any]:
     """Relative local paths become absolute: Tune runs each trial in its own working folder."""
     out = dict(overrides)
@@ -91,21 +115,6 @@ def _absolute_paths(overrides: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, str) and "://" not in value and not os.path.isabs(value):
             out[key] = str(Path(value).resolve())
     return out
-
-
-def _check_resources(o: StudyOptions) -> None:
-    if o.num_trials < 1:
-        raise ConfigError("--num-trials must be at least 1")
-    if o.max_concurrent is not None and o.max_concurrent < 1:
-        raise ConfigError("--max-concurrent must be at least 1")
-    if o.workers < 1:
-        raise ConfigError("--workers must be at least 1")
-    if o.cpus_per_worker <= 0:
-        raise ConfigError("--cpus-per-worker must be > 0")
-    if o.gpus_per_worker < 0 or (o.gpus_per_worker > 1 and not float(o.gpus_per_worker).is_integer()):
-        raise ConfigError("--gpus-per-worker must be a fraction of one GPU (0.25, 0.5, ...) or a whole number")
-    if o.retries < 0:
-        raise ConfigError("--retries must be >= 0")
 
 
 def _backbone_pins(o: StudyOptions, pins: dict[str, Any]) -> dict[str, Any]:
@@ -135,29 +144,10 @@ def _feature_pins(plan: StudyPlan) -> dict[str, Any]:
     return {"feature_storage": storage.uri, "feature_key": key}
 
 
-def plan_study(o: StudyOptions) -> StudyPlan:
-    """Every user-input check, with nothing written anywhere."""
-    from ltstudy.methods import get_method
-    from ltstudy.study.search import OPTUNA_JOURNAL, make_sampler, make_scheduler
+def _locate(o: StudyOptions, study: str) -> tuple[str, str, bool, str]:
+    """(storage root, experiment path, whether a Tune experiment exists there, Optuna storage)."""
+    from ltstudy.study.search import OPTUNA_JOURNAL
 
-    get_method(o.method)
-    _check_resources(o)
-    path = Path(o.space_path) if o.space_path else default_space_path(o.method)
-    space = load_space(path, o.method)
-    pins = dict(o.overrides)
-    if get_method(o.method).stage == "feature":
-        pins = _backbone_pins(o, pins)
-    for key in PATH_KEYS:
-        if key in space.fixed and key not in pins:
-            pins[key] = space.fixed[key]
-    space = space.with_overrides(_absolute_paths(pins))
-    make_sampler(o.sampler, o.seed)
-    epochs = int(space.fixed.get("epochs", 200))
-    make_scheduler(o.scheduler, space.metric, space.mode, epochs)
-    study = o.study_name or f"{o.method}-{space.fixed.get('dataset', 'cifar10-lt')}-" \
-                            f"{datetime.now():%Y%m%d-%H%M%S}"
-    if "/" in study or not study.strip():
-        raise ConfigError(f"--study-name {study!r} must be a non-empty name without '/'")
     storage = o.storage or str(Path("ltstudy_results").resolve())
     if not storage.startswith(REMOTE_SCHEMES):
         storage = str(Path(storage).expanduser().resolve())
@@ -165,83 +155,127 @@ def plan_study(o: StudyOptions) -> StudyPlan:
             raise ConfigError(f"--storage {storage} is a file, not a folder")
         experiment_path = str(Path(storage) / study)
         exists = (Path(experiment_path) / "tuner.pkl").is_file()
-        optuna_storage = str(Path(storage) / OPTUNA_JOURNAL)
-    else:
-        from ray.tune import Tuner
+        return storage, experiment_path, exists, str(Path(storage) / OPTUNA_JOURNAL)
+    from ray.tune import Tuner
 
-        experiment_path = f"{storage.rstrip('/')}/{study}"
-        exists = Tuner.can_restore(experiment_path)
-        optuna_storage = str(Path("~/.cache/ltstudy").expanduser() / OPTUNA_JOURNAL)
-    if o.resume and not exists:
-        raise ConfigError(f"--resume: no study {study!r} to continue under {storage}")
+    experiment_path = f"{storage.rstrip('/')}/{study}"
+    return storage, experiment_path, Tuner.can_restore(experiment_path), \
+        str(Path("~/.cache/ltstudy").expanduser() / OPTUNA_JOURNAL)
+
+
+def _write_saved(plan: StudyPlan) -> None:
+    write_saved(plan.experiment_path, {**plan.opts.saved(), "seed": plan.seed, "space_yaml": plan.space_yaml,
+                                       "study": plan.study})
+
+
+def _schedule_budget(space: SearchSpace, o: StudyOptions) -> tuple[int, list[int]]:
+    """(the trials' epochs, the latest phase start of each corner configuration of the space)."""
+    from ltstudy.config import resolve_config
+    from ltstudy.train import phase_epochs
+
+    if o.scheduler != "none" and "epochs" in space.tuned_names:
+        raise ConfigError(f"{space.path}: 'epochs' is tuned, and early stopping would favour the short "
+                          "runs; fix epochs (KEY=VALUE or fixed:) or pass --scheduler none")
+    epochs = resolve_config({**space.fixed, **space.published_point(), "method": space.method}).train.epochs
+    phases = [max(phase_epochs(resolve_config(c)), default=0) for c in space.corner_configs()]
+    return epochs, phases
+
+
+def plan_study(o: StudyOptions) -> StudyPlan:
+    """Every user-input check, with nothing written anywhere."""
+    from ltstudy.config import resolve_config
+    from ltstudy.methods import get_method
+    from ltstudy.study.checks import check_address, check_data
+    from ltstudy.study.schedulers import first_rung, make_scheduler
+    from ltstudy.study.search import make_sampler, sampler_warning, study_seed
+
+    if o.resume and not o.study_name:
+        raise ConfigError("--resume needs --study-name (the study to continue)")
+    saved: dict[str, Any] | None = None
+    if o.resume:
+        storage, experiment_path, exists, optuna_storage = _locate(o, o.study_name)
+        if not exists:
+            raise ConfigError(f"--resume: no study {o.study_name!r} to continue under {storage}")
+        saved = read_saved(experiment_path)
+        o = o.for_resume(saved)
+    get_method(o.method)
+    o.check()
+    if saved is not None:
+        space_yaml, where = saved["space_yaml"], f"the space of study {o.study_name}"
+    else:
+        path = Path(o.space_path) if o.space_path else default_space_path(o.method)
+        if not path.is_file():
+            raise ConfigError(f"search-space file not found: {path}")
+        space_yaml, where = path.read_text(), str(path)
+    space = space_from_text(space_yaml, where, o.method)
+    pins = dict(o.overrides)
+    if get_method(o.method).stage == "feature":
+        pins = _backbone_pins(o, pins)
+    for key in PATH_KEYS:
+        if key in space.fixed and key not in pins:
+            pins[key] = space.fixed[key]
+    space = space.with_overrides(_absolute_paths(pins))
+    notes = []
+    make_sampler(o.sampler, 0, o.num_trials)  # an unknown sampler is one line here
+    if (warning := sampler_warning(o.sampler, o.num_trials)) and not o.resume:
+        notes.append(warning)
+    epochs, phases = _schedule_budget(space, o)
+    grace = first_rung(phases, o.grace_period)
+    make_scheduler(o.scheduler, space.metric, space.mode, epochs, grace, o.reduction_factor, state_dir=".")
+    if o.scheduler != "none" and space.multi_objective:
+        notes.append(f"multi-objective study: early stopping decides on the first objective, {space.metric}")
+    study = o.study_name or f"{o.method}-{space.fixed.get('dataset', 'cifar10-lt')}-" \
+                            f"{datetime.now():%Y%m%d-%H%M%S}"
+    if "/" in study or not study.strip():
+        raise ConfigError(f"--study-name {study!r} must be a non-empty name without '/'")
+    storage, experiment_path, exists, optuna_storage = _locate(o, study)
     if exists and not o.resume:
         raise ConfigError(f"study {study!r} already exists under {storage}; pass --resume to continue it "
                           "or choose another --study-name")
+    if o.confirm and space.multi_objective:
+        raise ConfigError("--confirm ranks configurations by one objective; this study has "
+                          f"{len(space.metrics)} ({', '.join(space.metrics)})")
     uri = resolve_tracking_uri(o.tracking_uri)
     check_reachable(uri)
-    import yaml
-
-    space_text = path.read_text() + "\n# effective fixed settings (file + overrides)\n" + \
-        yaml.safe_dump({"fixed": space.fixed}, sort_keys=False)
-    return StudyPlan(o, space, space_text, study, storage, experiment_path, optuna_storage, uri, not o.resume)
-
-
-def _ray_init(address: str | None) -> bool:
-    """Connect to ``address`` or start a new local Ray; returns whether this call started it.
-
-    Without ``--address`` the study always starts its own Ray (``address="local"``): a plain
-    ``ray.init()`` would join whatever cluster Ray's current-cluster file names, a dead one included.
-    Ray 2.60 turns token auth on for a new local cluster; ltstudy keeps it off unless the user set
-    ``RAY_AUTH_MODE`` (documented in the README; cluster.yaml sets it explicitly).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING")
-    return True
+    check_address(o.address)
+    published = resolve_config({**space.fixed, **space.published_point(), "method": space.method})
+    check_data(published)  # with download=true this is the one download; trials then only read
+    if published.train.download:
+        space = space.with_overrides({"download": False})
+    seed = saved["seed"] if saved is not None else (o.seed if o.seed is not None else study_seed(study))
+    return StudyPlan(o, space, space_yaml, study, storage, experiment_path, optuna_storage, uri,
+                     not o.resume, seed, epochs, grace, phases, notes)
 
 
-def _max_concurrent(o: StudyOptions) -> int:
-    import ray
-
-    if o.max_concurrent:
-        return o.max_concurrent
-    total = ray.cluster_resources()
-    fits = int(total.get("CPU", 1) // (o.workers * o.cpus_per_worker))
-    if o.gpus_per_worker:
-        fits = min(fits, int(total.get("GPU", 0) // (o.workers * o.gpus_per_worker)))
-    return max(1, fits)
-
-
-def _build_tuner(plan: StudyPlan, trainable: Any, callback: Any):
+# ------------------------------------------------------------------------------------------------ run
+def _build_tuner(plan: StudyPlan, trainable: Any, callbacks: list[Any]):
     import ray.tune
     from ray.tune import Tuner
 
-    from ltstudy.study.callbacks import PlacementGroupReaper
-    from ltstudy.study.search import make_scheduler, make_searcher
+    from ltstudy.study.runner import max_concurrent
+    from ltstudy.study.schedulers import make_scheduler
+    from ltstudy.study.search import make_searcher
 
     o = plan.opts
     if not plan.fresh:
         tuner = Tuner.restore(plan.experiment_path, trainable, resume_unfinished=True,
                               resume_errored=False)
-        # The pickled callback would carry the old process's settings; use this run's.
-        tuner._local_tuner.get_run_config().callbacks = [callback, PlacementGroupReaper()]
+        # The pickled callbacks would carry the old process's settings; use this run's.
+        tuner._local_tuner.get_run_config().callbacks = callbacks
         return tuner
     if "://" not in plan.optuna_storage:
         Path(plan.optuna_storage).parent.mkdir(parents=True, exist_ok=True)
     space = plan.space
-    searcher = make_searcher(space, o.sampler, o.seed, plan.study, plan.optuna_storage, fresh=True)
-    scheduler = make_scheduler(o.scheduler, space.metric, space.mode, int(space.fixed.get("epochs", 200)),
-                               o.grace_period, o.reduction_factor)
+    searcher = make_searcher(space, o.sampler, plan.seed, o.num_trials, plan.study, plan.optuna_storage,
+                             fresh=True)
+    scheduler = make_scheduler(o.scheduler, space.metric, space.mode, plan.max_t, plan.grace,
+                               o.reduction_factor, state_dir=plan.experiment_path)
     return Tuner(
         trainable,
-        tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                        num_samples=o.num_trials, max_concurrent_trials=_max_concurrent(o)),
+        tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=o.num_trials,
+                                        max_concurrent_trials=max_concurrent(o), time_budget_s=o.time_budget),
         run_config=ray.tune.RunConfig(
-            name=plan.study, storage_path=plan.storage, callbacks=[callback, PlacementGroupReaper()],
-            verbose=o.verbose,
+            name=plan.study, storage_path=plan.storage, callbacks=callbacks, verbose=o.verbose,
             failure_config=ray.tune.FailureConfig(max_failures=o.retries),
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
         ),
@@ -250,39 +284,104 @@ def _build_tuner(plan: StudyPlan, trainable: Any, callback: Any):
 
 def study_tags(plan: StudyPlan) -> dict[str, Any]:
     o, s = plan.opts, plan.space
-    return {"ltstudy.method": s.method, "ltstudy.metric": s.metric, "ltstudy.mode": s.mode,
-            "ltstudy.sampler": o.sampler, "ltstudy.scheduler": o.scheduler,
-            "ltstudy.num_trials": o.num_trials, "ltstudy.workers": o.workers,
-            "ltstudy.storage": plan.experiment_path, "ltstudy.tuned": ",".join(s.tuned_names),
-            "dataset": s.fixed.get("dataset", "cifar10-lt"), "git_commit": git_commit(),
+    return {"ltstudy.method": s.method, "ltstudy.metric": ",".join(s.metrics),
+            "ltstudy.mode": ",".join(s.modes), "ltstudy.sampler": o.sampler, "ltstudy.seed": plan.seed,
+            "ltstudy.scheduler": o.scheduler, "ltstudy.grace_period": plan.grace,
+            "ltstudy.reduction_factor": o.reduction_factor, "ltstudy.num_trials": o.num_trials,
+            "ltstudy.workers": o.workers, "ltstudy.storage": plan.experiment_path,
+            "ltstudy.tuned": ",".join(s.tuned_names), "dataset": s.fixed.get("dataset", "cifar10-lt"),
+            "git_commit": git_commit(),
             **({"ltstudy.feature_key": s.fixed["feature_key"]} if s.fixed.get("feature_key") else {})}
 
 
-def run_study(o: StudyOptions, echo: Callable[..., None] | None = None) -> StudySummary:
-    """Plan, record, run (or resume) and summarise one study."""
+def _drop_stale_optuna_study(plan: StudyPlan) -> None:
+    """A fresh start under a name whose earlier start never reached Tune: its Optuna study is stale."""
     import optuna
 
-    from ltstudy.study.callbacks import MLflowTrialCallback
-    from ltstudy.study.runner import Resources, make_trainable
     from ltstudy.study.search import open_optuna_storage
-    from ltstudy.study.tracking import study_trials
+
+    if "://" not in plan.optuna_storage and not Path(plan.optuna_storage).is_file():
+        return
+    with contextlib.suppress(KeyError):
+        optuna.delete_study(study_name=plan.study, storage=open_optuna_storage(plan.optuna_storage))
+
+
+@contextlib.contextmanager
+def _interrupts() -> Iterator[SimpleNamespace]:
+    """Own SIGINT/SIGTERM: the first asks Tune to stop gracefully (SIGUSR1), a second one stops at once."""
+    caught = SimpleNamespace(signal=None)
+    if signal.getsignal(signal.SIGINT) is None or not _main_thread():
+        yield caught
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+        if caught.signal is not None or not tune_listens:
+            caught.signal = caught.signal or signal.Signals(signum).name
+            raise KeyboardInterrupt
+        caught.signal = signal.Signals(signum).name
+        os.kill(os.getpid(), signal.SIGUSR1)  # Tune ends its loop and saves the experiment state
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    before = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield caught
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if before is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = before
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
+              say: Callable[[str], None] | None = None) -> StudySummary:
+    """Plan, record, run (or resume) and summarise one study; ``say`` gets one-line notices."""
+    import optuna
+
+    from ltstudy.study.callbacks import MLflowTrialCallback, PlacementGroupReaper
+    from ltstudy.study.confirm import confirm_top
+    from ltstudy.study.runner import Resources, make_trainable, ray_init
+    from ltstudy.study.search import open_optuna_storage
+    from ltstudy.study.selection import Objectives
 
     tic = time.time()
     plan = plan_study(o)
+    o = plan.opts
+    for note in plan.notes:
+        (say or print)(note)
     if plan.fresh and "backbone" in plan.space.fixed:
         plan.space = plan.space.with_overrides(_feature_pins(plan))
+    obj = Objectives(plan.space.metrics, plan.space.modes)
     tracker = StudyTracker(plan.tracking_uri, plan.study)
-    parent = tracker.open(study_tags(plan), resume=o.resume)
-    # Save Tune's experiment state at every controller step (default: throttled), so a driver killed
-    # right after a trial finished does not resume that trial as unfinished and run it again.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-    started = _ray_init(o.address)
+    parent = tracker.open(study_tags(plan), resume=not plan.fresh)
+    if plan.fresh:
+        _drop_stale_optuna_study(plan)
+        _write_saved(plan)
+    interrupted = None
+    started = False
+    confirmed: list[dict[str, Any]] = []
     try:
-        callback = MLflowTrialCallback(plan.tracking_uri, tracker.experiment_id, parent, plan.study,
-                                       git_commit(), echo)
-        res = Resources(o.workers, o.cpus_per_worker, o.gpus_per_worker, o.retries, plan.storage)
-        tuner = _build_tuner(plan, make_trainable(res), callback)
-        tuner.fit()
+        with _interrupts() as caught:
+            started = ray_init(o.address)
+            callback = MLflowTrialCallback(plan.tracking_uri, tracker.experiment_id, parent, plan.study,
+                                           git_commit(), echo, objectives=plan.space.metrics)
+            trainable = make_trainable(Resources(o.workers, o.cpus_per_worker, o.gpus_per_worker, o.retries,
+                                                 plan.storage))
+            _build_tuner(plan, trainable, [callback, PlacementGroupReaper()]).fit()
+            if not caught.signal and o.confirm:
+                confirmed = confirm_top(plan, tracker, trainable, o.confirm, o.confirm_seeds, echo)
+        interrupted = caught.signal
+    except KeyboardInterrupt:
+        interrupted = "SIGINT"
     except BaseException:
         tracker.mlc.set_terminated(parent, "FAILED")
         raise
@@ -291,15 +390,24 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None) -> Study
             import ray
 
             ray.shutdown()
+    if interrupted:
+        stopped = tracker.interrupted(interrupted)
+        raise StudyInterrupted(f"{interrupted}: study {plan.study} stopped, {stopped} running trial(s) "
+                               f"killed, its state saved; resume with: {plan.resume_command()}")
     try:
         ot_study = optuna.load_study(study_name=plan.study, storage=open_optuna_storage(plan.optuna_storage))
     except KeyError:  # no trial was ever asked for
         ot_study = None
-    best = tracker.finish(plan.space_text, plan.space.metric, plan.space.mode, ot_study)
-    trials = study_trials(tracker.mlc, tracker.experiment_id, parent)
+    result = tracker.finish(plan.space_text, obj, ot_study)
+    trials = result["trials"]
     counts: dict[str, int] = {}
     for t in trials:
         counts[t["status"]] = counts.get(t["status"], 0) + 1
-    return StudySummary(plan.study, plan.space.metric, plan.space.mode, best, plan.space.tuned_names,
-                        counts, plan.experiment_path, plan.tracking_uri, parent, time.time() - tic,
-                        dict(callback.wall), trials)
+    notes = []
+    if o.time_budget and time.time() - tic >= o.time_budget and len(trials) < o.num_trials:
+        notes.append(f"the time budget ({o.time_budget:.0f} s) ended the study after {len(trials)} of "
+                     f"{o.num_trials} trials")
+    return StudySummary(plan.study, obj.metric, obj.mode, result["best"], plan.space.tuned_names, counts,
+                        plan.experiment_path, plan.tracking_uri, parent, time.time() - tic, dict(callback.wall),
+                        trials, obj.metrics, obj.modes, result["front"], result["gain"], confirmed, notes)
+

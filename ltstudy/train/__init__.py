@@ -8,8 +8,8 @@
 
 from ltstudy.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from ltstudy.train.loop import NonFiniteLossError, Report, TrialContext
-from ltstudy.train.optim import lr_factor
-from ltstudy.train.trial import run_trial
+from ltstudy.train.optim import lr_factor, lr_phase_epochs
+from ltstudy.train.trial import finished_metrics, phase_epochs, run_trial
 
 __all__ = ["CHECKPOINT_FILE", "NonFiniteLossError", "Report", "TrialContext", "load_checkpoint", "lr_factor",
-           "run_trial"]
+           "finished_metrics", "lr_phase_epochs", "phase_epochs", "run_trial"]

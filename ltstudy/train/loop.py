@@ -22,11 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ltstudy.config import TrialConfig
 from ltstudy.methods import Method
-from ltstudy.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint
+from ltstudy.train.checkpoint import (
+    CHECKPOINT_FILE,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    write_progress,
+)
 from ltstudy.train.optim import make_optimizer, make_scheduler
 
 #: ``report(metrics, checkpoint_dir)``: called after every epoch; ``checkpoint_dir`` is None when no
@@ -88,11 +95,20 @@ class Stage:
 
 
 def _train_epoch(stage: Stage, epoch: int) -> float:
+    """The epoch's mean training loss over every step of every rank.
+
+    Under data parallelism the loss sum and the step count are all-reduced, so the reported loss is the
+    global mean and a non-finite loss on any rank makes every rank raise together (instead of one rank
+    leaving while the others wait in the next all-reduce).
+    """
     total, steps = torch.zeros((), device=stage.device), 0
     for batch in stage.batches(epoch):
         total += stage.step(batch).float()
         steps += 1
-    loss = total.item() / max(steps, 1)
+    sums = torch.stack([total, torch.tensor(float(steps), device=stage.device)])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    loss = sums[0].item() / max(sums[1].item(), 1.0)
     if not math.isfinite(loss):
         raise NonFiniteLossError(f"training loss is {loss} in epoch {epoch + 1}")
     return loss
@@ -128,6 +144,7 @@ def run_epochs(stage: Stage, cfg: TrialConfig, ctx: TrialContext,
             ckpt_dir = ctx.checkpoint_dir
             save_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE, epoch=epoch + 1, config=cfg.to_dict(),
                             **stage.state())
+            write_progress(Path(ckpt_dir), epoch + 1, metrics)
         if report is not None:
             report(dict(metrics), ckpt_dir)
     return metrics

@@ -28,6 +28,14 @@ def lr_factor(epoch: int, cfg: Any) -> float:
     return 1.0
 
 
+def lr_phase_epochs(cfg: Any) -> list[int]:
+    """0-based epochs where the lr schedule changes phase: the end of warm-up and the step milestones."""
+    phases = [cfg.warmup_epochs] if 0 < cfg.warmup_epochs < cfg.epochs else []
+    if cfg.schedule == "step":
+        phases += [int(m * cfg.epochs) for m in cfg.milestones if 0 < int(m * cfg.epochs) < cfg.epochs]
+    return sorted(set(phases))
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Any) -> torch.optim.lr_scheduler.LRScheduler:
     """The per-epoch schedule of :func:`lr_factor`, stepped once after each epoch."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg))

@@ -4,7 +4,8 @@ one process that feeds each global batch to the model as the two ranks' shards.
 Why shards: ResNet-32's BatchNorm normalises with each rank's own batch statistics (SyncBatchNorm is
 CUDA-only), so two ranks are not one process on the whole batch; they are one process whose loss is the
 mean of the two shard losses, and that is what the reference below computes with ltstudy's own data,
-method and optimiser. Parameters must agree to float32 rounding; BN running statistics are left out (DDP
+method and optimiser, and the logged ``train_loss`` is the global mean. Parameters must agree to float32
+rounding; BN running statistics are left out (DDP
 keeps rank 0's). Rounding must stay rounding: a tiny ResNet trained at lr 0.1 is chaotic enough that a
 1e-7 gradient difference (the two processes' kernels sum in another order; first-step gradients agree to
 2e-7) grows to 4e-4 in the weights within an epoch, so the trial runs at lr 1e-3, where it stays 1e-7.
@@ -24,7 +25,7 @@ from ltstudy.train.optim import make_optimizer, make_scheduler
 pytestmark = pytest.mark.slow
 
 
-def _one_process_two_shards(cfg) -> dict[str, torch.Tensor]:
+def _one_process_two_shards(cfg) -> tuple[dict[str, torch.Tensor], float]:
     t = cfg.train
     data = load_data(cfg)
     torch.manual_seed(t.seed)
@@ -39,14 +40,16 @@ def _one_process_two_shards(cfg) -> dict[str, torch.Tensor]:
         method.on_epoch_start(epoch)
         loader.set_epoch(epoch)
         model.train()
+        losses = []
         for x, y in loader:
             shards = zip(x.tensor_split(2), y.tensor_split(2), strict=True)
             loss = sum(method.loss(model(xs), ys) for xs, ys in shards) / 2
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            losses.append(loss.item())
         scheduler.step()
-    return {k: p.detach() for k, p in model.named_parameters()}
+    return {k: p.detach() for k, p in model.named_parameters()}, sum(losses) / len(losses)
 
 
 def test_ltstudy_train_worker_on_two_ranks_matches_one_process(ray_local, tmp_path, one_thread):
@@ -64,6 +67,8 @@ def test_ltstudy_train_worker_on_two_ranks_matches_one_process(ray_local, tmp_pa
     assert result.metrics["epoch"] == 2
     with result.checkpoint.as_directory() as d:
         ddp = torch.load(f"{d}/checkpoint.pt", weights_only=True)["model"]
-    single = _one_process_two_shards(cfg)
+    single, last_epoch_loss = _one_process_two_shards(cfg)
     for name, value in single.items():
         torch.testing.assert_close(ddp[name], value, atol=1e-6, rtol=0, msg=name)
+    # the logged train_loss is the mean over every step of both ranks, not rank 0's shard
+    assert result.metrics["train_loss"] == pytest.approx(last_epoch_loss, rel=1e-5)

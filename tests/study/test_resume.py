@@ -1,38 +1,53 @@
-"""SIGKILL the ``ltstudy tune`` driver right after a trial finished, then ``--resume``: the finished trial
-keeps its run and is not trained again, the rest finish, and MLflow ends with exactly one run per trial."""
+"""Interrupt and kill a running ``ltstudy tune`` (2 concurrent trials, ASHA on), then ``--resume`` it with
+nothing but the printed command: the study ends as if it had never stopped.
+
+1. Ctrl-C (SIGINT to the whole process group) right after a trial finished: exit 130, the study run and
+   the trial runs still running are KILLED and tagged, and stderr names the exact ``--resume`` command.
+2. That command continues the study; right after the next trial finishes, SIGKILL the whole group.
+3. The same command again finishes the study. Every trial has exactly one MLflow run, no metric step is
+   logged twice, no Optuna trial is left RUNNING, and ASHA's rungs hold every decision from before.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+
+from ltstudy.study.schedulers import STATE_FILE
+from ltstudy.study.search import OPTUNA_JOURNAL, open_optuna_storage
 
 from .conftest import TINY, ray_env
 
 pytestmark = pytest.mark.slow
+TRIALS = 6
 
 
-def _cmd(tmp, uri: str, resume: bool) -> list[str]:
-    tiny = [f"{k}={v}" for k, v in TINY.items()]
-    return [sys.executable, "-m", "ltstudy.cli", "tune", "--method", "ce", "--num-trials", "4",
-            "--max-concurrent", "1", "--scheduler", "none", "--sampler", "random", "--retries", "0",
-            "--storage", str(tmp / "storage"), "--tracking-uri", uri,
-            "--study-name", "resume", *(["--resume"] if resume else []), *tiny, "epochs=3"]
+def _start(argv: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "ltstudy.cli", *argv], cwd=cwd, env=env, text=True,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _trial_runs(uri):
-    # Through the server: a second process opening the driver's SQLite file races its schema setup.
-    mlc = MlflowClient(uri)
-    exp = mlc.get_experiment_by_name("resume")
-    if exp is None:
-        return []
-    return mlc.search_runs([exp.experiment_id], "tags.`ltstudy.role` = 'trial'", max_results=100)
+def _after_next_completion(proc: subprocess.Popen, sig: signal.Signals) -> list[str]:
+    """Read the driver's lines until a trial completes, then send ``sig`` to its whole process group."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if ": completed after epoch" in line:
+            os.killpg(proc.pid, sig)
+            break
+    assert any(": completed after epoch" in line for line in lines), "".join(lines)[-3000:]
+    return lines
 
 
 def _live_members(pgid: int) -> list[int]:
@@ -48,48 +63,63 @@ def _live_members(pgid: int) -> list[int]:
     return alive
 
 
-def _kill_group(driver: subprocess.Popen, timeout: float = 30.0) -> None:
-    """SIGKILL the driver's process group (the driver and the Ray processes it started); wait until no
-    process of it runs any more."""
-    try:
-        os.killpg(driver.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    driver.wait()
+def _wait_group_gone(pgid: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    while _live_members(driver.pid):
-        assert time.monotonic() < deadline, f"processes {_live_members(driver.pid)} survived SIGKILL"
+    while _live_members(pgid):
+        if time.monotonic() > deadline:
+            os.killpg(pgid, signal.SIGKILL)
+            raise AssertionError(f"processes {_live_members(pgid)} of the study outlived it")
         time.sleep(0.1)
 
 
-def test_sigkill_then_resume(tmp_path, mlflow_server):
+def _rungs(storage: Path) -> dict[float, dict[str, float]]:
+    state = pickle.loads((storage / "resume" / STATE_FILE).read_bytes())
+    return {m: rec for m, rec in state["rungs"][0]}
+
+
+def test_interrupt_kill_and_resume(tmp_path, mlflow_server):
     ray_env()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    driver = subprocess.Popen(_cmd(tmp_path, mlflow_server, resume=False), cwd=tmp_path, env=env,
-                              start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
-    log = []
-    try:
-        for line in driver.stdout:  # the driver prints one line per finished trial
-            log.append(line)
-            if ": completed after epoch" in line:
-                break
-    finally:
-        _kill_group(driver)
-    assert any(": completed after epoch" in line for line in log), "".join(log)[-3000:]
-    done_before = {r.data.tags["ltstudy.trial_id"]: r.info.run_id
-                   for r in _trial_runs(mlflow_server) if r.data.tags.get("ltstudy.status") == "completed"}
-    assert done_before
-    resumed = subprocess.run(_cmd(tmp_path, mlflow_server, resume=True), cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    runs = _trial_runs(mlflow_server)
-    ids = [r.data.tags["ltstudy.trial_id"] for r in runs]
-    assert len(ids) == len(set(ids)) == 4, ids
-    by_id = {r.data.tags["ltstudy.trial_id"]: r for r in runs}
+    storage = tmp_path / "storage"
+    first = ["tune", "--method", "ce", "--num-trials", str(TRIALS), "--max-concurrent", "2", "--sampler", "random",
+             "--grace-period", "1", "--retries", "0", "--storage", str(storage), "--tracking-uri", mlflow_server,
+             "--study-name", "resume", *[f"{k}={v}" for k, v in TINY.items()], "epochs=4", "schedule=cosine"]
+    # 1. Ctrl-C
+    proc = _start(first, tmp_path)
+    _after_next_completion(proc, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    _wait_group_gone(proc.pid)
+    assert proc.returncode == 130, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("interrupted: SIGINT: study resume stopped") and "resume with: ltstudy tune" in line
+    command = shlex.split(line.split("resume with: ", 1)[1])
     mlc = MlflowClient(mlflow_server)
-    for tid, run_id in done_before.items():
-        assert by_id[tid].info.run_id == run_id
-        steps = [m.step for m in mlc.get_metric_history(run_id, "val_loss")]
-        assert steps == [1, 2, 3], steps  # not trained again: no epoch logged twice
-    assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
+    exp = mlc.get_experiment_by_name("resume")
+    (parent,) = mlc.search_runs([exp.experiment_id], "tags.`ltstudy.role` = 'study'")
+    assert parent.info.status == "KILLED" and parent.data.tags["ltstudy.interrupted"] == "SIGINT"
+    runs = mlc.search_runs([exp.experiment_id], "tags.`ltstudy.role` = 'trial'")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    # 2. resume with the printed command, then SIGKILL the whole group after the next completion
+    proc = _start(command[1:], tmp_path)
+    _after_next_completion(proc, signal.SIGKILL)
+    proc.wait()
+    _wait_group_gone(proc.pid)
+    before_kill = _rungs(storage)
+    assert sum(len(rec) for rec in before_kill.values()) >= 2
+    # 3. resume again: the study completes
+    done = subprocess.run([sys.executable, "-m", "ltstudy.cli", *command[1:]], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = mlc.search_runs([exp.experiment_id], "tags.`ltstudy.role` = 'trial'", max_results=100)
+    ids = [r.data.tags["ltstudy.trial_id"] for r in runs]
+    assert len(ids) == len(set(ids)) == TRIALS, ids
+    for r in runs:
+        steps = [m.step for m in mlc.get_metric_history(r.info.run_id, "val_loss")]
+        assert steps == list(range(1, len(steps) + 1)), (r.data.tags["ltstudy.status"], steps)
+        assert r.info.status in ("FINISHED", "KILLED", "FAILED") and r.data.tags["ltstudy.status"] != "running"
+    ot = optuna.load_study(study_name="resume", storage=open_optuna_storage(str(storage / OPTUNA_JOURNAL)))
+    assert not [t.number for t in ot.trials if t.state == optuna.trial.TrialState.RUNNING]
+    after = _rungs(storage)
+    for milestone, recorded in before_kill.items():  # decisions after the kill used the rungs from before
+        assert recorded.items() <= after[milestone].items(), (milestone, recorded, after[milestone])
+    (parent,) = mlc.search_runs([exp.experiment_id], "tags.`ltstudy.role` = 'study'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["ltstudy.interrupted"] == "false"

@@ -9,9 +9,12 @@ import pytest
 
 from ltstudy.config import resolve_config
 from ltstudy.methods import list_methods
+from ltstudy.study.options import StudyOptions
 from ltstudy.study.space import SpaceError, load_space, parse_space
+from ltstudy.study.tune import _schedule_budget
 
 ROOT = Path(__file__).resolve().parents[2]
+LR = {"lr": {"type": "float", "low": 0.01, "high": 0.5, "log": True}}
 SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
 
 
@@ -27,6 +30,7 @@ def test_shipped_space_validates(path):
     point = space.published_point()
     assert set(point) <= set(space.tuned_names)
     resolve_config({**space.fixed, **point, "method": space.method})
+    _schedule_budget(space, StudyOptions(method=space.method))  # plannable with early stopping on
 
 
 def test_published_point_is_method_defaults():
@@ -74,6 +78,17 @@ def test_bad_spaces(tune, message):
 
 def test_wrong_method_and_metric():
     with pytest.raises(SpaceError, match="for method 'ce', not 'ldam_drw'"):
-        parse_space({"method": "ce"}, "x.yaml", method="ldam_drw")
+        parse_space({"method": "ce", "tune": LR}, "x.yaml", method="ldam_drw")
     with pytest.raises(SpaceError, match="metric must be one of"):
-        parse_space({"method": "ce", "metric": "test_top1"}, "x.yaml")
+        parse_space({"method": "ce", "metric": "test_top1", "tune": LR}, "x.yaml")
+
+
+def test_multi_objective_spaces():
+    space = parse_space({**{"method": "ce", "tune": LR}, "metric": ["val_top1", "val_few"], "mode": "max"}, "x")
+    assert space.metrics == ("val_top1", "val_few") and space.modes == ("max", "max") and space.multi_objective
+    assert space.searcher_metric == ["val_top1", "val_few"] and space.metric == "val_top1"
+    for metric, mode, message in ((["val_top1"] * 2, "max", "2 or 3 different"),
+                                  (["val_top1", "val_few"], ["max"], "one of them per metric"),
+                                  (["val_top1", "test_top1"], "max", "must be one of")):
+        with pytest.raises(SpaceError, match=message):
+            parse_space({"method": "ce", "tune": LR, "metric": metric, "mode": mode}, "x")

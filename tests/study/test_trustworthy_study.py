@@ -1,0 +1,123 @@
+"""Studies whose answer holds up, end to end on tiny synthetic trials: early stopping waits for the last
+schedule phase and spares the published trial, pruned trials reach Optuna with their value, a
+multi-objective study exports a chosen Pareto point, --confirm re-runs the top configurations, a study
+whose trials all fail exits 1, and a time budget ends a study early."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ltstudy.cli import main
+from ltstudy.config import load_yaml
+from ltstudy.study.search import OPTUNA_JOURNAL, open_optuna_storage
+from ltstudy.study.tracking import find_study, study_trials
+from ltstudy.study.tune import StudyOptions, run_study
+
+from .conftest import TINY
+
+pytestmark = pytest.mark.slow
+
+# LDAM-DRW switches on its class-balanced weights at drw_start·epochs = epoch 3 of 6, so ASHA's first rung
+# is epoch 4 (cosine lr: no other phase). lr 1e-4 against 0.1 makes clear losers.
+LATE_PHASE = """\
+method: ldam_drw
+metric: val_loss
+mode: min
+fixed: {epochs: 6, schedule: cosine, drw_start: 0.5}
+tune:
+  lr: {type: categorical, choices: [0.1, 1.0e-4]}
+  weight_decay: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}
+"""
+
+
+def _study(tmp, uri, name, space_text, **kw):
+    space = tmp / f"{name}.yaml"
+    space.write_text(space_text)
+    opts = dict(method=space_text.split()[1], space_path=str(space), num_trials=6, max_concurrent=2,
+                sampler="random", seed=3, storage=str(tmp / "storage"), tracking_uri=uri, study_name=name,
+                retries=0, verbose=0, overrides=dict(TINY))
+    return run_study(StudyOptions(**{**opts, **kw}), say=lambda line: None)
+
+
+def test_early_stopping_waits_for_the_last_phase_and_spares_the_published_trial(ray_local, mlflow_server,
+                                                                                tmp_path):
+    summary = _study(tmp_path, mlflow_server, "late-phase", LATE_PHASE, num_trials=8, reduction_factor=2)
+    mlc = MlflowClient(mlflow_server)
+    _, exp, parent = find_study(mlflow_server, "late-phase")
+    assert parent.data.tags["ltstudy.grace_period"] == "4"
+    trials = study_trials(mlc, exp.experiment_id, parent.info.run_id)
+    pruned = [t for t in trials if t["status"] == "pruned"]
+    assert pruned, [t["status"] for t in trials]
+    for t in trials:
+        epochs = [m.step for m in mlc.get_metric_history(t["run_id"], "val_loss")]
+        assert t["status"] == "failed" or max(epochs) >= 4, (t["status"], epochs)  # never before the rung
+    published = [t for t in trials if t["published"]]
+    assert len(published) == 1 and published[0]["status"] == "completed"
+    ot = optuna.load_study(study_name="late-phase", storage=open_optuna_storage(str(tmp_path / "storage" / OPTUNA_JOURNAL)))
+    for t in ot.trials:
+        if t.state == optuna.trial.TrialState.PRUNED:
+            assert t.value is not None and t.value == t.intermediate_values[max(t.intermediate_values)]
+    assert summary.gain is not None and "val_loss" in summary.gain
+
+
+def test_multi_objective_study_exports_a_chosen_pareto_point(ray_local, mlflow_server, tmp_path, capsys):
+    space = ("method: ce\nmetric: [val_top1, val_few]\nmode: [max, max]\nfixed: {epochs: 2}\n"
+             "tune:\n  lr: {type: float, low: 0.001, high: 0.5, log: true}\n"
+             "  sampler: {type: categorical, choices: [instance, sqrt]}\n")
+    summary = _study(tmp_path, mlflow_server, "two-objectives", space, num_trials=4, scheduler="none")
+    assert summary.front and summary.best is None
+    out = tmp_path / "best.yaml"
+    with pytest.raises(SystemExit) as code:
+        main(["best-config", "export", "--study", "two-objectives", "--tracking-uri", mlflow_server])
+    assert code.value.code == 2 and "--pick" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as code:
+        main(["best-config", "export", "--study", "two-objectives", "--pick", "0", "-o", str(out),
+              "--tracking-uri", mlflow_server])
+    assert code.value.code == 0
+    exported = load_yaml(out)
+    assert exported["provenance"]["trial_id"] == summary.front[0]["trial_id"]
+    assert exported["provenance"]["objective"] == {"metric": "val_top1,val_few", "mode": "max,max"}
+
+
+def test_confirm_reruns_the_top_configurations_and_export_uses_the_ranking(ray_local, mlflow_server, tmp_path):
+    space = "method: ce\nfixed: {epochs: 2}\ntune:\n  lr: {type: float, low: 0.001, high: 0.5, log: true}\n"
+    summary = _study(tmp_path, mlflow_server, "confirmed", space, num_trials=4, scheduler="none", confirm=2,
+                     confirm_seeds=2)
+    assert len(summary.confirmed) == 2 and all(len(row["seeds"]) == 2 for row in summary.confirmed)
+    mlc = MlflowClient(mlflow_server)
+    _, exp, parent = find_study(mlflow_server, "confirmed")
+    runs = study_trials(mlc, exp.experiment_id, parent.info.run_id, "confirmation")
+    assert len(runs) == 4 and {r["confirms"] for r in runs} == {row["trial_id"] for row in summary.confirmed}
+    assert len(study_trials(mlc, exp.experiment_id, parent.info.run_id)) == 4  # trials stay trials
+    out = tmp_path / "best.yaml"
+    with pytest.raises(SystemExit):
+        main(["best-config", "export", "--study", "confirmed", "-o", str(out), "--tracking-uri", mlflow_server])
+    prov = load_yaml(out)["provenance"]
+    assert prov["selected_by"] == "confirmation" and prov["trial_id"] == summary.confirmed[0]["trial_id"]
+    assert [r["trial_id"] for r in prov["confirmation"]["ranking"]] == [r["trial_id"] for r in summary.confirmed]
+    # confirming again runs nothing new: every (trial, seed) pair is done
+    with pytest.raises(SystemExit) as code:
+        main(["confirm", "confirmed", "--top", "2", "--seeds", "2", "--tracking-uri", mlflow_server])
+    assert code.value.code == 0
+    assert len(study_trials(mlc, exp.experiment_id, parent.info.run_id, "confirmation")) == 4
+
+
+def test_a_study_whose_trials_all_fail_exits_1_with_the_common_error(ray_local, mlflow_server, tmp_path, capsys):
+    space = "method: ce\nfixed: {epochs: 2, lr: 1.0e+12}\ntune:\n  weight_decay: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}\n"
+    (tmp_path / "space.yaml").write_text(space)
+    with pytest.raises(SystemExit) as code:
+        main(["tune", "--method", "ce", "--space", str(tmp_path / "space.yaml"), "--num-trials", "2",
+              "--storage", str(tmp_path / "storage"), "--tracking-uri", mlflow_server, "--study-name",
+              "all-fail", "--retries", "0", "--scheduler", "none", *[f"{k}={v}" for k, v in TINY.items()]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code.value.code == 1
+    assert err[-1].startswith("error: all 2 trials failed; most common error (2 of 2): NonFiniteLossError")
+
+
+def test_a_time_budget_ends_the_study_early(ray_local, mlflow_server, tmp_path):
+    space = "method: ce\nfixed: {epochs: 3}\ntune:\n  lr: {type: float, low: 0.001, high: 0.5, log: true}\n"
+    summary = _study(tmp_path, mlflow_server, "budget", space, num_trials=50, max_concurrent=1,
+                     scheduler="none", time_budget=8)
+    assert 1 <= len(summary.trials) < 50 and any("time budget" in note for note in summary.notes)
