@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -30,19 +30,22 @@ PLACEMENT_GROUP_KEY = "train_placement_group"
 
 @dataclass(frozen=True)
 class Resources:
-    """Per-trial shape: workers, CPUs and (possibly fractional) GPUs per worker, Train retries."""
+    """Per-trial shape: workers, CPUs and (possibly fractional) GPUs per worker, Train retries; for
+    multi-worker trials what the Train driver holds and the DDP backend (see ``study.cluster``)."""
 
     workers: int = 1
     cpus: float = 1.0
     gpus: float = 0.0
     retries: int = 1
     storage: str = ""
+    driver: dict[str, float] = field(default_factory=lambda: {"cpu": 0.01})
+    backend: str = ""  # default: nccl on GPUs, gloo on the CPU
 
     def tune_resources(self) -> dict[str, float]:
-        """What the Tune trial itself holds: the whole worker for one worker, a sliver as a driver."""
+        """What the Tune trial itself holds: the whole worker for one worker, the driver's share else."""
         if self.workers == 1:
             return {"cpu": self.cpus, "gpu": self.gpus}
-        return {"cpu": 0.01}
+        return dict(self.driver)
 
 
 def _node_id() -> str:
@@ -109,7 +112,9 @@ def train_worker(loop: dict[str, Any]) -> None:
     report = _reporter(cfg, ray.train.report, checkpoints=rank == 0,
                        group=ray.util.get_current_placement_group())
 
-    tctx = TrialContext(device=ray.train.torch.get_device(), rank=rank, world_size=world,
+    # an explicit device=cpu wins over the GPU Train assigned (logical GPUs on CPU-only test clusters)
+    device = "cpu" if cfg.train.device == "cpu" else ray.train.torch.get_device()
+    tctx = TrialContext(device=device, rank=rank, world_size=world,
                         checkpoint_dir=work, resume_from=resume)
     try:
         run_trial(cfg, report, tctx)
@@ -134,7 +139,7 @@ def make_multi_worker_trial(res: Resources):
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"config": dict(config)},
-            torch_config=TorchConfig(backend="nccl" if res.gpus else "gloo"),
+            torch_config=TorchConfig(backend=res.backend or ("nccl" if res.gpus else "gloo")),
             scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.gpus > 0,
                                                    resources_per_worker=per_worker),
             run_config=ray.train.RunConfig(

@@ -47,6 +47,7 @@ class StudyOptions:
     resume: bool = False
     seed: int | None = 0
     backbone: str | None = None  # feature-stage methods: a checkpoint, or the MLflow run of a trial
+    optuna_storage: str | None = None  # journal file or RDB URL; default <storage>/optuna.journal
     overrides: dict[str, Any] = field(default_factory=dict)
     retries: int = 1
     grace_period: int = 1
@@ -106,6 +107,9 @@ def _check_resources(o: StudyOptions) -> None:
         raise ConfigError("--gpus-per-worker must be a fraction of one GPU (0.25, 0.5, ...) or a whole number")
     if o.retries < 0:
         raise ConfigError("--retries must be >= 0")
+    from ltstudy.study.cluster import TrialShape, check_trial_shape
+
+    check_trial_shape(TrialShape(o.workers, o.cpus_per_worker, o.gpus_per_worker))
 
 
 def _backbone_pins(o: StudyOptions, pins: dict[str, Any]) -> dict[str, Any]:
@@ -123,22 +127,35 @@ def _backbone_pins(o: StudyOptions, pins: dict[str, Any]) -> dict[str, Any]:
     return {**data, **pins, "backbone": state["path"]}
 
 
-def _feature_pins(plan: StudyPlan) -> dict[str, Any]:
-    """Extract the backbone's features into the study's storage once, before any trial starts."""
+def _feature_cache(values: dict[str, Any]) -> tuple[str, str]:
+    """(storage URI, key) of the feature cache of ``values``, extracted here when missing."""
     from ltstudy.config import resolve_config
+    from ltstudy.runtime import resolve_device
     from ltstudy.train.feature import resolve_features
 
+    storage, key = resolve_features(resolve_config(values), resolve_device("auto"))
+    return storage.uri, key
+
+
+def _feature_pins(plan: StudyPlan, on_gpu: bool = False) -> dict[str, Any]:
+    """Extract the backbone's features into the study's storage once, before any trial starts: as a Ray
+    task on a GPU when the cluster has (or can get) one, else in this process."""
     space = plan.space
-    cfg = resolve_config({**space.fixed, **space.published_point(), "method": space.method,
-                          "feature_storage": plan.storage})
-    storage, key = resolve_features(cfg)
-    return {"feature_storage": storage.uri, "feature_key": key}
+    values = {**space.fixed, **space.published_point(), "method": space.method, "feature_storage": plan.storage}
+    if on_gpu:
+        import ray
+
+        uri, key = ray.get(ray.remote(num_cpus=1, num_gpus=1, max_retries=1)(_feature_cache).remote(values))
+    else:
+        uri, key = _feature_cache(values)
+    return {"feature_storage": uri, "feature_key": key}
 
 
 def plan_study(o: StudyOptions) -> StudyPlan:
     """Every user-input check, with nothing written anywhere."""
     from ltstudy.methods import get_method
-    from ltstudy.study.search import OPTUNA_JOURNAL, make_sampler, make_scheduler
+    from ltstudy.study.cluster import optuna_location
+    from ltstudy.study.search import make_sampler, make_scheduler
 
     get_method(o.method)
     _check_resources(o)
@@ -165,13 +182,12 @@ def plan_study(o: StudyOptions) -> StudyPlan:
             raise ConfigError(f"--storage {storage} is a file, not a folder")
         experiment_path = str(Path(storage) / study)
         exists = (Path(experiment_path) / "tuner.pkl").is_file()
-        optuna_storage = str(Path(storage) / OPTUNA_JOURNAL)
     else:
         from ray.tune import Tuner
 
         experiment_path = f"{storage.rstrip('/')}/{study}"
         exists = Tuner.can_restore(experiment_path)
-        optuna_storage = str(Path("~/.cache/ltstudy").expanduser() / OPTUNA_JOURNAL)
+    optuna_storage = optuna_location(o.optuna_storage, storage, storage.startswith(REMOTE_SCHEMES))
     if o.resume and not exists:
         raise ConfigError(f"--resume: no study {study!r} to continue under {storage}")
     if exists and not o.resume:
@@ -203,42 +219,36 @@ def _ray_init(address: str | None) -> bool:
     return True
 
 
-def _max_concurrent(o: StudyOptions) -> int:
-    import ray
-
-    if o.max_concurrent:
-        return o.max_concurrent
-    total = ray.cluster_resources()
-    fits = int(total.get("CPU", 1) // (o.workers * o.cpus_per_worker))
-    if o.gpus_per_worker:
-        fits = min(fits, int(total.get("GPU", 0) // (o.workers * o.gpus_per_worker)))
-    return max(1, fits)
-
-
-def _build_tuner(plan: StudyPlan, trainable: Any, callback: Any):
+def _build_tuner(plan: StudyPlan, trainable: Any, callback: Any, concurrency: int):
     import ray.tune
     from ray.tune import Tuner
 
     from ltstudy.study.callbacks import PlacementGroupReaper
+    from ltstudy.study.cluster import StudyConcurrency
     from ltstudy.study.search import make_scheduler, make_searcher
 
     o = plan.opts
     if not plan.fresh:
         tuner = Tuner.restore(plan.experiment_path, trainable, resume_unfinished=True,
                               resume_errored=False)
-        # The pickled callback would carry the old process's settings; use this run's.
+        # The pickled callback would carry the old process's settings; use this run's, and this run's
+        # concurrency (--max-concurrent, or what the cluster can hold).
         tuner._local_tuner.get_run_config().callbacks = [callback, PlacementGroupReaper()]
+        limiter = tuner._local_tuner.get_tune_config().search_alg
+        if isinstance(limiter, StudyConcurrency):
+            limiter.set_max(concurrency)
         return tuner
     if "://" not in plan.optuna_storage:
         Path(plan.optuna_storage).parent.mkdir(parents=True, exist_ok=True)
     space = plan.space
-    searcher = make_searcher(space, o.sampler, o.seed, plan.study, plan.optuna_storage, fresh=True)
+    searcher = StudyConcurrency(make_searcher(space, o.sampler, o.seed, plan.study, plan.optuna_storage,
+                                              fresh=True), max_concurrent=concurrency)
     scheduler = make_scheduler(o.scheduler, space.metric, space.mode, int(space.fixed.get("epochs", 200)),
                                o.grace_period, o.reduction_factor)
     return Tuner(
         trainable,
         tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                        num_samples=o.num_trials, max_concurrent_trials=_max_concurrent(o)),
+                                        num_samples=o.num_trials),
         run_config=ray.tune.RunConfig(
             name=plan.study, storage_path=plan.storage, callbacks=[callback, PlacementGroupReaper()],
             verbose=o.verbose,
@@ -263,25 +273,40 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None) -> Study
     import optuna
 
     from ltstudy.study.callbacks import MLflowTrialCallback
+    from ltstudy.study.cluster import TrialShape, place_study, stage_data
     from ltstudy.study.runner import Resources, make_trainable
     from ltstudy.study.search import open_optuna_storage
     from ltstudy.study.tracking import study_trials
 
     tic = time.time()
     plan = plan_study(o)
-    if plan.fresh and "backbone" in plan.space.fixed:
-        plan.space = plan.space.with_overrides(_feature_pins(plan))
-    tracker = StudyTracker(plan.tracking_uri, plan.study)
-    parent = tracker.open(study_tags(plan), resume=o.resume)
+    if plan.fresh and "backbone" not in plan.space.fixed:  # data once, on the driver, before Ray
+        plan.space = plan.space.with_overrides(stage_data(
+            {**plan.space.fixed, **plan.space.published_point(), "method": plan.space.method},
+            plan.storage, plan.storage.startswith(REMOTE_SCHEMES)))
     # Save Tune's experiment state at every controller step (default: throttled), so a driver killed
     # right after a trial finished does not resume that trial as unfinished and run it again.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     started = _ray_init(o.address)
+    try:  # where trials go, and every node checked, before anything is recorded
+        place = place_study(o.max_concurrent, TrialShape(o.workers, o.cpus_per_worker, o.gpus_per_worker),
+                            plan.storage, plan.tracking_uri, plan.space.fixed)
+        if plan.fresh and "backbone" in plan.space.fixed:
+            plan.space = plan.space.with_overrides(_feature_pins(plan, place.gpu_tasks))
+        tracker = StudyTracker(plan.tracking_uri, plan.study)
+        parent = tracker.open(study_tags(plan), resume=o.resume)
+    except BaseException:
+        if started:
+            import ray
+
+            ray.shutdown()
+        raise
     try:
         callback = MLflowTrialCallback(plan.tracking_uri, tracker.experiment_id, parent, plan.study,
                                        git_commit(), echo)
-        res = Resources(o.workers, o.cpus_per_worker, o.gpus_per_worker, o.retries, plan.storage)
-        tuner = _build_tuner(plan, make_trainable(res), callback)
+        res = Resources(o.workers, o.cpus_per_worker, o.gpus_per_worker, o.retries, plan.storage,
+                        place.driver, place.backend)
+        tuner = _build_tuner(plan, make_trainable(res), callback, place.max_concurrent)
         tuner.fit()
     except BaseException:
         tracker.mlc.set_terminated(parent, "FAILED")
