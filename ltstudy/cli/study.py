@@ -55,7 +55,8 @@ def tune(
     imbalance: float | None = IMBALANCE,
     data_root: str | None = DATA_ROOT,
     num_trials: int = typer.Option(8, "--num-trials", "-n"),
-    max_concurrent: int | None = typer.Option(None, help="concurrent trials (default: what fits)"),
+    max_concurrent: int | None = typer.Option(None, help="concurrent trials (default: what the cluster "
+                                              "can hold at its largest; may change on --resume)"),
     sampler: str = typer.Option("tpe", help="tpe | random | cmaes | gp | qmc"),
     scheduler: str = typer.Option("asha", help="asha (on the per-epoch objective) | none"),
     workers: int = typer.Option(1, help="workers per trial (>1: Ray Train DDP)"),
@@ -72,6 +73,11 @@ def tune(
     grace_period: int = typer.Option(1, help="ASHA: epochs before a trial can be stopped"),
     backbone: str | None = typer.Option(
         None, help="feature-stage methods: backbone checkpoint, or the MLflow run id of a trial"),
+    download: bool = typer.Option(False, "--download", help="fetch missing CIFAR data once, before any "
+                                  "trial (into --data-root, default STORAGE/data)"),
+    optuna_storage: str | None = typer.Option(
+        None, help="Optuna storage of every study: journal file or RDB URL "
+                   "(default STORAGE/optuna.journal; required with s3:// storage)"),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Tune METHOD with Ray Tune + Optuna (+ ASHA), recording every trial in MLflow."""
@@ -81,13 +87,15 @@ def tune(
     fixed = parse_overrides(overrides or [])
     flags = (("dataset", dataset), ("imbalance", imbalance), ("data_root", data_root))
     fixed.update({k: v for k, v in flags if v is not None})
+    if download:
+        fixed["download"] = True
     opts = StudyOptions(method=method, space_path=str(space) if space else None, num_trials=num_trials,
                         max_concurrent=max_concurrent, sampler=sampler, scheduler=scheduler,
                         workers=workers, cpus_per_worker=cpus_per_worker,
                         gpus_per_worker=gpus_per_worker, storage=storage, tracking_uri=tracking_uri,
                         study_name=study_name, address=address, resume=resume, seed=seed,
                         overrides=fixed, retries=retries, grace_period=grace_period,
-                        backbone=backbone)
+                        backbone=backbone, optuna_storage=optuna_storage)
     summary = run_study(opts, echo=_echo_trial)
     _print_summary(summary)
 
