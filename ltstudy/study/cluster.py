@@ -437,6 +437,13 @@ class Placement:
     backend: str  # DDP backend of multi-worker trials
     gpu_tasks: bool  # the cluster has (or can get) a GPU: feature extraction runs as a GPU task
 
+    def describe(self) -> str:
+        """One line for the study's records, e.g. ``autoscaler: up to 3 nodes (2.0 GPU, ...)``."""
+        res = self.shape.max_resources()
+        keys = [k for k in ("CPU", "GPU", TRAIN_DRIVER) if res.get(k)]
+        return (f"{self.shape.source}: up to {self.shape.max_nodes} nodes ("
+                + ", ".join(f"{res[k]:g} {k}" for k in keys) + f"), {self.max_concurrent} trials at once")
+
 
 def place_study(requested: int | None, trial: TrialShape, storage: str, tracking_uri: str | None,
                 values: dict[str, Any]) -> Placement:

@@ -294,7 +294,8 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None) -> Study
         if plan.fresh and "backbone" in plan.space.fixed:
             plan.space = plan.space.with_overrides(_feature_pins(plan, place.gpu_tasks))
         tracker = StudyTracker(plan.tracking_uri, plan.study)
-        parent = tracker.open(study_tags(plan), resume=o.resume)
+        parent = tracker.open({**study_tags(plan), "ltstudy.max_concurrent": place.max_concurrent,
+                               "ltstudy.cluster": place.describe()}, resume=o.resume)
     except BaseException:
         if started:
             import ray
