@@ -446,11 +446,14 @@ class Placement:
 
 
 def place_study(requested: int | None, trial: TrialShape, storage: str, tracking_uri: str | None,
-                values: dict[str, Any]) -> Placement:
+                values: dict[str, Any], storage_given: bool = True) -> Placement:
     """Size and place a study on the connected cluster; on a multi-node (or autoscaling) cluster, first
     check every node (:func:`check_nodes`) and stop with one line per problem."""
     shape = cluster_shape()
     if shape.alive_nodes > 1 or shape.max_nodes > 1:
+        if not storage_given:
+            raise ConfigError(f"this cluster can have {shape.max_nodes} nodes: pass --storage, a folder every "
+                              f"node sees or s3://… (the default {storage} is on this node only)")
         report = check_nodes(storage, tracking_uri, data_paths(values))
         if report.problems:
             raise ClusterCheckError(report.problems)
@@ -458,6 +461,27 @@ def place_study(requested: int | None, trial: TrialShape, storage: str, tracking
     logger.info("cluster (%s): up to %d nodes, %d trials at once", shape.source, shape.max_nodes, concurrency)
     return Placement(shape, concurrency, driver_resources(shape.has(TRAIN_DRIVER)), ddp_backend(trial),
                      shape.has("GPU"))
+
+
+def storage_problem_here() -> str | None:
+    """In a Tune trial: why this node cannot use the study's storage, or None.
+
+    Tune checks the storage marker it wrote only when the first checkpoint is uploaded, after an epoch
+    (and then retries the trial); a node launched later without the shared mount is found here, at the
+    start, and the trial ends as failed with this line instead.
+    """
+    import ray
+    from ray.train._internal.session import get_session
+
+    storage = getattr(get_session(), "storage", None)
+    try:
+        storage._check_validation_file()
+    except AttributeError:  # not in a Tune trial, or another Ray version: nothing to say
+        return None
+    except Exception:  # noqa: BLE001 - Ray's RuntimeError: the marker is not visible from here
+        return (f"node {ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:12]}) "
+                f"does not see --storage {storage.storage_path}: mount the shared storage on every node")
+    return None
 
 
 # ------------------------------------------------------------------------- durable study records

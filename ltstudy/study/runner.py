@@ -22,6 +22,7 @@ import ray.tune
 from ray.train import Checkpoint
 
 from ltstudy.config import resolve_config
+from ltstudy.study.cluster import storage_problem_here
 from ltstudy.train import NonFiniteLossError, TrialContext, run_trial
 
 #: rank 0 of a multi-worker trial reports its workers' placement group under this key (see callbacks)
@@ -85,6 +86,10 @@ def _reporter(cfg: Any, send: Any, checkpoints: bool = True, group: Any = None) 
 def single_worker_trial(config: dict[str, Any]) -> None:
     """One-worker trial: train here, report each epoch to Tune with a Tune checkpoint."""
     cfg = resolve_config(dict(config))
+    problem = storage_problem_here()  # a node without the shared storage: fail now, not after an epoch
+    if problem:
+        ray.tune.report(_failure_result(RuntimeError(problem), cfg))
+        return
     work = tempfile.mkdtemp(prefix="ltstudy-ckpt-")
     resume = _local_copy(ray.tune.get_checkpoint())
     report = _reporter(cfg, ray.tune.report)

@@ -290,7 +290,7 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None) -> Study
     started = _ray_init(o.address)
     try:  # where trials go, and every node checked, before anything is recorded
         place = place_study(o.max_concurrent, TrialShape(o.workers, o.cpus_per_worker, o.gpus_per_worker),
-                            plan.storage, plan.tracking_uri, plan.space.fixed)
+                            plan.storage, plan.tracking_uri, plan.space.fixed, o.storage is not None)
         if plan.fresh and "backbone" in plan.space.fixed:
             plan.space = plan.space.with_overrides(_feature_pins(plan, place.gpu_tasks))
         tracker = StudyTracker(plan.tracking_uri, plan.study)

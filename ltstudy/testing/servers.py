@@ -122,10 +122,10 @@ def loopback_env(**extra: str) -> dict[str, str]:
     return {**os.environ, **RAY_LOOPBACK_ENV, "PYTHONUNBUFFERED": "1", **extra}
 
 
-def _ray_start(args: list[str], log: Path, env: dict[str, str], wrap: list[str] | None = None,
+def _ray_start(args: list[str], log: Path, env: dict[str, str], command: list[str] | None = None,
                timeout: float = 120.0) -> subprocess.Popen:
-    """``ray start ... --block`` in a new session; returns once Ray says the node is up."""
-    cmd = [*(wrap or []), ray_bin(), "start", "--block", *args]
+    """``ray start --block ARGS`` (or ``command``) in a new session; returns once the node is up."""
+    cmd = command or [ray_bin(), "start", "--block", *args]
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -185,12 +185,29 @@ def fake_autoscaling_cluster(root: Path, head: dict[str, float], workers: dict[s
         stop_session(proc)
 
 
+#: a worker node as Ray's fake multi-node provider starts one (``ray start --address`` refuses to join
+#: when Ray is held to the loopback address); prints the line ``_ray_start`` waits for, then blocks
+_NODE_SCRIPT = """
+import json, sys, time
+import ray._private.node, ray._private.parameter
+address, resources = sys.argv[1], json.loads(sys.argv[2])
+params = ray._private.parameter.RayParams(
+    gcs_address=address, redis_address=address, node_ip_address="127.0.0.1", min_worker_port=0,
+    max_worker_port=0, dashboard_agent_listen_port=0, num_cpus=resources.pop("CPU", 0),
+    num_gpus=resources.pop("GPU", 0), object_store_memory=100 * 2**20, resources=resources)
+ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=False)
+print("Ray runtime started", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
 @contextlib.contextmanager
 def ray_cluster(root: Path, head: dict[str, float], nodes: list[tuple[dict[str, float], list[str]]]
                 ) -> Iterator[str]:
-    """A fixed cluster on this machine: a head and one ``ray start`` per entry of ``nodes``
-    (``(resources, wrapper argv)``, e.g. ``unshare -m ...`` to give a node its own mounts). Yields the
-    GCS address; stops every process by pid on exit."""
+    """A fixed cluster on this machine: a head and one node per entry of ``nodes`` (``(resources, wrapper
+    argv)``, e.g. ``unshare -m ...`` to give a node its own mounts). Yields the GCS address; stops every
+    process by pid on exit."""
     import json
 
     port = free_port()
@@ -199,12 +216,8 @@ def ray_cluster(root: Path, head: dict[str, float], nodes: list[tuple[dict[str, 
     procs = [_ray_start(_head_args(port, head.get("CPU", 0), custom), root / "ray-head.log", env)]
     try:
         for i, (resources, wrap) in enumerate(nodes):
-            extra = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
-            procs.append(_ray_start(
-                ["--address", f"127.0.0.1:{port}", "--num-cpus", str(int(resources.get("CPU", 0))),
-                 "--num-gpus", str(int(resources.get("GPU", 0))), "--resources", json.dumps(extra),
-                 "--dashboard-agent-listen-port", str(free_port()), "--object-store-memory", str(100 * 2**20)],
-                root / f"ray-node{i}.log", env, wrap))
+            procs.append(_ray_start([], root / f"ray-node{i}.log", env, [
+                *wrap, sys.executable, "-c", _NODE_SCRIPT, f"127.0.0.1:{port}", json.dumps(resources)]))
         yield f"127.0.0.1:{port}"
     finally:
         for proc in reversed(procs):
