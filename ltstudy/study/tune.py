@@ -234,7 +234,7 @@ def _build_tuner(plan: StudyPlan, trainable: Any, callback: Any, concurrency: in
         # The pickled callback would carry the old process's settings; use this run's, and this run's
         # concurrency (--max-concurrent, or what the cluster can hold).
         tuner._local_tuner.get_run_config().callbacks = [callback, PlacementGroupReaper()]
-        limiter = tuner._local_tuner.get_tune_config().search_alg
+        limiter = tuner._local_tuner._tune_config.search_alg
         if isinstance(limiter, StudyConcurrency):
             limiter.set_max(concurrency)
         return tuner
