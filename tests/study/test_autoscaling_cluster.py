@@ -44,10 +44,14 @@ def test_tune_on_an_autoscaling_cluster(tmp_path):
         # the cluster is stopped (every process by pid): MLflow and PostgreSQL remain
         gpu_nodes = {n for n, res in state["nodes"].items() if "GPU" in res}
         assert len(gpu_nodes) == 2, state["nodes"]  # the autoscaler launched both worker nodes
-        drivers = [node for cls, node in state["actors"] if cls == "ImplicitFunc"]
+        # Tune trial actors: the two Train drivers (on the head, holding TRAIN_DRIVER) and the feature
+        # study's one-worker trial (on a GPU node); Train's controllers follow their drivers
+        trials = [node in gpu_nodes for cls, node in state["actors"] if cls == "ImplicitFunc"]
+        assert sorted(trials) == [False, False, True], state["actors"]
         controllers = [node for cls, node in state["actors"] if "Controller" in cls]
-        assert len(drivers) == 3 and controllers, state["actors"]
-        assert not gpu_nodes & set(drivers[:2] + controllers), "a Train driver ran on a GPU node"
+        assert controllers and not gpu_nodes & set(controllers), "a Train driver ran on a GPU node"
+        ranks = [node for cls, node in state["actors"] if cls == "RayTrainWorker"]
+        assert len(ranks) == 4 and set(ranks) <= gpu_nodes, state["actors"]
         extraction = [node for name, node in state["tasks"] if name == "_feature_cache"]
         assert len(extraction) == 1 and extraction[0] in gpu_nodes, state["tasks"]
 
