@@ -200,6 +200,9 @@ def _launcher_node_types() -> list[NodeType] | None:
     head = [n["NodeID"] for n in ray.nodes() if n["Alive"] and HEAD_RESOURCE in n["Resources"]]
     if pid is None or not head:
         return None
+    if ray.get_runtime_context().get_node_id() == head[0]:  # the driver runs on the head (ray job submit)
+        config = _read_monitor_config(pid)
+        return node_types_from_launcher_config(config) if config else None
     task = ray.remote(num_cpus=0, max_retries=0)(_read_monitor_config).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(head[0], soft=False))
     try:
@@ -479,8 +482,9 @@ def storage_problem_here() -> str | None:
     except AttributeError:  # not in a Tune trial, or another Ray version: nothing to say
         return None
     except Exception:  # noqa: BLE001 - Ray's RuntimeError: the marker is not visible from here
+        where = getattr(storage, "storage_fs_path", "the study's storage")
         return (f"node {ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:12]}) "
-                f"does not see --storage {storage.storage_path}: mount the shared storage on every node")
+                f"does not see --storage {where}: mount the shared storage on every node")
     return None
 
 
