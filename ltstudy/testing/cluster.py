@@ -54,8 +54,8 @@ import json, ray
 from ray.util.state import list_actors, list_tasks
 ray.init(address="{address}", log_to_driver=False, logging_level="ERROR")
 nodes = {{n["NodeID"]: sorted(k for k in n["Resources"] if k in ("GPU", "TRAIN_DRIVER")) for n in ray.nodes()}}
-actors = [(a.class_name, a.node_id) for a in list_actors(limit=10000, detail=False)]
-tasks = [(t.name, t.node_id) for t in list_tasks(limit=10000, detail=False)]
+actors = [(a.class_name, a.node_id) for a in list_actors(address="{address}", limit=10000, detail=False)]
+tasks = [(t.name, t.node_id) for t in list_tasks(address="{address}", limit=10000, detail=False)]
 print(json.dumps({{"nodes": nodes, "actors": actors, "tasks": tasks}}))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
