@@ -201,15 +201,24 @@ def _launcher_node_types() -> list[NodeType] | None:
     if pid is None or not head:
         return None
     if ray.get_runtime_context().get_node_id() == head[0]:  # the driver runs on the head (ray job submit)
-        config = _read_monitor_config(pid)
-        return node_types_from_launcher_config(config) if config else None
+        return _known_node_types(_read_monitor_config(pid))
     task = ray.remote(num_cpus=0, max_retries=0)(_read_monitor_config).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(head[0], soft=False))
     try:
         config = ray.get(task.remote(pid), timeout=CHECK_TIMEOUT_S)
     except Exception:  # noqa: BLE001 - the head cannot run the task: use the live nodes
         return None
-    return node_types_from_launcher_config(config) if config else None
+    return _known_node_types(config)
+
+
+def _known_node_types(config: dict[str, Any] | None) -> list[NodeType] | None:
+    """The config's node types, or None when a worker type does not say what it has (``resources: {}``,
+    left to the provider to detect): then the live nodes are all that is known."""
+    if not config:
+        return None
+    types = node_types_from_launcher_config(config)
+    head = config.get("head_node_type")
+    return None if any(not t.resources for t in types if t.name != head) else types
 
 
 def _live_node_types() -> list[NodeType]:

@@ -22,8 +22,6 @@ from ltstudy.testing.servers import REPO, fake_autoscaling_cluster, loopback_env
 
 #: cluster.yaml's g5.12xlarge (48 vCPUs, 4 GPUs) scaled down to fit a 2-core machine: 1 CPU and 1 logical GPU
 SCALE = {"CPU": 1 / 48, "GPU": 1 / 4}
-#: the instance types' resources the AWS launcher fills in on `ray up` (cluster.yaml leaves them empty)
-INSTANCES = {"g5.12xlarge": {"CPU": 48, "GPU": 4}}
 #: two-worker trials on half a GPU each: one trial per scaled worker node, Train drivers on the head
 STUDY_FLAGS = ["--workers", "2", "--cpus-per-worker", "0.5", "--gpus-per-worker", "0.5", "--scheduler", "none",
                "--sampler", "random", "--retries", "0"]
@@ -39,8 +37,7 @@ def scaled_node_types(max_workers: int = 2) -> tuple[dict[str, float], dict[str,
     for name, spec in types.items():
         if name == config["head_node_type"]:
             continue
-        full = {**INSTANCES[spec["node_config"]["InstanceType"]], **spec["resources"]}
-        workers[name] = {"resources": {k: max(1, round(v * SCALE.get(k, 1))) for k, v in full.items()},
+        workers[name] = {"resources": {k: max(1, round(v * SCALE.get(k, 1))) for k, v in spec["resources"].items()},
                          "min_workers": spec["min_workers"],
                          "max_workers": min(int(spec["max_workers"]), max_workers)}
     return head, workers, min(int(config["max_workers"]), max_workers)

@@ -28,9 +28,8 @@ from .conftest import TINY
 
 
 def launcher_shape() -> ClusterShape:
-    """cluster.yaml as the autoscaler sees it after ``ray up`` filled in the g5.12xlarge's resources."""
+    """cluster.yaml as the autoscaler sees it."""
     config = yaml.safe_load((REPO / "cluster.yaml").read_text())
-    config["available_node_types"]["gpu_worker"]["resources"] = {"CPU": 48, "GPU": 4}
     return ClusterShape(node_types_from_launcher_config(config), "autoscaler", alive_nodes=1)
 
 
@@ -124,3 +123,12 @@ def test_stage_data_downloads_once_into_the_storage(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="needs --data-root"):
         stage_data({"method": "ce", "dataset": "cifar10-lt", "download": True}, "s3://b/x", remote_storage=True)
     assert stage_data({"method": "ce", **TINY}, str(tmp_path), False) == {}
+
+
+def test_node_types_without_resources_are_not_a_maximum():
+    from ltstudy.study.cluster import _known_node_types
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    assert [t.name for t in _known_node_types(config)] == ["head", "gpu_worker"]
+    config["available_node_types"]["gpu_worker"]["resources"] = {}  # left to the provider to detect
+    assert _known_node_types(config) is None  # then the live nodes are all that is known
