@@ -12,7 +12,7 @@ import typer
 from typer.exceptions import Abort, TyperException
 
 # the command modules register themselves on ``app``, in the order of ``ltstudy --help``
-from ltstudy.cli import train, study, features, bench  # noqa: F401, I001  # isort: skip
+from ltstudy.cli import train, study, features, bench, cluster  # noqa: F401, I001  # isort: skip
 from ltstudy.cli.common import app
 from ltstudy.errors import LtstudyError
 

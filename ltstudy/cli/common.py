@@ -16,11 +16,13 @@ bench_app = typer.Typer(no_args_is_help=True, help="Throughput and memory benchm
 features_app = typer.Typer(no_args_is_help=True, help="The backbone feature cache (Parquet).")
 best_config_app = typer.Typer(no_args_is_help=True, help="Export the best configuration of a study.")
 studies_app = typer.Typer(no_args_is_help=True, help="Studies in a tracking store.")
+cluster_app = typer.Typer(no_args_is_help=True, help="Run studies on a Ray cluster (cluster.yaml).")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(bench_app, name="bench")
 app.add_typer(features_app, name="features")
 app.add_typer(best_config_app, name="best-config")
 app.add_typer(studies_app, name="studies")
+app.add_typer(cluster_app, name="cluster")
 
 console = Console(highlight=False)
 OVERRIDES = typer.Argument(None, metavar="[KEY=VALUE]...", help="override any config key")

@@ -56,7 +56,8 @@ def tune(
     imbalance: float | None = IMBALANCE,
     data_root: str | None = DATA_ROOT,
     num_trials: int | None = typer.Option(None, "--num-trials", "-n", help="trials (default 16)"),
-    max_concurrent: int | None = typer.Option(None, help="concurrent trials (default: what fits)"),
+    max_concurrent: int | None = typer.Option(None, help="concurrent trials (default: what the cluster "
+                                              "can hold at its largest; may change on --resume)"),
     sampler: str | None = typer.Option(None, help="tpe (default) | random | cmaes | gp | qmc"),
     scheduler: str | None = typer.Option(None, help="asha (default: early stopping on the per-epoch "
                                                     "objective) | none"),
@@ -79,6 +80,11 @@ def tune(
     resume: bool = typer.Option(False, help="continue an interrupted study (with its saved options)"),
     backbone: str | None = typer.Option(
         None, help="feature-stage methods: backbone checkpoint, or the MLflow run id of a trial"),
+    download: bool = typer.Option(False, "--download", help="fetch missing CIFAR data once, before any "
+                                  "trial (into --data-root, default STORAGE/data)"),
+    optuna_storage: str | None = typer.Option(
+        None, help="Optuna storage of every study: journal file or RDB URL "
+                   "(default STORAGE/optuna.journal; required with s3:// storage)"),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Tune METHOD with Ray Tune + Optuna (+ ASHA), recording every trial in MLflow."""
@@ -90,13 +96,15 @@ def tune(
     fixed = parse_overrides(overrides or [])
     flags = (("dataset", dataset), ("imbalance", imbalance), ("data_root", data_root))
     fixed.update({k: v for k, v in flags if v is not None})
+    if download:
+        fixed["download"] = True
     if method is None and not resume:
         raise LtstudyError("missing option '--method' (the method to tune; see `ltstudy methods`)")
     given = {"method": method, "space_path": str(space) if space else None, "num_trials": num_trials,
              "sampler": sampler, "scheduler": scheduler, "workers": workers,
              "cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker, "retries": retries,
              "seed": seed, "grace_period": grace_period, "reduction_factor": reduction_factor,
-             "backbone": backbone, "overrides": fixed or None}
+             "backbone": backbone, "optuna_storage": optuna_storage, "overrides": fixed or None}
     given = {k: v for k, v in given.items() if v is not None}
     opts = StudyOptions(**{"method": "", **given}, max_concurrent=max_concurrent, storage=storage,
                         tracking_uri=tracking_uri, study_name=study_name, address=address, resume=resume,

@@ -54,7 +54,7 @@ def confirmation_points(tracker: StudyTracker, obj: Objectives, k: int, seeds: i
     return points
 
 
-def confirm_top(plan: Any, tracker: StudyTracker, trainable: Any, k: int, seeds: int,
+def confirm_top(plan: Any, tracker: StudyTracker, trainable: Any, k: int, seeds: int, concurrency: int,
                 echo: Callable[..., None] | None = None) -> list[dict[str, Any]]:
     """Run the confirmation trials (Ray must be up) and record the ranking on the study run."""
     import ray.tune
@@ -62,7 +62,6 @@ def confirm_top(plan: Any, tracker: StudyTracker, trainable: Any, k: int, seeds:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from ltstudy.study.callbacks import MLflowTrialCallback, PlacementGroupReaper
-    from ltstudy.study.runner import max_concurrent
 
     o: StudyOptions = plan.opts
     obj = Objectives(tuple(plan.space.metrics), tuple(plan.space.modes))
@@ -71,7 +70,7 @@ def confirm_top(plan: Any, tracker: StudyTracker, trainable: Any, k: int, seeds:
         callback = MLflowTrialCallback(tracker.uri, tracker.experiment_id, tracker.parent_run_id, plan.study,
                                        git_commit(), echo, objectives=obj.metrics, role="confirmation")
         # the generator overlays each point on the param space's keys, so the space holds them all
-        search = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_concurrent(o))
+        search = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrency)
         ray.tune.Tuner(
             trainable, param_space=dict(points[0]),
             tune_config=ray.tune.TuneConfig(search_alg=search, num_samples=len(points)),
@@ -98,6 +97,7 @@ def confirm_study(study: str, k: int, seeds: int, tracking_uri: str, address: st
     from types import SimpleNamespace
 
     from ltstudy.study.checks import check_address
+    from ltstudy.study.cluster import TrialShape, place_study
     from ltstudy.study.runner import Resources, make_trainable, ray_init
     from ltstudy.study.space import space_from_text
 
@@ -122,9 +122,11 @@ def confirm_study(study: str, k: int, seeds: int, tracking_uri: str, address: st
     plan = SimpleNamespace(opts=o, space=space, study=study, storage=storage)
     started = ray_init(address)
     try:
+        place = place_study(max_concurrent, TrialShape(o.workers, o.cpus_per_worker, o.gpus_per_worker), storage,
+                            tracking_uri, space.fixed)
         trainable = make_trainable(Resources(o.workers, o.cpus_per_worker, o.gpus_per_worker, o.retries,
-                                             storage))
-        ranking = confirm_top(plan, tracker, trainable, k, seeds, echo)
+                                             storage, place.driver, place.backend))
+        ranking = confirm_top(plan, tracker, trainable, k, seeds, place.max_concurrent, echo)
     finally:
         if started:
             import ray

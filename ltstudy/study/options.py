@@ -41,6 +41,7 @@ class StudyOptions:
     resume: bool = False
     seed: int | None = None  # None: derived from the study name
     backbone: str | None = None  # feature-stage methods: a checkpoint, or the MLflow run of a trial
+    optuna_storage: str | None = None  # journal file or RDB URL; default <storage>/optuna.journal
     overrides: dict[str, Any] = field(default_factory=dict)
     retries: int = 1
     grace_period: int | str = "auto"  # "auto": ASHA's first rung after the last schedule phase

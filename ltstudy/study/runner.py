@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -28,6 +28,7 @@ from ray.train import Checkpoint
 
 from ltstudy.config import resolve_config
 from ltstudy.errors import LtstudyError
+from ltstudy.study.cluster import storage_problem_here
 from ltstudy.train import NonFiniteLossError, TrialContext, finished_metrics, run_trial
 
 #: failures that a retry would only repeat
@@ -39,19 +40,22 @@ PLACEMENT_GROUP_KEY = "train_placement_group"
 
 @dataclass(frozen=True)
 class Resources:
-    """Per-trial shape: workers, CPUs and (possibly fractional) GPUs per worker, Train retries."""
+    """Per-trial shape: workers, CPUs and (possibly fractional) GPUs per worker, Train retries; for
+    multi-worker trials what the Train driver holds and the DDP backend (see ``study.cluster``)."""
 
     workers: int = 1
     cpus: float = 1.0
     gpus: float = 0.0
     retries: int = 1
     storage: str = ""
+    driver: dict[str, float] = field(default_factory=lambda: {"cpu": 0.01})
+    backend: str = ""  # default: nccl on GPUs, gloo on the CPU
 
     def tune_resources(self) -> dict[str, float]:
-        """What the Tune trial itself holds: the whole worker for one worker, a sliver as a driver."""
+        """What the Tune trial itself holds: the whole worker for one worker, the driver's share else."""
         if self.workers == 1:
             return {"cpu": self.cpus, "gpu": self.gpus}
-        return {"cpu": 0.01}
+        return dict(self.driver)
 
 
 def _node_id() -> str:
@@ -100,6 +104,10 @@ def _run_or_replay(cfg: Any, report: Any, ctx: TrialContext) -> None:
 def single_worker_trial(config: dict[str, Any]) -> None:
     """One-worker trial: train here, report each epoch to Tune with a Tune checkpoint."""
     cfg = resolve_config(dict(config))
+    problem = storage_problem_here()  # a node without the shared storage: fail now, not after an epoch
+    if problem:
+        ray.tune.report(_failure_result(RuntimeError(problem), cfg))
+        return
     work = tempfile.mkdtemp(prefix="ltstudy-ckpt-")
     resume = _local_copy(ray.tune.get_checkpoint())
     report = _reporter(cfg, ray.tune.report)
@@ -127,7 +135,9 @@ def train_worker(loop: dict[str, Any]) -> None:
     report = _reporter(cfg, ray.train.report, checkpoints=rank == 0,
                        group=ray.util.get_current_placement_group())
 
-    tctx = TrialContext(device=ray.train.torch.get_device(), rank=rank, world_size=world,
+    # an explicit device=cpu wins over the GPU Train assigned (logical GPUs on CPU-only test clusters)
+    device = "cpu" if cfg.train.device == "cpu" else ray.train.torch.get_device()
+    tctx = TrialContext(device=device, rank=rank, world_size=world,
                         checkpoint_dir=work, resume_from=resume)
     try:
         _run_or_replay(cfg, report, tctx)
@@ -152,7 +162,7 @@ def make_multi_worker_trial(res: Resources):
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"config": dict(config)},
-            torch_config=TorchConfig(backend="nccl" if res.gpus else "gloo"),
+            torch_config=TorchConfig(backend=res.backend or ("nccl" if res.gpus else "gloo")),
             scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.gpus > 0,
                                                    resources_per_worker=per_worker),
             run_config=ray.train.RunConfig(
@@ -186,12 +196,3 @@ def ray_init(address: str | None) -> bool:
     ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING")
     return True
 
-
-def max_concurrent(o: Any) -> int:
-    if o.max_concurrent:
-        return o.max_concurrent
-    total = ray.cluster_resources()
-    fits = int(total.get("CPU", 1) // (o.workers * o.cpus_per_worker))
-    if o.gpus_per_worker:
-        fits = min(fits, int(total.get("GPU", 0) // (o.workers * o.gpus_per_worker)))
-    return max(1, fits)

@@ -132,35 +132,43 @@ def _backbone_pins(o: StudyOptions, pins: dict[str, Any]) -> dict[str, Any]:
     return {**data, **pins, "backbone": state["path"]}
 
 
-def _feature_pins(plan: StudyPlan) -> dict[str, Any]:
-    """Extract the backbone's features into the study's storage once, before any trial starts."""
+def _feature_cache(values: dict[str, Any]) -> tuple[str, str]:
+    """(storage URI, key) of the feature cache of ``values``, extracted here when missing."""
     from ltstudy.config import resolve_config
+    from ltstudy.runtime import resolve_device
     from ltstudy.train.feature import resolve_features
 
+    storage, key = resolve_features(resolve_config(values), resolve_device("auto"))
+    return storage.uri, key
+
+
+def _feature_pins(plan: StudyPlan, on_gpu: bool = False) -> dict[str, Any]:
+    """Extract the backbone's features into the study's storage once, before any trial starts: as a Ray
+    task on a GPU when the cluster has (or can get) one, else in this process."""
     space = plan.space
-    cfg = resolve_config({**space.fixed, **space.published_point(), "method": space.method,
-                          "feature_storage": plan.storage})
-    storage, key = resolve_features(cfg)
-    return {"feature_storage": storage.uri, "feature_key": key}
+    values = {**space.fixed, **space.published_point(), "method": space.method, "feature_storage": plan.storage}
+    if on_gpu:
+        import ray
+
+        uri, key = ray.get(ray.remote(num_cpus=1, num_gpus=1, max_retries=1)(_feature_cache).remote(values))
+    else:
+        uri, key = _feature_cache(values)
+    return {"feature_storage": uri, "feature_key": key}
 
 
-def _locate(o: StudyOptions, study: str) -> tuple[str, str, bool, str]:
-    """(storage root, experiment path, whether a Tune experiment exists there, Optuna storage)."""
-    from ltstudy.study.search import OPTUNA_JOURNAL
-
+def _locate(o: StudyOptions, study: str) -> tuple[str, str, bool]:
+    """(storage root, experiment path, whether a Tune experiment exists there)."""
     storage = o.storage or str(Path("ltstudy_results").resolve())
     if not storage.startswith(REMOTE_SCHEMES):
         storage = str(Path(storage).expanduser().resolve())
         if Path(storage).exists() and not Path(storage).is_dir():
             raise ConfigError(f"--storage {storage} is a file, not a folder")
         experiment_path = str(Path(storage) / study)
-        exists = (Path(experiment_path) / "tuner.pkl").is_file()
-        return storage, experiment_path, exists, str(Path(storage) / OPTUNA_JOURNAL)
+        return storage, experiment_path, (Path(experiment_path) / "tuner.pkl").is_file()
     from ray.tune import Tuner
 
     experiment_path = f"{storage.rstrip('/')}/{study}"
-    return storage, experiment_path, Tuner.can_restore(experiment_path), \
-        str(Path("~/.cache/ltstudy").expanduser() / OPTUNA_JOURNAL)
+    return storage, experiment_path, Tuner.can_restore(experiment_path)
 
 
 def _write_saved(plan: StudyPlan) -> None:
@@ -186,6 +194,7 @@ def plan_study(o: StudyOptions) -> StudyPlan:
     from ltstudy.config import resolve_config
     from ltstudy.methods import get_method
     from ltstudy.study.checks import check_address, check_data
+    from ltstudy.study.cluster import TrialShape, check_trial_shape, optuna_location
     from ltstudy.study.schedulers import first_rung, make_scheduler
     from ltstudy.study.search import make_sampler, sampler_warning, study_seed
 
@@ -193,13 +202,14 @@ def plan_study(o: StudyOptions) -> StudyPlan:
         raise ConfigError("--resume needs --study-name (the study to continue)")
     saved: dict[str, Any] | None = None
     if o.resume:
-        storage, experiment_path, exists, optuna_storage = _locate(o, o.study_name)
+        storage, experiment_path, exists = _locate(o, o.study_name)
         if not exists:
             raise ConfigError(f"--resume: no study {o.study_name!r} to continue under {storage}")
         saved = read_saved(experiment_path)
         o = o.for_resume(saved)
     get_method(o.method)
     o.check()
+    check_trial_shape(TrialShape(o.workers, o.cpus_per_worker, o.gpus_per_worker))
     if saved is not None:
         space_yaml, where = saved["space_yaml"], f"the space of study {o.study_name}"
     else:
@@ -228,7 +238,8 @@ def plan_study(o: StudyOptions) -> StudyPlan:
                             f"{datetime.now():%Y%m%d-%H%M%S}"
     if "/" in study or not study.strip():
         raise ConfigError(f"--study-name {study!r} must be a non-empty name without '/'")
-    storage, experiment_path, exists, optuna_storage = _locate(o, study)
+    storage, experiment_path, exists = _locate(o, study)
+    optuna_storage = optuna_location(o.optuna_storage, storage, storage.startswith(REMOTE_SCHEMES))
     if exists and not o.resume:
         raise ConfigError(f"study {study!r} already exists under {storage}; pass --resume to continue it "
                           "or choose another --study-name")
@@ -239,20 +250,19 @@ def plan_study(o: StudyOptions) -> StudyPlan:
     check_reachable(uri)
     check_address(o.address)
     published = resolve_config({**space.fixed, **space.published_point(), "method": space.method})
-    check_data(published)  # with download=true this is the one download; trials then only read
-    if published.train.download:
-        space = space.with_overrides({"download": False})
+    if not published.train.download:  # with download, run_study fetches it once (cluster.stage_data)
+        check_data(published)
     seed = saved["seed"] if saved is not None else (o.seed if o.seed is not None else study_seed(study))
     return StudyPlan(o, space, space_yaml, study, storage, experiment_path, optuna_storage, uri,
                      not o.resume, seed, epochs, grace, phases, notes)
 
 
 # ------------------------------------------------------------------------------------------------ run
-def _build_tuner(plan: StudyPlan, trainable: Any, callbacks: list[Any]):
+def _build_tuner(plan: StudyPlan, trainable: Any, callbacks: list[Any], concurrency: int):
     import ray.tune
     from ray.tune import Tuner
 
-    from ltstudy.study.runner import max_concurrent
+    from ltstudy.study.cluster import StudyConcurrency
     from ltstudy.study.schedulers import make_scheduler
     from ltstudy.study.search import make_searcher
 
@@ -260,20 +270,24 @@ def _build_tuner(plan: StudyPlan, trainable: Any, callbacks: list[Any]):
     if not plan.fresh:
         tuner = Tuner.restore(plan.experiment_path, trainable, resume_unfinished=True,
                               resume_errored=False)
-        # The pickled callbacks would carry the old process's settings; use this run's.
+        # The pickled callbacks would carry the old process's settings; use this run's, and this run's
+        # concurrency (--max-concurrent, or what the cluster can hold).
         tuner._local_tuner.get_run_config().callbacks = callbacks
+        limiter = tuner._local_tuner._tune_config.search_alg
+        if isinstance(limiter, StudyConcurrency):
+            limiter.set_max(concurrency)
         return tuner
     if "://" not in plan.optuna_storage:
         Path(plan.optuna_storage).parent.mkdir(parents=True, exist_ok=True)
     space = plan.space
-    searcher = make_searcher(space, o.sampler, plan.seed, o.num_trials, plan.study, plan.optuna_storage,
-                             fresh=True)
+    searcher = StudyConcurrency(make_searcher(space, o.sampler, plan.seed, o.num_trials, plan.study,
+                                              plan.optuna_storage, fresh=True), max_concurrent=concurrency)
     scheduler = make_scheduler(o.scheduler, space.metric, space.mode, plan.max_t, plan.grace,
                                o.reduction_factor, state_dir=plan.experiment_path)
     return Tuner(
         trainable,
         tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=o.num_trials,
-                                        max_concurrent_trials=max_concurrent(o), time_budget_s=o.time_budget),
+                                        time_budget_s=o.time_budget),
         run_config=ray.tune.RunConfig(
             name=plan.study, storage_path=plan.storage, callbacks=callbacks, verbose=o.verbose,
             failure_config=ray.tune.FailureConfig(max_failures=o.retries),
@@ -348,6 +362,7 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
     import optuna
 
     from ltstudy.study.callbacks import MLflowTrialCallback, PlacementGroupReaper
+    from ltstudy.study.cluster import TrialShape, place_study, stage_data
     from ltstudy.study.confirm import confirm_top
     from ltstudy.study.runner import Resources, make_trainable, ray_init
     from ltstudy.study.search import open_optuna_storage
@@ -358,27 +373,42 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
     o = plan.opts
     for note in plan.notes:
         (say or print)(note)
-    if plan.fresh and "backbone" in plan.space.fixed:
-        plan.space = plan.space.with_overrides(_feature_pins(plan))
     obj = Objectives(plan.space.metrics, plan.space.modes)
-    tracker = StudyTracker(plan.tracking_uri, plan.study)
-    parent = tracker.open(study_tags(plan), resume=not plan.fresh)
-    if plan.fresh:
-        _drop_stale_optuna_study(plan)
-        _write_saved(plan)
+    if plan.fresh and "backbone" not in plan.space.fixed:  # with download: fetched once, here, before Ray
+        values = {**plan.space.fixed, **plan.space.published_point(), "method": plan.space.method}
+        if values.get("download"):
+            plan.space = plan.space.with_overrides(stage_data(values, plan.storage,
+                                                              plan.storage.startswith(REMOTE_SCHEMES)))
+    started = ray_init(o.address)
+    try:  # where trials go, and every node checked, before anything is recorded
+        place = place_study(o.max_concurrent, TrialShape(o.workers, o.cpus_per_worker, o.gpus_per_worker),
+                            plan.storage, plan.tracking_uri, plan.space.fixed, o.storage is not None)
+        if plan.fresh and "backbone" in plan.space.fixed:
+            plan.space = plan.space.with_overrides(_feature_pins(plan, place.gpu_tasks))
+        tracker = StudyTracker(plan.tracking_uri, plan.study)
+        parent = tracker.open({**study_tags(plan), "ltstudy.max_concurrent": place.max_concurrent,
+                               "ltstudy.cluster": place.describe()}, resume=not plan.fresh)
+        if plan.fresh:
+            _drop_stale_optuna_study(plan)
+            _write_saved(plan)
+    except BaseException:
+        if started:
+            import ray
+
+            ray.shutdown()
+        raise
     interrupted = None
-    started = False
     confirmed: list[dict[str, Any]] = []
     try:
         with _interrupts() as caught:
-            started = ray_init(o.address)
             callback = MLflowTrialCallback(plan.tracking_uri, tracker.experiment_id, parent, plan.study,
                                            git_commit(), echo, objectives=plan.space.metrics)
             trainable = make_trainable(Resources(o.workers, o.cpus_per_worker, o.gpus_per_worker, o.retries,
-                                                 plan.storage))
-            _build_tuner(plan, trainable, [callback, PlacementGroupReaper()]).fit()
+                                                 plan.storage, place.driver, place.backend))
+            _build_tuner(plan, trainable, [callback, PlacementGroupReaper()], place.max_concurrent).fit()
             if not caught.signal and o.confirm:
-                confirmed = confirm_top(plan, tracker, trainable, o.confirm, o.confirm_seeds, echo)
+                confirmed = confirm_top(plan, tracker, trainable, o.confirm, o.confirm_seeds,
+                                        place.max_concurrent, echo)
         interrupted = caught.signal
     except KeyboardInterrupt:
         interrupted = "SIGINT"

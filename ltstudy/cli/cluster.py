@@ -1,0 +1,95 @@
+"""Cluster commands: ``cluster render`` (fill in cluster.yaml), ``cluster check`` (every node sees what a
+study needs), ``cluster mlflow`` (the head's tracking server, restarted by pidfile)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ltstudy.cli.common import TRACKING, cluster_app, console
+
+
+@cluster_app.command("render")
+def render(
+    template: Path = typer.Argument(Path("cluster.yaml"), help="cluster-launcher file to fill in"),
+    output: Path = typer.Option(..., "--output", "-o", help="rendered file for `ray up`"),
+    efs_id: str | None = typer.Option(None, help="EFS file system mounted at /mnt/efs on every node"),
+    region: str | None = typer.Option(None, help="AWS region (also the EFS DNS name)"),
+    availability_zone: str | None = typer.Option(None, help="default REGIONa"),
+    image_id: str | None = typer.Option(None, help="AMI of every node (default: the file's)"),
+    max_gpu_workers: int | None = typer.Option(None, help="GPU worker nodes the autoscaler may start"),
+    head_cpus: int | None = typer.Option(None, help="logical CPUs the head offers to trials (default 0: "
+                                                     "the head keeps them for the GCS, MLflow, drivers)"),
+    docker: bool = typer.Option(False, "--docker", help="run Ray in rayproject/ray at the pinned version"),
+    docker_image: str | None = typer.Option(None, help="another image (implies --docker)"),
+    mlflow_backend: str | None = typer.Option(None, help="MLflow store (default SQLite on the EFS; "
+                                                          "e.g. postgresql://user:pw@host/db)"),
+    worker_instance_profile: str | None = typer.Option(
+        None, help="IAM instance profile (name or ARN) of the worker nodes: needed for s3:// storage"),
+) -> None:
+    """Write a copy of cluster.yaml with your values, validated by Ray as `ray up` would."""
+    from ltstudy.study.launcher import RenderOptions, render_file
+
+    config = render_file(template, output, RenderOptions(
+        efs_id=efs_id, region=region, availability_zone=availability_zone, image_id=image_id,
+        max_gpu_workers=max_gpu_workers, head_cpus=head_cpus, docker=docker, docker_image=docker_image,
+        mlflow_backend=mlflow_backend, worker_instance_profile=worker_instance_profile))
+    docker_note = ", Docker" if "docker" in config else ""
+    console.print(f"wrote {output} (region {config['provider']['region']}, up to {config['max_workers']} "
+                  f"worker nodes{docker_note}); next: ray up {output} -y", soft_wrap=True)
+
+
+@cluster_app.command("check")
+def check(
+    address: str = typer.Option("auto", help="Ray cluster address"),
+    storage: str = typer.Option(..., help="the --storage a study will use (shared folder or s3://…)"),
+    tracking_uri: str | None = TRACKING,
+    data_root: list[str] | None = typer.Option(None, "--data-root", help="data paths every node must see"),
+) -> None:
+    """Check every node: storage marker, data paths, tracking server, versions. Exit 2 on any problem."""
+    import os
+
+    from ltstudy.study.cluster import ClusterCheckError, check_nodes
+    from ltstudy.study.tracking import check_reachable, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    try:
+        report = check_nodes(storage, uri, [str(Path(p).resolve()) if "://" not in p else p
+                                            for p in data_root or []])
+    finally:
+        ray.shutdown()
+    if report.problems:
+        raise ClusterCheckError(report.problems)
+    table = Table(title=f"{len(report.nodes)} nodes see {storage}")
+    for col in ("node", "ip", "ltstudy", "torch", "ray"):
+        table.add_column(col)
+    for n in report.nodes:
+        v = n["versions"]
+        table.add_row(n["node_id"][:12], n["ip"], v.get("ltstudy", "?"), v.get("torch", "?"), v.get("ray", "?"))
+    console.print(table)
+
+
+@cluster_app.command("mlflow")
+def mlflow(
+    backend_store_uri: str = typer.Option(..., help="sqlite:////mnt/efs/ltstudy/mlflow.db or postgresql://…"),
+    artifacts_destination: str = typer.Option(..., help="folder or s3://… for run artifacts"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(5000),
+    workers: int = typer.Option(1, help="server workers (keep 1 on SQLite)"),
+    allowed_hosts: str | None = typer.Option(None, help="Host headers the server accepts"),
+    pidfile: Path = typer.Option(Path("~/mlflow.pid"), help="the running server's pid (replaced on restart)"),
+    log: Path = typer.Option(Path("~/mlflow.log")),
+) -> None:
+    """(Re)start `mlflow server` in the background; returns when it answers (head start commands)."""
+    from ltstudy.study.launcher import serve_mlflow
+
+    pid = serve_mlflow(pidfile, log, host, port, backend_store_uri, artifacts_destination, workers,
+                       allowed_hosts)
+    console.print(f"mlflow server pid {pid} on {host}:{port} (pidfile {pidfile}, log {log})")
