@@ -39,13 +39,6 @@ def validate_space(
                   f"{', '.join(space.tuned_names) or '(none)'}; first trial {space.published_point()}")
 
 
-def _echo_trial(trial_id: str, outcome: str, last: dict[str, Any]) -> None:
-    value = last.get("val_top1")
-    console.print(f"trial {trial_id}: {outcome} after epoch {last.get('epoch', 0)}"
-                  + (f", val top-1 {pct(value)}" if value is not None else "")
-                  + (f" ({last['failure']})" if last.get("failure") else ""))
-
-
 @app.command()
 def tune(
     method: str = typer.Option(..., "--method", "-m", help="method name (see `ltstudy methods`)"),
@@ -72,9 +65,15 @@ def tune(
     grace_period: int = typer.Option(1, help="ASHA: epochs before a trial can be stopped"),
     backbone: str | None = typer.Option(
         None, help="feature-stage methods: backbone checkpoint, or the MLflow run id of a trial"),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                help="-v: also Ray's trial tables and the workers' logs; -vv: Ray's INFO logs"),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
-    """Tune METHOD with Ray Tune + Optuna (+ ASHA), recording every trial in MLflow."""
+    """Tune METHOD with Ray Tune + Optuna (+ ASHA), recording every trial in MLflow.
+
+    Prints a line when a trial starts and when it ends (a live footer with counts, the best value and
+    the time left on a terminal), then a summary of the best trial.
+    """
     from ltstudy.config import parse_overrides
     from ltstudy.study.tune import StudyOptions, run_study
 
@@ -87,8 +86,8 @@ def tune(
                         gpus_per_worker=gpus_per_worker, storage=storage, tracking_uri=tracking_uri,
                         study_name=study_name, address=address, resume=resume, seed=seed,
                         overrides=fixed, retries=retries, grace_period=grace_period,
-                        backbone=backbone)
-    summary = run_study(opts, echo=_echo_trial)
+                        backbone=backbone, verbose=verbose)
+    summary = run_study(opts, console=console)
     _print_summary(summary)
 
 
@@ -102,10 +101,11 @@ def _print_summary(s: Any) -> None:
         table.add_row("best", "no trial finished")
     else:
         b = s.best
-        table.add_row("best trial", f"{b['trial_id']} (run {b['run_id']})")
-        for name in s.tuned:
-            if name in b["params"]:
-                table.add_row(f"  {name}", b["params"][name])
+        number = f"{b['number']} (Tune {b['trial_id']}, " if b.get("number") is not None else f"{b['trial_id']} ("
+        table.add_row("best trial", f"{number}run {b['run_id']})")
+        active = b.get("tuned") or {n: b["params"][n] for n in s.tuned if n in b["params"]}
+        for name, value in active.items():  # only the parameters the best trial used
+            table.add_row(f"  {name}", value)
         m = b["metrics"]
         for split in ("val", "test"):
             table.add_row(f"{split} top-1 / many / medium / few (%)",

@@ -15,6 +15,16 @@ SCHEDULERS = ("asha", "none")
 
 
 class LtOptunaSearch(OptunaSearch):
+    def suggest(self, trial_id: str) -> dict | None:
+        """Ray's suggest, plus the Tune trial id on the Optuna trial (how ``study.links`` finds it)."""
+        from ltstudy.study.links import TUNE_TRIAL_ATTR
+
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if config is not None and ot_trial is not None:
+            ot_trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+        return config
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         import optuna
 

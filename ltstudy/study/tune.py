@@ -7,6 +7,8 @@ trace in the tracking store or the storage folder.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -19,6 +21,7 @@ from ltstudy.config import PATH_KEYS
 from ltstudy.errors import ConfigError
 from ltstudy.study.space import SearchSpace, default_space_path, load_space
 from ltstudy.study.tracking import (
+    OPTUNA_STORAGE_TAG,
     StudyTracker,
     check_reachable,
     git_commit,
@@ -51,7 +54,7 @@ class StudyOptions:
     retries: int = 1
     grace_period: int = 1
     reduction_factor: int = 2
-    verbose: int = 1
+    verbose: int = 0  # 0: ltstudy's progress lines only; 1, 2: also Ray's tables and the workers' logs
 
 
 @dataclass
@@ -186,7 +189,7 @@ def plan_study(o: StudyOptions) -> StudyPlan:
     return StudyPlan(o, space, space_text, study, storage, experiment_path, optuna_storage, uri, not o.resume)
 
 
-def _ray_init(address: str | None) -> bool:
+def _ray_init(address: str | None, verbose: int = 0) -> bool:
     """Connect to ``address`` or start a new local Ray; returns whether this call started it.
 
     Without ``--address`` the study always starts its own Ray (``address="local"``): a plain
@@ -199,7 +202,7 @@ def _ray_init(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING")
+    ray.init(address=address or "local", log_to_driver=verbose > 0, logging_level="INFO" if verbose > 1 else "WARNING")
     return True
 
 
@@ -215,7 +218,7 @@ def _max_concurrent(o: StudyOptions) -> int:
     return max(1, fits)
 
 
-def _build_tuner(plan: StudyPlan, trainable: Any, callback: Any):
+def _build_tuner(plan: StudyPlan, trainable: Any, callbacks: list[Any]):
     import ray.tune
     from ray.tune import Tuner
 
@@ -227,7 +230,7 @@ def _build_tuner(plan: StudyPlan, trainable: Any, callback: Any):
         tuner = Tuner.restore(plan.experiment_path, trainable, resume_unfinished=True,
                               resume_errored=False)
         # The pickled callback would carry the old process's settings; use this run's.
-        tuner._local_tuner.get_run_config().callbacks = [callback, PlacementGroupReaper()]
+        tuner._local_tuner.get_run_config().callbacks = [*callbacks, PlacementGroupReaper()]
         return tuner
     if "://" not in plan.optuna_storage:
         Path(plan.optuna_storage).parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +243,7 @@ def _build_tuner(plan: StudyPlan, trainable: Any, callback: Any):
         tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                         num_samples=o.num_trials, max_concurrent_trials=_max_concurrent(o)),
         run_config=ray.tune.RunConfig(
-            name=plan.study, storage_path=plan.storage, callbacks=[callback, PlacementGroupReaper()],
+            name=plan.study, storage_path=plan.storage, callbacks=[*callbacks, PlacementGroupReaper()],
             verbose=o.verbose,
             failure_config=ray.tune.FailureConfig(max_failures=o.retries),
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
@@ -254,39 +257,132 @@ def study_tags(plan: StudyPlan) -> dict[str, Any]:
             "ltstudy.sampler": o.sampler, "ltstudy.scheduler": o.scheduler,
             "ltstudy.num_trials": o.num_trials, "ltstudy.workers": o.workers,
             "ltstudy.storage": plan.experiment_path, "ltstudy.tuned": ",".join(s.tuned_names),
+            OPTUNA_STORAGE_TAG: plan.optuna_storage,
             "dataset": s.fixed.get("dataset", "cifar10-lt"), "git_commit": git_commit(),
             **({"ltstudy.feature_key": s.fixed["feature_key"]} if s.fixed.get("feature_key") else {})}
 
 
-def run_study(o: StudyOptions, echo: Callable[..., None] | None = None) -> StudySummary:
-    """Plan, record, run (or resume) and summarise one study."""
+@contextlib.contextmanager
+def _env(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _quiet(verbose: int) -> None:
+    """Below ``-v`` the study's own lines are the output: no MLflow/Optuna INFO logs or Optuna warnings."""
+    if verbose > 0:
+        return
+    import warnings
+
+    import mlflow  # noqa: F401 - configures its loggers on import; quieten them after that
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def _study_dataset(plan: StudyPlan) -> tuple[Any, Any]:
+    """The published configuration's dataset record (None when the driver cannot read the data)."""
+    from ltstudy.config import resolve_config
+    from ltstudy.study.dataset import dataset_record
+
+    space = plan.space
+    cfg = resolve_config({**space.fixed, **space.published_point(), "method": space.method})
+    try:
+        return cfg, dataset_record(cfg)
+    except Exception:  # noqa: BLE001 - data on the workers only; the trials report their own errors
+        return cfg, None
+
+
+def _header(plan: StudyPlan, experiment_id: str, parent: str, concurrency: int) -> list[str]:
+    from ltstudy.study.links import run_url
+
+    o, s = plan.opts, plan.space
+    return [
+        f"study {plan.study}: {s.method} on {s.fixed.get('dataset', 'cifar10-lt')}, {o.num_trials} trials "
+        f"({concurrency} at a time), sampler {o.sampler}, scheduler {o.scheduler}, {s.mode} {s.metric}"
+        + (" (resumed)" if not plan.fresh else ""),
+        f"MLflow: {run_url(plan.tracking_uri, experiment_id, parent)}" + (
+            "" if plan.tracking_uri.startswith("http") else
+            f"  (after: mlflow ui --backend-store-uri {plan.tracking_uri})"),
+        f"Optuna: optuna-dashboard {plan.optuna_storage}",
+    ]
+
+
+def run_study(o: StudyOptions, echo: Callable[..., None] | None = None, console: Any = None) -> StudySummary:
+    """Plan, record, run (or resume) and summarise one study.
+
+    ``console`` (a rich Console) gets the progress: a header with the MLflow and optuna-dashboard
+    addresses, then a line per trial start and end (and a live footer on a terminal).
+    """
     import optuna
 
     from ltstudy.study.callbacks import MLflowTrialCallback
+    from ltstudy.study.dataset import data_key
+    from ltstudy.study.links import OptunaLinks, annotate_study, run_url
+    from ltstudy.study.progress import ProgressBoard, ProgressCallback
     from ltstudy.study.runner import Resources, make_trainable
     from ltstudy.study.search import open_optuna_storage
     from ltstudy.study.tracking import study_trials
 
     tic = time.time()
+    _quiet(o.verbose)
     plan = plan_study(o)
     if plan.fresh and "backbone" in plan.space.fixed:
         plan.space = plan.space.with_overrides(_feature_pins(plan))
+    cfg, record = _study_dataset(plan)
     tracker = StudyTracker(plan.tracking_uri, plan.study)
     parent = tracker.open(study_tags(plan), resume=o.resume)
+    if record is not None and plan.fresh:
+        tracker.mlc.log_inputs(parent, datasets=[record.to_mlflow()])
     # Save Tune's experiment state at every controller step (default: throttled), so a driver killed
     # right after a trial finished does not resume that trial as unfinished and run it again.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-    started = _ray_init(o.address)
+    started = _ray_init(o.address, o.verbose)
+    board = None
     try:
+        if "://" not in plan.optuna_storage:
+            Path(plan.optuna_storage).parent.mkdir(parents=True, exist_ok=True)
+        links = OptunaLinks(open_optuna_storage(plan.optuna_storage), plan.study)
         callback = MLflowTrialCallback(plan.tracking_uri, tracker.experiment_id, parent, plan.study,
-                                       git_commit(), echo)
+                                       git_commit(), echo, plan.space.params, links)
+        callback._datasets[data_key(cfg)] = record
+        callbacks: list[Any] = [callback]
+        if console is not None:
+            concurrency = _max_concurrent(o)
+            for line in _header(plan, tracker.experiment_id, parent, concurrency):
+                console.print(line, soft_wrap=True, highlight=False, markup=False)
+            board = ProgressBoard(console, plan.space.metric, plan.space.mode, o.num_trials, concurrency)
+            if not plan.fresh:
+                board.seed([t["status"] for t in study_trials(tracker.mlc, tracker.experiment_id, parent)])
+            callbacks.append(ProgressCallback(board, plan.space.params, links))
         res = Resources(o.workers, o.cpus_per_worker, o.gpus_per_worker, o.retries, plan.storage)
-        tuner = _build_tuner(plan, make_trainable(res), callback)
-        tuner.fit()
+        tuner = _build_tuner(plan, make_trainable(res), callbacks)
+        annotate_study(links.storage, plan.study, plan.space.metric, {
+            "mlflow_tracking_uri": plan.tracking_uri, "mlflow_experiment_id": tracker.experiment_id,
+            "mlflow_study_run_id": parent, "mlflow_study_run": run_url(plan.tracking_uri, tracker.experiment_id,
+                                                                       parent)})
+        # Ray's new output engine prints its experiment header even at verbose 0; its legacy engine
+        # prints nothing at 0
+        quiet_ray = {"RAY_AIR_NEW_OUTPUT": "0"} if o.verbose == 0 else {}
+        with _env(quiet_ray):
+            tuner.fit()
     except BaseException:
         tracker.mlc.set_terminated(parent, "FAILED")
         raise
     finally:
+        if board is not None:
+            board.close()
         if started:
             import ray
 
