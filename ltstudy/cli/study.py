@@ -148,18 +148,128 @@ def best_config_export(
                       f"run {config['provenance']['run_id']})")
 
 
-@studies_app.command("list")
-def studies_list(tracking_uri: str | None = TRACKING) -> None:
-    """The studies in a tracking store with their best objective values."""
-    from ltstudy.study.tracking import check_reachable, list_studies, resolve_tracking_uri
+def _store(tracking_uri: str | None) -> str:
+    from ltstudy.study.tracking import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
+    return uri
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"
+
+
+def _duration(seconds: float) -> str:
+    from ltstudy.study.progress import fmt_duration
+
+    return "–" if seconds != seconds else fmt_duration(seconds)
+
+
+@studies_app.command("list")
+def studies_list(tracking_uri: str | None = TRACKING) -> None:
+    """The studies in a tracking store: trials by status, data, search, dates, best value, resumability."""
+    from ltstudy.study.catalog import list_infos
+
+    uri = _store(tracking_uri)
     table = Table(title=f"studies in {uri}")
-    for col in ("study", "method", "objective", "trials", "best", "best trial", "status"):
+    for col in ("study", "method", "dataset", "objective", "search", "trials", "best", "best trial", "start",
+                "duration", "status", "resumable"):
         table.add_column(col)
-    for r in list_studies(uri):
-        best = "–" if r["best"] is None else f"{r['best']:.4f}"
-        table.add_row(r["study"], r["method"], f"{r['mode']} {r['metric']}", str(r["trials"]), best,
-                      r["best_trial"] or "–", r["status"])
+    for i in list_infos(uri):
+        best = "–" if i.best is None else f"{i.best['metrics'].get(i.metric, float('nan')):.4f}"
+        number = "–" if i.best is None else str(i.best["number"] if i.best["number"] is not None
+                                                 else i.best["trial_id"])
+        table.add_row(i.study, i.method, i.dataset, f"{i.mode} {i.metric}", f"{i.sampler} + {i.scheduler}",
+                      f"{_counts(i.counts)} / {i.num_trials}", best, number, i.start, _duration(i.duration_s),
+                      i.status, "yes" if i.resumable else "no")
     console.print(table)
+
+
+@studies_app.command("show")
+def studies_show(
+    study: str = typer.Argument(..., help="study name"),
+    fmt: str = typer.Option("table", "--format", help="table | csv | parquet | json"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="file (default: stdout; parquet needs it)"),
+    tracking_uri: str | None = TRACKING,
+) -> None:
+    """One study: its trials (tuned values, objective, status, epochs, node, wall time) and its header."""
+    from ltstudy.study.catalog import frame_json, study_info, trials_frame
+
+    if fmt not in ("table", "csv", "parquet", "json"):
+        raise LtstudyError(f"--format must be table, csv, parquet or json, not {fmt!r}")
+    if fmt == "parquet" and output is None:
+        raise LtstudyError("--format parquet writes a file: pass -o FILE.parquet")
+    info = study_info(_store(tracking_uri), study)
+    frame = trials_frame(info.trials, info.metric)
+    if fmt == "table":
+        _print_show(info, frame)
+        return
+    if fmt == "parquet":
+        frame.to_parquet(output, index=False)
+        console.print(f"wrote {output} ({len(frame)} trials)")
+        return
+    text = frame.to_csv(index=False) if fmt == "csv" else frame_json(info, frame) + "\n"
+    if output is None:
+        print(text, end="")
+    else:
+        output.write_text(text)
+        console.print(f"wrote {output} ({len(frame)} trials)")
+
+
+def _print_show(info: Any, frame: Any) -> None:
+    head = Table(title=f"study {info.study}", show_header=False)
+    head.add_column("", style="bold")
+    head.add_column("")
+    for key, value in (("method", info.method), ("objective", f"{info.mode} {info.metric}"),
+                       ("dataset", info.dataset), ("search", f"sampler {info.sampler}, scheduler {info.scheduler}"),
+                       ("trials", f"{_counts(info.counts)} (of {info.num_trials})"), ("start", info.start),
+                       ("duration", f"{_duration(info.duration_s)} ({info.status})"),
+                       ("resumable", f"{'yes' if info.resumable else 'no'}: {info.resume_note}"),
+                       ("storage", info.storage), ("Optuna", info.optuna_storage)):
+        head.add_row(key, str(value))
+    console.print(head)
+    table = Table()
+    for col in frame.columns:
+        table.add_column(str(col), justify="right" if frame[col].dtype.kind in "iufc" else "left")
+    for row in frame.itertuples(index=False):
+        table.add_row(*("–" if v is None or v != v else f"{v:.4g}" if isinstance(v, float) else str(v)
+                        for v in row))
+    console.print(table)
+
+
+@studies_app.command("delete")
+def studies_delete(
+    study: str = typer.Argument(..., help="study name"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
+    tracking_uri: str | None = TRACKING,
+) -> None:
+    """Remove a study's MLflow experiment, Optuna study and storage folder (after a confirmation)."""
+    from ltstudy.study.catalog import delete_study, deletion_plan, study_info
+
+    uri = _store(tracking_uri)
+    info = study_info(uri, study)
+    console.print(f"study {study} ({_counts(info.counts)}; run {info.status}) will be removed:")
+    for line in deletion_plan(info):
+        console.print(f"  {line}", soft_wrap=True)
+    if not yes and not typer.confirm("Delete it?", default=False):
+        console.print("nothing deleted")
+        raise typer.Exit(1)
+    for line in delete_study(uri, info):
+        console.print(f"removed {line}", soft_wrap=True)
+
+
+@app.command()
+def report(
+    study: str = typer.Argument(..., help="study name"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="HTML file (default STUDY-report.html)"),
+    log: bool = typer.Option(True, "--log/--no-log", help="also put the report on the study's MLflow run"),
+    tracking_uri: str | None = TRACKING,
+) -> None:
+    """One self-contained HTML report of a study: summary, best vs published, accuracy per class head to
+    tail, the Optuna plots, every trial and the best configuration."""
+    from ltstudy.study.report import write_report
+
+    path = output or Path(f"{study}-report.html")
+    info = write_report(_store(tracking_uri), study, str(path), log=log)
+    console.print(f"wrote {path}" + (f" (also on MLflow run {info.parent_run_id} as report.html)" if log else ""))

@@ -1,4 +1,6 @@
-"""MLflow for studies (MLflow only, no Ray): the study (parent) run, reading trials back, export, listing.
+"""MLflow for studies (MLflow only, no Ray): the study (parent) run, reading trials back, export, figures.
+
+Listing, showing and deleting studies is :mod:`ltstudy.study.catalog`.
 
 The Tune side, which writes one child run per trial, is :mod:`ltstudy.study.callbacks`.
 """
@@ -267,29 +269,6 @@ def export_best(uri: str, study: str) -> dict[str, Any]:
                                                if k.startswith(("val_", "test_"))},
     }
     return config
-
-
-def list_studies(uri: str) -> list[dict[str, Any]]:
-    """One row per study in the store: trial counts and best objective value."""
-    mlc = client(uri)
-    rows = []
-    for exp in mlc.search_experiments(max_results=1000):
-        study = exp.tags.get(STUDY_TAG)
-        if not study:
-            continue
-        try:
-            _, _, parent = find_study(uri, study)
-        except TrackingError:
-            continue
-        metric = parent.data.tags.get("ltstudy.metric", "val_top1")
-        mode = parent.data.tags.get("ltstudy.mode", "max")
-        trials = study_trials(mlc, exp.experiment_id, parent.info.run_id)
-        best = pick_best(trials, metric, mode)
-        rows.append({"study": study, "method": parent.data.tags.get("ltstudy.method", "?"),
-                     "metric": metric, "mode": mode, "trials": len(trials),
-                     "best": best["metrics"][metric] if best else None,
-                     "best_trial": best["trial_id"] if best else None, "status": parent.info.status})
-    return rows
 
 
 # ------------------------------------------------------------------------------------------- plots
