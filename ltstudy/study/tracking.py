@@ -74,9 +74,15 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def client(uri: str):
-    # MLflow draws a tqdm bar on stderr for every artifact download, terminal or not
+    import logging
+
+    # MLflow draws a tqdm bar on stderr for every artifact download, terminal or not, and logs its
+    # database set-up at INFO: neither is news to a person reading a command's output
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.tracking import MlflowClient
+
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     return MlflowClient(tracking_uri=uri)
 
