@@ -292,14 +292,23 @@ def _quiet(verbose: int) -> None:
 
 
 def _study_dataset(plan: StudyPlan) -> tuple[Any, Any]:
-    """The published configuration's dataset record (None when the driver cannot read the data)."""
+    """The published configuration's dataset record, read before anything is written.
+
+    On a local Ray the driver sees what the trials see, so unreadable data is bad input (one line, exit
+    code 2); on a cluster (``--address``) the data may live on the workers only, and the record is left out.
+    """
     from ltstudy.config import resolve_config
+    from ltstudy.errors import LtstudyError
     from ltstudy.study.dataset import dataset_record
 
     space = plan.space
     cfg = resolve_config({**space.fixed, **space.published_point(), "method": space.method})
     try:
         return cfg, dataset_record(cfg)
+    except LtstudyError:
+        if plan.opts.address is None:
+            raise
+        return cfg, None
     except Exception:  # noqa: BLE001 - data on the workers only; the trials report their own errors
         return cfg, None
 
