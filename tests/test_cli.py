@@ -66,7 +66,7 @@ def test_readme_main_command_parses(monkeypatch, capsys):
     import ltstudy.study.tune as tune
 
     seen = {}
-    monkeypatch.setattr(tune, "run_study", lambda opts, echo=None: seen.setdefault("opts", opts) and 1 / 0)
+    monkeypatch.setattr(tune, "run_study", lambda opts, **kw: seen.setdefault("opts", opts) and 1 / 0)
     readme = (__import__("pathlib").Path(__file__).resolve().parents[1] / "README.md").read_text()
     line = next(x for x in readme.splitlines() if "pip install -e . &&" in x)
     argv = line.split("ltstudy ", 1)[1].split()
