@@ -32,6 +32,7 @@ from ltstudy.study.tracking import (
     CHECKPOINT_TAG,
     CONFIG_ARTIFACT,
     EPOCHS_TAG,
+    NUMBER_TAG,
     PARENT_TAG,
     PER_CLASS_PLOT,
     ROLE_TAG,
@@ -114,7 +115,7 @@ class MLflowTrialCallback(ray.tune.Callback):
                 STATUS_TAG: "running",
                 **{f"{TUNED_PREFIX}{k}": v for k, v in active_values(self.params, dict(trial.config)).items()}}
         if number is not None:
-            tags["optuna_trial_number"] = number
+            tags[NUMBER_TAG] = number
         if flat.get("feature_key"):
             tags["feature_key"] = flat["feature_key"]
         log_batch(self.mlc, run.info.run_id, params=params_as_strings(flat), tags=tags)
@@ -167,7 +168,6 @@ class MLflowTrialCallback(ray.tune.Callback):
         self.mlc.set_terminated(run_id, status)
         if self.echo is not None:
             self.echo(trial.trial_id, outcome, last)
-
 
     def _log_per_class_plot(self, run_id: str, trial: Any, per_class: dict[str, list[float]]) -> None:
         from ltstudy.study.plots import per_class_png

@@ -98,7 +98,8 @@ def per_class_png(class_counts: Sequence[int], series: dict[str, Sequence[float]
             ax.set_xticks(x, [str(class_names[c]) for c in order], rotation=45, ha="right", fontsize=8)
         elif len(order) <= 20:
             ax.set_xticks(x, [str(c) for c in order])
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3 if len(order) <= 20 else -0.15), ncol=min(len(series), 3), fontsize=8,
+        below = -0.3 if len(order) <= 20 else -0.15  # under the (rotated) class names
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, below), ncol=min(len(series), 3), fontsize=8,
                   frameon=False)
         ax.set_title(title, fontsize=10, pad=16)
         return _png(fig)

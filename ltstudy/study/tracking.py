@@ -309,8 +309,8 @@ def study_pngs(mlc, parent: Any, trials: list[dict[str, Any]], metric: str, optu
         pngs = {n: message_png(n.replace("_", " "), "the Optuna study is not available") for n in OPTUNA_PLOTS}
     series = {}
     published = published_trial(trials)
-    label = best.get("number") if best and best.get("number") is not None else (best or {}).get("trial_id")
-    picks = [(f"best (trial {label})", best)] if best else []
+    best_label = best.get("number") if best and best.get("number") is not None else (best or {}).get("trial_id")
+    picks = [(f"best (trial {best_label})", best)] if best else []
     if published is not None and (best is None or published["run_id"] != best["run_id"]):
         picks.append(("published (trial 0)", published))
     elif best is not None and published is not None:

@@ -202,7 +202,8 @@ def _ray_init(address: str | None, verbose: int = 0) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address=address or "local", log_to_driver=verbose > 0, logging_level="INFO" if verbose > 1 else "WARNING")
+    ray.init(address=address or "local", log_to_driver=verbose > 0,
+             logging_level="INFO" if verbose > 1 else "WARNING")
     return True
 
 

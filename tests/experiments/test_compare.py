@@ -26,8 +26,8 @@ def test_mean_and_sample_std_over_seeds_with_nan_left_out(monkeypatch):
 
 
 def test_one_seed_has_zero_spread_and_an_all_nan_column_is_a_dash(monkeypatch):
-    monkeypatch.setattr(compare_module, "run_trial",
-                        lambda cfg, report=None, ctx=None: {c: (math.nan if c.endswith("few") else 0.5) for c in COLUMNS})
+    monkeypatch.setattr(compare_module, "run_trial", lambda cfg, report=None, ctx=None: {
+        c: (math.nan if c.endswith("few") else 0.5) for c in COLUMNS})
     rows = compare(["ce"], [0], {"dataset": "synthetic"})
     assert rows["ce"]["test_top1"] == (0.5, 0.0)
     cells = markdown(rows).splitlines()[2].split("|")

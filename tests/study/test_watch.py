@@ -110,7 +110,8 @@ def test_readme_command_prints_a_few_plain_lines(two_studies):
     assert len(before) <= 3 + 2 * 4, "\n".join(before)
     assert lines[1].startswith("MLflow: http") and "optuna-dashboard" in lines[2]
     text = "\n".join(before)
-    for ray_output in ("Trial status", "╭", "│", "Configuration for experiment", "TensorBoard", "Logical resource"):
+    for ray_output in ("Trial status", "╭", "│", "Configuration for experiment", "TensorBoard",
+                       "Logical resource"):
         assert ray_output not in text, text
     assert len([x for x in lines[:start] if re.match(r"trial \d+ started: ", x)]) == 4, text
     ends = [x for x in lines[:start] if re.match(r"trial \d+: (completed|pruned|failed) after epoch", x)]
