@@ -1,4 +1,5 @@
-"""The Ray Tune callbacks of a study: one MLflow child run per trial, and freeing Train placement groups.
+"""The Ray Tune callbacks of a study: one MLflow child run per trial, the progress lines, and freeing Train
+placement groups.
 
 Why not Ray's ``MLflowLoggerCallback``: it has no parent/child nesting, sends one request per metric, and
 opens a second run for a trial that is restored after a crash (ray#48664). :class:`MLflowTrialCallback`
@@ -223,3 +224,43 @@ class PlacementGroupReaper(ray.tune.Callback):
             ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group))))
         except Exception:  # noqa: BLE001 - already removed by Ray's cleaner: nothing to do
             pass
+
+
+class ProgressCallback(ray.tune.Callback):
+    """Feeds a :class:`~ltstudy.study.progress.ProgressBoard` from Tune's hooks (driver side); labels
+    trials by their Optuna number."""
+
+    def __init__(self, board: Any, params: tuple[Param, ...], links: Any = None) -> None:
+        self.board, self.params, self.links = board, params, links
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles callbacks with the experiment; a resumed study brings its own board.
+        return {"board": None, "params": self.params, "links": None}
+
+    def label(self, trial: Any) -> str:
+        number = self.links.number(trial.trial_id) if self.links is not None else None
+        return f"trial {number}" if number is not None else f"trial {trial.trial_id}"
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.board is not None:
+            self.board.start(trial.trial_id, self.label(trial), active_values(self.params, dict(trial.config)))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if self.board is not None:
+            self.board.result(trial.trial_id, result.get("epoch"), result.get("epochs_total"),
+                              result.get(self.board.metric))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, errored=False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, errored=True)
+
+    def _end(self, trial: Any, errored: bool) -> None:
+        if self.board is None:
+            return
+        last = trial.last_result or {}
+        outcome = trial_outcome(last, errored)
+        error = last.get("failure") or ("the trial raised an error" if errored else None)
+        self.board.end(trial.trial_id, self.label(trial), outcome, int(last.get("epoch", 0)),
+                       int(last.get("epochs_total", 0)), last.get(self.board.metric), error)

@@ -6,8 +6,9 @@ each running trial's epoch, the best value so far and an estimate of the time le
 stdout is not a terminal (CI, ``| tee``) there is no footer and nothing is redrawn: each end line carries
 the same counts, so the output is one plain line per event and never a table wrapped at 80 columns.
 
-:class:`ProgressBoard` holds the state and does the printing (no Ray: unit-testable);
-:class:`ProgressCallback` feeds it from Ray Tune's callback hooks in the driver.
+:class:`ProgressBoard` holds the state and does the printing (no Ray: unit-testable, and cheap to import
+for the other commands that format durations); :class:`ltstudy.study.callbacks.ProgressCallback` feeds it
+from Ray Tune's callback hooks in the driver.
 """
 
 from __future__ import annotations
@@ -18,12 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray.tune
 from rich.console import Console, Group
 from rich.text import Text
-
-from ltstudy.study.space import Param, active_values
-from ltstudy.study.tracking import trial_outcome
 
 
 def fmt_value(metric: str, value: float | None) -> str:
@@ -166,42 +163,3 @@ class ProgressBoard:
                          f"{fmt_value(self.metric, r.value)}, {fmt_duration(time.monotonic() - r.started)}",
                          style="dim") for r in self.running.values()]
             return Group(Text(self.status(), style="bold"), *rows)
-
-
-class ProgressCallback(ray.tune.Callback):
-    """Feeds a :class:`ProgressBoard` from Tune's hooks (driver side); labels trials by Optuna number."""
-
-    def __init__(self, board: ProgressBoard | None, params: tuple[Param, ...], links: Any = None) -> None:
-        self.board, self.params, self.links = board, params, links
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles callbacks with the experiment; a resumed study brings its own board.
-        return {"board": None, "params": self.params, "links": None}
-
-    def label(self, trial: Any) -> str:
-        number = self.links.number(trial.trial_id) if self.links is not None else None
-        return f"trial {number}" if number is not None else f"trial {trial.trial_id}"
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if self.board is not None:
-            self.board.start(trial.trial_id, self.label(trial), active_values(self.params, dict(trial.config)))
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if self.board is not None:
-            self.board.result(trial.trial_id, result.get("epoch"), result.get("epochs_total"),
-                              result.get(self.board.metric))
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, errored=False)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, errored=True)
-
-    def _end(self, trial: Any, errored: bool) -> None:
-        if self.board is None:
-            return
-        last = trial.last_result or {}
-        outcome = trial_outcome(last, errored)
-        error = last.get("failure") or ("the trial raised an error" if errored else None)
-        self.board.end(trial.trial_id, self.label(trial), outcome, int(last.get("epoch", 0)),
-                       int(last.get("epochs_total", 0)), last.get(self.board.metric), error)

@@ -337,10 +337,10 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None, console:
     """
     import optuna
 
-    from ltstudy.study.callbacks import MLflowTrialCallback
+    from ltstudy.study.callbacks import MLflowTrialCallback, ProgressCallback
     from ltstudy.study.dataset import data_key
     from ltstudy.study.links import OptunaLinks, annotate_study, run_url
-    from ltstudy.study.progress import ProgressBoard, ProgressCallback
+    from ltstudy.study.progress import ProgressBoard
     from ltstudy.study.runner import Resources, make_trainable
     from ltstudy.study.search import open_optuna_storage
     from ltstudy.study.tracking import study_trials
