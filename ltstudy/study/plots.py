@@ -154,6 +154,16 @@ def optuna_pngs(study: Any, metric: str, imp: dict[str, float] | None = None) ->
     }
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     names = {n for t in complete for n in t.params}
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # "Param x unique value length is less than 2", ...
+    try:
+        return _draw_all(draw, imp, why, complete, names)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _draw_all(draw: dict[str, Callable[[], Any]], imp: dict[str, float], why: str | None, complete: list,
+              names: set[str]) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for name in OPTUNA_PLOTS:
         title = name.replace("_", " ")
