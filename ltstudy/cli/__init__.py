@@ -21,6 +21,10 @@ app.info.help = __doc__
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning expected failures into one line and exit code 2."""
+    from ltstudy.cli.common import console
+
+    if not console.is_terminal:  # logs and pipes: long lines stay whole, tables are not squeezed to 80
+        console.width = 200
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="ltstudy", standalone_mode=False)

@@ -40,13 +40,6 @@ def validate_space(
                   f"{', '.join(space.tuned_names) or '(none)'}; first trial {space.published_point()}")
 
 
-def _echo_trial(trial_id: str, outcome: str, last: dict[str, Any]) -> None:
-    value = last.get("val_top1")
-    console.print(f"trial {trial_id}: {outcome} after epoch {last.get('epoch', 0)}"
-                  + (f", val top-1 {pct(value)}" if value is not None else "")
-                  + (f" ({last['failure']})" if last.get("failure") else ""))
-
-
 @app.command()
 def tune(
     method: str | None = typer.Option(None, "--method", "-m", help="method name (see `ltstudy methods`)"),
@@ -85,9 +78,15 @@ def tune(
     optuna_storage: str | None = typer.Option(
         None, help="Optuna storage of every study: journal file or RDB URL "
                    "(default STORAGE/optuna.journal; required with s3:// storage)"),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                help="-v: also Ray's trial tables and the workers' logs; -vv: Ray's INFO logs"),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
-    """Tune METHOD with Ray Tune + Optuna (+ ASHA), recording every trial in MLflow."""
+    """Tune METHOD with Ray Tune + Optuna (+ ASHA), recording every trial in MLflow.
+
+    Prints a line when a trial starts and when it ends (a live footer with counts, the best value and
+    the time left on a terminal), then a summary of the best trial.
+    """
     from ltstudy.config import parse_overrides
     from ltstudy.errors import StudyFailed
     from ltstudy.study.options import parse_duration
@@ -109,11 +108,20 @@ def tune(
     opts = StudyOptions(**{"method": "", **given}, max_concurrent=max_concurrent, storage=storage,
                         tracking_uri=tracking_uri, study_name=study_name, address=address, resume=resume,
                         time_budget=parse_duration(time_budget), confirm=confirm, confirm_seeds=confirm_seeds,
-                        given=frozenset(given))
-    summary = run_study(opts, echo=_echo_trial, say=lambda line: console.print(f"warning: {line}"))
+                        verbose=verbose, given=frozenset(given))
+    summary = run_study(opts, echo=_echo_confirmation, say=lambda line: console.print(f"warning: {line}"),
+                        console=console)
     _print_summary(summary)
     if summary.failure():
         raise StudyFailed(summary.failure())
+
+
+def _echo_confirmation(trial_id: str, outcome: str, last: dict[str, Any]) -> None:
+    """One line per confirmation run (the study's own trials are on the progress board)."""
+    value = last.get("val_top1")
+    console.print(f"confirmation {trial_id}: {outcome} after epoch {last.get('epoch', 0)}"
+                  + (f", val top-1 {pct(value)}" if value is not None else "")
+                  + (f" ({last['failure']})" if last.get("failure") else ""), highlight=False)
 
 
 def _print_summary(s: Any) -> None:
@@ -132,11 +140,12 @@ def _print_summary(s: Any) -> None:
         table.add_row("best", "no trial finished")
     else:
         b = s.best
-        table.add_row("best trial", f"{b['trial_id']} (run {b['run_id']})"
+        number = f"{b['number']} (Tune {b['trial_id']}, " if b.get("number") is not None else f"{b['trial_id']} ("
+        table.add_row("best trial", f"{number}run {b['run_id']})"
                       + (" — the published configuration" if b.get("published") else ""))
-        for name in s.tuned:
-            if name in b["params"]:
-                table.add_row(f"  {name}", b["params"][name])
+        active = b.get("tuned") or {n: b["params"][n] for n in s.tuned if n in b["params"]}
+        for name, value in active.items():  # only the parameters the best trial used
+            table.add_row(f"  {name}", value)
         m = b["metrics"]
         for split in ("val", "test"):
             table.add_row(f"{split} top-1 / many / medium / few (%)",
@@ -175,7 +184,7 @@ def confirm(
 
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
-    result = confirm_study(study, top, seeds, uri, address, max_concurrent, echo=_echo_trial)
+    result = confirm_study(study, top, seeds, uri, address, max_concurrent, echo=_echo_confirmation)
     table = Table(title=f"study {study}: confirmed ranking by mean {result['metric']} ({result['mode']})")
     for col in ("trial", "mean (%)", "std (%)", "seeds"):
         table.add_column(col)
@@ -220,18 +229,128 @@ def best_config_export(
                       f"run {config['provenance']['run_id']})")
 
 
-@studies_app.command("list")
-def studies_list(tracking_uri: str | None = TRACKING) -> None:
-    """The studies in a tracking store with their best objective values."""
-    from ltstudy.study.tracking import check_reachable, list_studies, resolve_tracking_uri
+def _store(tracking_uri: str | None) -> str:
+    from ltstudy.study.tracking import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
+    return uri
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"
+
+
+def _duration(seconds: float) -> str:
+    from ltstudy.study.progress import fmt_duration
+
+    return "–" if seconds != seconds else fmt_duration(seconds)
+
+
+@studies_app.command("list")
+def studies_list(tracking_uri: str | None = TRACKING) -> None:
+    """The studies in a tracking store: trials by status, data, search, dates, best value, resumability."""
+    from ltstudy.study.catalog import list_infos
+
+    uri = _store(tracking_uri)
     table = Table(title=f"studies in {uri}")
-    for col in ("study", "method", "objective", "trials", "best", "best trial", "status"):
+    for col in ("study", "method", "dataset", "objective", "search", "trials", "best", "best trial", "start",
+                "duration", "status", "resumable"):
         table.add_column(col)
-    for r in list_studies(uri):
-        best = "–" if r["best"] is None else f"{r['best']:.4f}"
-        table.add_row(r["study"], r["method"], f"{r['mode']} {r['metric']}", str(r["trials"]), best,
-                      r["best_trial"] or "–", r["status"])
+    for i in list_infos(uri):
+        best = "–" if i.best is None else f"{i.best['metrics'].get(i.metric, float('nan')):.4f}"
+        number = "–" if i.best is None else str(i.best["number"] if i.best["number"] is not None
+                                                 else i.best["trial_id"])
+        table.add_row(i.study, i.method, i.dataset, f"{i.mode} {i.metric}", f"{i.sampler} + {i.scheduler}",
+                      f"{_counts(i.counts)} / {i.num_trials}", best, number, i.start, _duration(i.duration_s),
+                      i.status, "yes" if i.resumable else "no")
     console.print(table)
+
+
+@studies_app.command("show")
+def studies_show(
+    study: str = typer.Argument(..., help="study name"),
+    fmt: str = typer.Option("table", "--format", help="table | csv | parquet | json"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="file (default: stdout; parquet needs it)"),
+    tracking_uri: str | None = TRACKING,
+) -> None:
+    """One study: its trials (tuned values, objective, status, epochs, node, wall time) and its header."""
+    from ltstudy.study.catalog import frame_json, study_info, trials_frame
+
+    if fmt not in ("table", "csv", "parquet", "json"):
+        raise LtstudyError(f"--format must be table, csv, parquet or json, not {fmt!r}")
+    if fmt == "parquet" and output is None:
+        raise LtstudyError("--format parquet writes a file: pass -o FILE.parquet")
+    info = study_info(_store(tracking_uri), study)
+    frame = trials_frame(info.trials, info.metric)
+    if fmt == "table":
+        _print_show(info, frame)
+        return
+    if fmt == "parquet":
+        frame.to_parquet(output, index=False)
+        console.print(f"wrote {output} ({len(frame)} trials)")
+        return
+    text = frame.to_csv(index=False) if fmt == "csv" else frame_json(info, frame) + "\n"
+    if output is None:
+        print(text, end="")
+    else:
+        output.write_text(text)
+        console.print(f"wrote {output} ({len(frame)} trials)")
+
+
+def _print_show(info: Any, frame: Any) -> None:
+    head = Table(title=f"study {info.study}", show_header=False)
+    head.add_column("", style="bold")
+    head.add_column("")
+    for key, value in (("method", info.method), ("objective", f"{info.mode} {info.metric}"),
+                       ("dataset", info.dataset), ("search", f"sampler {info.sampler}, scheduler {info.scheduler}"),
+                       ("trials", f"{_counts(info.counts)} (of {info.num_trials})"), ("start", info.start),
+                       ("duration", f"{_duration(info.duration_s)} ({info.status})"),
+                       ("resumable", f"{'yes' if info.resumable else 'no'}: {info.resume_note}"),
+                       ("storage", info.storage), ("Optuna", info.optuna_storage)):
+        head.add_row(key, str(value))
+    console.print(head)
+    table = Table()
+    for col in frame.columns:
+        table.add_column(str(col), justify="right" if frame[col].dtype.kind in "iufc" else "left")
+    for row in frame.itertuples(index=False):
+        table.add_row(*("–" if v is None or v != v else f"{v:.4g}" if isinstance(v, float) else str(v)
+                        for v in row))
+    console.print(table)
+
+
+@studies_app.command("delete")
+def studies_delete(
+    study: str = typer.Argument(..., help="study name"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
+    tracking_uri: str | None = TRACKING,
+) -> None:
+    """Remove a study's MLflow experiment, Optuna study and storage folder (after a confirmation)."""
+    from ltstudy.study.catalog import delete_study, deletion_plan, study_info
+
+    uri = _store(tracking_uri)
+    info = study_info(uri, study)
+    console.print(f"study {study} ({_counts(info.counts)}; run {info.status}) will be removed:")
+    for line in deletion_plan(info):
+        console.print(f"  {line}", soft_wrap=True)
+    if not yes and not typer.confirm("Delete it?", default=False):
+        console.print("nothing deleted")
+        raise typer.Exit(1)
+    for line in delete_study(uri, info):
+        console.print(f"removed {line}", soft_wrap=True)
+
+
+@app.command()
+def report(
+    study: str = typer.Argument(..., help="study name"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="HTML file (default STUDY-report.html)"),
+    log: bool = typer.Option(True, "--log/--no-log", help="also put the report on the study's MLflow run"),
+    tracking_uri: str | None = TRACKING,
+) -> None:
+    """One self-contained HTML report of a study: summary, best vs published, accuracy per class head to
+    tail, the Optuna plots, every trial and the best configuration."""
+    from ltstudy.study.report import write_report
+
+    path = output or Path(f"{study}-report.html")
+    info = write_report(_store(tracking_uri), study, str(path), log=log)
+    console.print(f"wrote {path}" + (f" (also on MLflow run {info.parent_run_id} as report.html)" if log else ""))

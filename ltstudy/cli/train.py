@@ -16,6 +16,7 @@ from ltstudy.cli.common import (
     IMBALANCE,
     METHOD,
     OVERRIDES,
+    TRACKING,
     app,
     console,
     datasets_app,
@@ -83,13 +84,26 @@ def compare(
     per_method: list[str] | None = typer.Option(
         None, "--set", help="METHOD:KEY=VALUE for one method only ({seed} is replaced)"),
     output: Path | None = typer.Option(None, "-o", help="also write the Markdown table here"),
+    figure: Path | None = typer.Option(None, "--figure", help="per-bucket accuracy figure (PNG; default: "
+                                       "beside -o, else compare-buckets.png)"),
+    experiment: str | None = typer.Option(None, "--experiment", help="MLflow experiment to create "
+                                          "(default compare-TIMESTAMP)"),
+    tracking_uri: str | None = TRACKING,
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
-    """Train several methods over several seeds with the same settings; mean ± std table."""
+    """Train several methods over several seeds with the same settings; mean ± std table and figure.
+
+    Shows run i of N, the epoch and the time left; records everything in MLflow as an experiment of its
+    own (a run per method and seed under one parent run holding the table and the figure).
+    """
+    from datetime import datetime
+
     from ltstudy.config import load_yaml, parse_overrides
+    from ltstudy.experiments.compare import CompareProgress, CompareTracker, markdown, plan_runs
     from ltstudy.experiments.compare import compare as run
-    from ltstudy.experiments.compare import markdown
     from ltstudy.methods import get_method
+    from ltstudy.study.plots import bucket_png
+    from ltstudy.study.tracking import check_reachable, resolve_tracking_uri
 
     values = {**(load_yaml(config) if config else {}), **parse_overrides(overrides or [])}
     names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -106,17 +120,30 @@ def compare(
             raise LtstudyError(f"--set {item!r} is not of the form METHOD:KEY=VALUE")
         extra.setdefault(name, {}).update(parse_overrides([assignment]))
 
-    def progress(method: str, seed: int, m: dict[str, Any]) -> None:
-        console.print(f"{method} seed {seed}: val top-1 {pct(m['val_top1'])}  test top-1 "
-                      f"{pct(m['test_top1'])}  many/med/few {pct(m['test_many'])}/"
-                      f"{pct(m['test_medium'])}/{pct(m['test_few'])}")
-
-    rows = run(names, seed_list, values, progress, extra,
-               str(checkpoint_root) if checkpoint_root else None)
+    configs = plan_runs(names, seed_list, values, extra)  # every bad value fails here, before any run
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    tracker = CompareTracker(uri, experiment or f"compare-{datetime.now():%Y%m%d-%H%M%S}", names, seed_list,
+                             values)
+    console.print(f"compare: {len(configs)} runs ({', '.join(names)} x seeds {seeds}); MLflow: {tracker.url()}",
+                  soft_wrap=True, highlight=False, markup=False)
+    progress = CompareProgress(console, configs)
+    try:
+        rows = run(names, seed_list, values, None, extra, str(checkpoint_root) if checkpoint_root else None,
+                   progress=progress, tracker=tracker)
+    except BaseException:
+        tracker.fail()
+        raise
+    finally:
+        progress.close()
     table = markdown(rows)
     print(table)
     if output:
         output.write_text(table + "\n")
+    figure = figure or (output.with_suffix(".png") if output else Path("compare-buckets.png"))
+    figure.write_bytes(bucket_png(rows))
+    console.print(f"figure: {figure}; MLflow experiment {tracker.name}: {tracker.url()}", soft_wrap=True,
+                  highlight=False, markup=False)
 
 
 @app.command()

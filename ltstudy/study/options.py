@@ -49,7 +49,7 @@ class StudyOptions:
     time_budget: float | None = None  # seconds
     confirm: int = 0  # re-run the top K configurations over `confirm_seeds` more seeds
     confirm_seeds: int = 3
-    verbose: int = 1
+    verbose: int = 0  # 0: ltstudy's progress lines only; 1, 2: also Ray's tables and the workers' logs
     #: the options the user gave explicitly (the CLI fills it); None = all of them (a program's call)
     given: frozenset[str] | None = None
 

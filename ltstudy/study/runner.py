@@ -182,7 +182,7 @@ def make_trainable(res: Resources):
     return ray.tune.with_resources(fn, res.tune_resources())
 
 
-def ray_init(address: str | None) -> bool:
+def ray_init(address: str | None, verbose: int = 0) -> bool:
     """Connect to ``address`` or start a new local Ray; returns whether this call started it.
 
     Without ``--address`` the study always starts its own Ray (``address="local"``): a plain
@@ -193,6 +193,7 @@ def ray_init(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING")
+    ray.init(address=address or "local", log_to_driver=verbose > 0,
+             logging_level="INFO" if verbose > 1 else "WARNING")
     return True
 

@@ -42,14 +42,17 @@ def _finite(value: Any) -> bool:
 
 class LtOptunaSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict | None:
+        """Ray's suggest, plus the Tune trial id on the Optuna trial (how ``study.links`` finds it) and the
+        published configuration marked in the config of the enqueued first trial."""
+        from ltstudy.study.links import TUNE_TRIAL_ATTR
+
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
-        if config is not None and ot_trial is not None and ot_trial.number == 0 and self._points_enqueued():
-            config[PUBLISHED_KEY] = True
+        if config is not None and ot_trial is not None:
+            ot_trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+            if ot_trial.number == 0 and self._points_to_evaluate:
+                config[PUBLISHED_KEY] = True
         return config
-
-    def _points_enqueued(self) -> bool:
-        return bool(self._points_to_evaluate)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         import optuna

@@ -69,6 +69,16 @@ class Param:
         return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
 
 
+def active_values(params: tuple[Param, ...], config: dict[str, Any]) -> dict[str, Any]:
+    """The tuned values a trial actually used: each parameter whose condition held, in space order
+    (a ``sampler_q`` tuned only ``when: {sampler: power}`` is left out of an ``instance`` trial)."""
+    chosen: dict[str, Any] = {}
+    for p in params:
+        if p.name in config and p.active(chosen):
+            chosen[p.name] = config[p.name]
+    return chosen
+
+
 @dataclass(frozen=True)
 class DefineByRun:
     """Suggests the tuned values and returns the constants.

@@ -1,4 +1,6 @@
-"""MLflow for studies (MLflow only, no Ray): the study (parent) run, reading trials back, export, listing.
+"""MLflow for studies (MLflow only, no Ray): the study (parent) run, reading trials back, export, figures.
+
+Listing, showing and deleting studies is :mod:`ltstudy.study.catalog`.
 
 The Tune side, which writes one child run per trial, is :mod:`ltstudy.study.callbacks`.
 """
@@ -37,7 +39,15 @@ CONFIRMS_TAG = "ltstudy.confirms"  # on a confirmation run: the trial id it re-r
 ENDED = ("completed", "pruned", "failed")  # statuses of a trial run that must never be touched again
 CHECKPOINT_TAG = "ltstudy.checkpoint"  # where the trial's last checkpoint lives (storage URI)
 PARENT_TAG = "mlflow.parentRunId"
+TUNED_PREFIX = "tuned."  # ``tuned.<name>`` tags: the tuned values a trial used (active parameters only)
+EPOCHS_TAG = "ltstudy.epochs"  # epochs a trial ran
+WALL_TAG = "ltstudy.wall_s"  # a trial's wall time as the Tune driver saw it
+NUMBER_TAG = "optuna_trial_number"
+OPTUNA_STORAGE_TAG = "ltstudy.optuna_storage"  # the journal file / RDB URL holding the Optuna study
+#: MLflow 3 opens an experiment on its GenAI "Traces" view unless it is marked as model training
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 CONFIG_ARTIFACT = "config.yaml"
+PER_CLASS_PLOT = "per_class_accuracy.png"
 _METRIC_PREFIXES = ("train_", "val_", "test_")
 _METRIC_EXTRA = ("lr", "epoch_seconds", "time_in_run_trial_s")
 
@@ -75,7 +85,15 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def client(uri: str):
+    import logging
+
+    # MLflow draws a tqdm bar on stderr for every artifact download, terminal or not, and logs its
+    # database set-up at INFO: neither is news to a person reading a command's output
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.tracking import MlflowClient
+
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     return MlflowClient(tracking_uri=uri)
 
@@ -155,7 +173,8 @@ class StudyTracker:
         """
         exp = self.mlc.get_experiment_by_name(self.study)
         if exp is None:
-            self.experiment_id = self.mlc.create_experiment(self.study, tags={STUDY_TAG: self.study})
+            self.experiment_id = self.mlc.create_experiment(self.study, tags={STUDY_TAG: self.study,
+                                                                             **EXPERIMENT_KIND})
         elif exp.lifecycle_stage == "deleted":
             raise TrackingError(f"experiment {self.study!r} is deleted in {self.uri}; restore it or pick "
                                 "another --study-name")
@@ -201,15 +220,18 @@ class StudyTracker:
         if front:
             log_batch(self.mlc, self.parent_run_id, tags={"ltstudy.pareto_trials": ",".join(
                 t["trial_id"] for t in front)})
-        if gain:
-            now = int(time.time() * 1000)
-            from mlflow.entities import Metric
+        from mlflow.entities import Metric
 
+        now = int(time.time() * 1000)
+        if gain:
             log_batch(self.mlc, self.parent_run_id,
                       metrics=[Metric(f"gain_over_published.{k}", v, now, 0) for k, v in gain.items()])
-        with tempfile.TemporaryDirectory() as tmp:
-            for path in _plots(trials, obj.metric, obj.mode, optuna_study, Path(tmp)):
-                self.mlc.log_artifact(self.parent_run_id, str(path), "plots")
+        parent = self.mlc.get_run(self.parent_run_id)
+        pngs, imp = study_pngs(self.mlc, parent, trials, obj.metric, optuna_study, best)
+        _log_pngs(self.mlc, self.parent_run_id, pngs)
+        if imp:
+            log_batch(self.mlc, self.parent_run_id,
+                      metrics=[Metric(f"importance.{k}", float(v), now, 0) for k, v in imp.items()])
         log_batch(self.mlc, self.parent_run_id,
                   tags={f"ltstudy.trials_{k}": v for k, v in status_counts(trials).items()})
         self.mlc.set_terminated(self.parent_run_id, status)
@@ -254,7 +276,11 @@ def study_trials(mlc, experiment_id: str, parent_run_id: str, role: str = "trial
              "params": dict(r.data.params), "mlflow_status": r.info.status,
              "published": r.data.tags.get(PUBLISHED_TAG) == "true", "confirms": r.data.tags.get(CONFIRMS_TAG),
              "seed": r.data.tags.get("seed"), "error": r.data.tags.get("error"),
-             "node_id": r.data.tags.get("node_id")} for r in runs]
+             "node_id": r.data.tags.get("node_id"),
+             "number": int(r.data.tags[NUMBER_TAG]) if r.data.tags.get(NUMBER_TAG, "").isdigit() else None,
+             "tuned": {k[len(TUNED_PREFIX):]: v for k, v in r.data.tags.items() if k.startswith(TUNED_PREFIX)},
+             "tags": dict(r.data.tags), "start_time": r.info.start_time, "end_time": r.info.end_time}
+            for r in runs]
 
 
 def status_counts(trials: list[dict[str, Any]]) -> dict[str, int]:
@@ -315,84 +341,69 @@ def export_best(uri: str, study: str, pick: str | None = None) -> dict[str, Any]
     return config
 
 
-def list_studies(uri: str) -> list[dict[str, Any]]:
-    """One row per study in the store: trial counts and best objective value."""
-    mlc = client(uri)
-    rows = []
-    for exp in mlc.search_experiments(max_results=1000):
-        study = exp.tags.get(STUDY_TAG)
-        if not study:
-            continue
-        try:
-            _, _, parent = find_study(uri, study)
-        except TrackingError:
-            continue
-        obj = Objectives.from_tags(parent.data.tags)
-        trials = study_trials(mlc, exp.experiment_id, parent.info.run_id)
-        best = pick_best(trials, obj)
-        rows.append({"study": study, "method": parent.data.tags.get("ltstudy.method", "?"),
-                     "metric": ",".join(obj.metrics), "mode": ",".join(obj.modes), "trials": len(trials),
-                     "best": best["metrics"][obj.metric] if best else None,
-                     "best_trial": best["trial_id"] if best else None, "status": parent.info.status})
-    return rows
-
-
 # ------------------------------------------------------------------------------------------- plots
-def _plots(trials: list[dict[str, Any]], metric: str, mode: str, optuna_study: Any,
-           out: Path) -> list[Path]:
-    """Optimisation history (objective per trial and running best) and parameter importance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [i for i, t in enumerate(trials) if metric in t["metrics"]]
-    ys = [trials[i]["metrics"][metric] for i in xs]
-    colours = ["tab:blue" if trials[i]["status"] == "completed" else "tab:grey" for i in xs]
-    ax.scatter(xs, ys, c=colours, label=f"{metric} (grey: pruned)")
-    best, run = [], None
-    for y in ys:
-        run = y if run is None else (max(run, y) if mode == "max" else min(run, y))
-        best.append(run)
-    ax.step(xs, best, where="post", color="tab:red", label="best so far")
-    ax.set_xlabel("trial (start order)")
-    ax.set_ylabel(metric)
-    ax.set_title("optimisation history")
-    ax.legend(loc="best")
-    fig.tight_layout()
-    paths.append(out / "optimization_history.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    importances = _importances(optuna_study)
-    if importances:
-        names = list(importances)[::-1]
-        ax.barh(names, [importances[n] for n in names], color="tab:blue")
-        ax.set_xlabel("importance (Optuna default evaluator)")
-    else:
-        ax.text(0.5, 0.5, "not enough completed trials\nfor parameter importance",
-                ha="center", va="center")
-        ax.set_axis_off()
-    ax.set_title("parameter importance")
-    fig.tight_layout()
-    paths.append(out / "param_importance.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-    return paths
+def published_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The published configuration: always Optuna trial 0 (enqueued first, see ``make_searcher``)."""
+    return next((t for t in trials if t.get("number") == 0), None)
 
 
-def _importances(optuna_study: Any) -> dict[str, float]:
-    if optuna_study is None:
-        return {}
+def per_class_of(mlc, run_id: str) -> dict[str, list[float]] | None:
+    """A finished trial's ``per_class_accuracy.json`` (val and, after the last epoch, test)."""
+    from mlflow.exceptions import MlflowException
+
     try:
-        import optuna
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads(Path(mlc.download_artifacts(run_id, "per_class_accuracy.json", tmp)).read_text())
+    except (MlflowException, OSError, ValueError):
+        return None
 
-        return dict(optuna.importance.get_param_importances(optuna_study))
-    except Exception:  # too few completed trials or a constant parameter: the plot says so
-        return {}
+
+def study_pngs(mlc, parent: Any, trials: list[dict[str, Any]], metric: str, optuna_study: Any,
+               best: dict[str, Any] | None) -> tuple[dict[str, bytes], dict[str, float]]:
+    """Every figure of a study (the Optuna plots and the best-vs-published per-class plot) and the
+    parameter importances, from its records."""
+    from ltstudy.study.dataset import record_from_run
+    from ltstudy.study.plots import OPTUNA_PLOTS, importances, message_png, optuna_pngs, per_class_png
+
+    if optuna_study is not None:
+        imp, _ = importances(optuna_study, metric)
+        pngs = optuna_pngs(optuna_study, metric, imp)
+    else:
+        imp = {}
+        pngs = {n: message_png(n.replace("_", " "), "the Optuna study is not available") for n in OPTUNA_PLOTS}
+    series = {}
+    published = published_trial(trials)
+    best_label = best.get("number") if best and best.get("number") is not None else (best or {}).get("trial_id")
+    picks = [(f"best (trial {best_label})", best)] if best else []
+    if published is not None and (best is None or published["run_id"] != best["run_id"]):
+        picks.append(("published (trial 0)", published))
+    elif best is not None and published is not None:
+        picks = [("best = published (trial 0)", best)]
+    found = [(label, per_class_of(mlc, t["run_id"])) for label, t in picks]
+    found = [(label, pc) for label, pc in found if pc]
+    split = "test" if found and all("test_per_class" in pc for _, pc in found) else "val"
+    for label, pc in found:
+        if f"{split}_per_class" in pc:
+            series[f"{label}, {split}"] = pc[f"{split}_per_class"]
+    data = record_from_run(parent)
+    if series and data:
+        pngs["per_class_best_vs_published"] = per_class_png(
+            data["class_counts"], series, f"{parent.data.tags.get(STUDY_TAG, '')}: accuracy per class, "
+            f"best vs published", data.get("many_threshold", 100), data.get("few_threshold", 20),
+            data.get("class_names"))
+    else:
+        pngs["per_class_best_vs_published"] = message_png(
+            "accuracy per class", "no finished trial with per-class accuracy" if data else
+            "the study run has no dataset record (class counts)")
+    return pngs, imp
+
+
+def _log_pngs(mlc, run_id: str, pngs: dict[str, bytes], folder: str = "plots") -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, png in pngs.items():
+            path = Path(tmp) / f"{name}.png"
+            path.write_bytes(png)
+        mlc.log_artifacts(run_id, tmp, folder)
 
 
 def checkpoint_of_run(tracking_uri: str | None, run_id: str) -> str:

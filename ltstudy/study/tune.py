@@ -14,6 +14,7 @@ carries the exact ``--resume`` command (exit code 130). A second signal stops at
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -29,6 +30,7 @@ from ltstudy.errors import ConfigError, StudyInterrupted
 from ltstudy.study.options import StudyOptions, read_saved, write_saved
 from ltstudy.study.space import SearchSpace, default_space_path, space_from_text
 from ltstudy.study.tracking import (
+    OPTUNA_STORAGE_TAG,
     StudyTracker,
     check_reachable,
     git_commit,
@@ -303,9 +305,75 @@ def study_tags(plan: StudyPlan) -> dict[str, Any]:
             "ltstudy.scheduler": o.scheduler, "ltstudy.grace_period": plan.grace,
             "ltstudy.reduction_factor": o.reduction_factor, "ltstudy.num_trials": o.num_trials,
             "ltstudy.workers": o.workers, "ltstudy.storage": plan.experiment_path,
-            "ltstudy.tuned": ",".join(s.tuned_names), "dataset": s.fixed.get("dataset", "cifar10-lt"),
-            "git_commit": git_commit(),
+            "ltstudy.tuned": ",".join(s.tuned_names), OPTUNA_STORAGE_TAG: plan.optuna_storage,
+            "dataset": s.fixed.get("dataset", "cifar10-lt"), "git_commit": git_commit(),
             **({"ltstudy.feature_key": s.fixed["feature_key"]} if s.fixed.get("feature_key") else {})}
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _quiet(verbose: int) -> None:
+    """Below ``-v`` the study's own lines are the output: no MLflow/Optuna INFO logs or Optuna warnings."""
+    if verbose > 0:
+        return
+    import warnings
+
+    import mlflow  # noqa: F401 - configures its loggers on import; quieten them after that
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def _study_dataset(plan: StudyPlan) -> tuple[Any, Any]:
+    """The published configuration's dataset record, read before anything is written.
+
+    On a local Ray the driver sees what the trials see, so unreadable data is bad input (one line, exit
+    code 2); on a cluster (``--address``) the data may live on the workers only, and the record is left out.
+    """
+    from ltstudy.config import resolve_config
+    from ltstudy.errors import LtstudyError
+    from ltstudy.study.dataset import dataset_record
+
+    space = plan.space
+    cfg = resolve_config({**space.fixed, **space.published_point(), "method": space.method})
+    try:
+        return cfg, dataset_record(cfg)
+    except LtstudyError:
+        if plan.opts.address is None:
+            raise
+        return cfg, None
+    except Exception:  # noqa: BLE001 - data on the workers only; the trials report their own errors
+        return cfg, None
+
+
+def _header(plan: StudyPlan, experiment_id: str, parent: str, concurrency: int) -> list[str]:
+    from ltstudy.study.links import run_url
+
+    o, s = plan.opts, plan.space
+    return [
+        f"study {plan.study}: {s.method} on {s.fixed.get('dataset', 'cifar10-lt')}, {o.num_trials} trials "
+        f"({concurrency} at a time), sampler {o.sampler}, scheduler {o.scheduler}, {s.mode} {s.metric}"
+        + (" (resumed)" if not plan.fresh else ""),
+        f"MLflow: {run_url(plan.tracking_uri, experiment_id, parent)}" + (
+            "" if plan.tracking_uri.startswith("http") else
+            f"  (after: mlflow ui --backend-store-uri {plan.tracking_uri})"),
+        f"Optuna: optuna-dashboard {plan.optuna_storage}",
+    ]
 
 
 def _drop_stale_optuna_study(plan: StudyPlan) -> None:
@@ -357,18 +425,28 @@ def _main_thread() -> bool:
 
 
 def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
-              say: Callable[[str], None] | None = None) -> StudySummary:
-    """Plan, record, run (or resume) and summarise one study; ``say`` gets one-line notices."""
+              say: Callable[[str], None] | None = None, console: Any = None) -> StudySummary:
+    """Plan, record, run (or resume) and summarise one study.
+
+    ``say`` gets one-line notices; ``console`` (a rich Console) gets the progress: a header with the
+    MLflow and optuna-dashboard addresses, then a line per trial start and end (and a live footer on a
+    terminal).
+    """
     import optuna
 
-    from ltstudy.study.callbacks import MLflowTrialCallback, PlacementGroupReaper
+    from ltstudy.study.callbacks import MLflowTrialCallback, PlacementGroupReaper, ProgressCallback
     from ltstudy.study.cluster import TrialShape, place_study, stage_data
     from ltstudy.study.confirm import confirm_top
+    from ltstudy.study.dataset import data_key
+    from ltstudy.study.links import OptunaLinks, annotate_study, run_url
+    from ltstudy.study.progress import ProgressBoard
     from ltstudy.study.runner import Resources, make_trainable, ray_init
     from ltstudy.study.search import open_optuna_storage
     from ltstudy.study.selection import Objectives
+    from ltstudy.study.tracking import study_trials
 
     tic = time.time()
+    _quiet(o.verbose)
     plan = plan_study(o)
     o = plan.opts
     for note in plan.notes:
@@ -379,16 +457,19 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
         if values.get("download"):
             plan.space = plan.space.with_overrides(stage_data(values, plan.storage,
                                                               plan.storage.startswith(REMOTE_SCHEMES)))
-    started = ray_init(o.address)
+    started = ray_init(o.address, o.verbose)
     try:  # where trials go, and every node checked, before anything is recorded
         place = place_study(o.max_concurrent, TrialShape(o.workers, o.cpus_per_worker, o.gpus_per_worker),
                             plan.storage, plan.tracking_uri, plan.space.fixed, o.storage is not None)
         if plan.fresh and "backbone" in plan.space.fixed:
             plan.space = plan.space.with_overrides(_feature_pins(plan, place.gpu_tasks))
+        cfg, record = _study_dataset(plan)
         tracker = StudyTracker(plan.tracking_uri, plan.study)
         parent = tracker.open({**study_tags(plan), "ltstudy.max_concurrent": place.max_concurrent,
                                "ltstudy.cluster": place.describe()}, resume=not plan.fresh)
         if plan.fresh:
+            if record is not None:
+                tracker.mlc.log_inputs(parent, datasets=[record.to_mlflow()])
             _drop_stale_optuna_study(plan)
             _write_saved(plan)
     except BaseException:
@@ -399,13 +480,37 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
         raise
     interrupted = None
     confirmed: list[dict[str, Any]] = []
+    board = None
     try:
         with _interrupts() as caught:
+            if "://" not in plan.optuna_storage:
+                Path(plan.optuna_storage).parent.mkdir(parents=True, exist_ok=True)
+            links = OptunaLinks(open_optuna_storage(plan.optuna_storage), plan.study)
             callback = MLflowTrialCallback(plan.tracking_uri, tracker.experiment_id, parent, plan.study,
-                                           git_commit(), echo, objectives=plan.space.metrics)
+                                           git_commit(), echo if console is None else None,
+                                           plan.space.params, links,
+                                           objectives=plan.space.metrics)
+            callback._datasets[data_key(cfg)] = record
+            callbacks: list[Any] = [callback, PlacementGroupReaper()]
+            if console is not None:
+                for line in _header(plan, tracker.experiment_id, parent, place.max_concurrent):
+                    console.print(line, soft_wrap=True, highlight=False, markup=False)
+                board = ProgressBoard(console, plan.space.metric, plan.space.mode, o.num_trials,
+                                      place.max_concurrent)
+                if not plan.fresh:
+                    board.seed([t["status"] for t in study_trials(tracker.mlc, tracker.experiment_id, parent)])
+                callbacks.append(ProgressCallback(board, plan.space.params, links, plan.space.metrics))
             trainable = make_trainable(Resources(o.workers, o.cpus_per_worker, o.gpus_per_worker, o.retries,
                                                  plan.storage, place.driver, place.backend))
-            _build_tuner(plan, trainable, [callback, PlacementGroupReaper()], place.max_concurrent).fit()
+            tuner = _build_tuner(plan, trainable, callbacks, place.max_concurrent)
+            annotate_study(links.storage, plan.study, plan.space.metric, {
+                "mlflow_tracking_uri": plan.tracking_uri, "mlflow_experiment_id": tracker.experiment_id,
+                "mlflow_study_run_id": parent,
+                "mlflow_study_run": run_url(plan.tracking_uri, tracker.experiment_id, parent)})
+            # Ray's new output engine prints its experiment header even at verbose 0; its legacy engine
+            # prints nothing at 0
+            with _env({"RAY_AIR_NEW_OUTPUT": "0"} if o.verbose == 0 else {}):
+                tuner.fit()
             if not caught.signal and o.confirm:
                 confirmed = confirm_top(plan, tracker, trainable, o.confirm, o.confirm_seeds,
                                         place.max_concurrent, echo)
@@ -416,6 +521,8 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
         tracker.mlc.set_terminated(parent, "FAILED")
         raise
     finally:
+        if board is not None:
+            board.close()
         if started:
             import ray
 
@@ -440,4 +547,3 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
     return StudySummary(plan.study, obj.metric, obj.mode, result["best"], plan.space.tuned_names, counts,
                         plan.experiment_path, plan.tracking_uri, parent, time.time() - tic, dict(callback.wall),
                         trials, obj.metrics, obj.modes, result["front"], result["gain"], confirmed, notes)
-

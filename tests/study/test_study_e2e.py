@@ -92,7 +92,7 @@ def test_parent_holds_best_params_metrics_space_and_plots(study, mlflow_server):
     arts = {a.path for a in mlc.list_artifacts(parent.info.run_id)}
     assert "search_space.yaml" in arts
     plots = {a.path for a in mlc.list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/optimization_history.png", "plots/param_importance.png"} <= plots
+    assert {"plots/optimization_history.png", "plots/param_importances.png"} <= plots
     completed = [t for t in summary.trials if t["status"] == "completed"]
     assert best["metrics"]["val_loss"] == min(t["metrics"]["val_loss"] for t in completed)
 
