@@ -10,7 +10,7 @@ run at once, how long this run may take, how much it prints) apply to the resume
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from ltstudy.errors import ConfigError
@@ -50,7 +50,7 @@ class StudyOptions:
     confirm: int = 0  # re-run the top K configurations over `confirm_seeds` more seeds
     confirm_seeds: int = 3
     verbose: int = 0  # 0: ltstudy's progress lines only; 1, 2: also Ray's tables and the workers' logs
-    #: the options the user gave explicitly (the CLI fills it); None = all of them (a program's call)
+    #: the options the user gave explicitly (the CLI fills it); None: those set away from their defaults
     given: frozenset[str] | None = None
 
     def check(self) -> None:
@@ -83,12 +83,15 @@ class StudyOptions:
 
     def for_resume(self, saved: dict[str, Any]) -> StudyOptions:
         """The saved study with this run's per-run options; a given flag that disagrees is one line."""
-        names = {f.name for f in fields(self)}
+        defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory()
+                    for f in fields(self)}
+        names = set(defaults)
         for key, value in saved.items():
             if key not in names or key in PER_RUN:
                 continue
-            given = self.given is None or key in self.given
-            if given and _normal(getattr(self, key)) != _normal(value):
+            mine = getattr(self, key)
+            given = key in self.given if self.given is not None else mine != defaults[key]
+            if given and _normal(mine) != _normal(value):
                 flag = FLAG.get(key, "--" + key.replace("_", "-"))
                 raise ConfigError(f"{flag} {_show(getattr(self, key))} differs from the study's saved "
                                   f"{_show(value)}; drop it to resume the study as it was started")
