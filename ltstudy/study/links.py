@@ -27,13 +27,14 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) ->
     return f"{LOCAL_UI}/{page}"
 
 
-def annotate_study(storage: Any, study_name: str, metric: str, attrs: dict[str, str]) -> None:
-    """Objective name and MLflow pointers on the Optuna study (idempotent: resume sets them again)."""
+def annotate_study(storage: Any, study_name: str, metrics: list[str], attrs: dict[str, str]) -> None:
+    """Objective names (one per objective) and MLflow pointers on the Optuna study (idempotent: resume
+    sets them again)."""
     import optuna
 
     study = optuna.load_study(study_name=study_name, storage=storage)
-    if study.metric_names != [metric]:
-        study.set_metric_names([metric])
+    if study.metric_names != list(metrics):
+        study.set_metric_names(list(metrics))
     for key, value in attrs.items():
         study.set_user_attr(key, value)
 

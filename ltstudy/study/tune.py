@@ -503,7 +503,7 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
             trainable = make_trainable(Resources(o.workers, o.cpus_per_worker, o.gpus_per_worker, o.retries,
                                                  plan.storage, place.driver, place.backend))
             tuner = _build_tuner(plan, trainable, callbacks, place.max_concurrent)
-            annotate_study(links.storage, plan.study, plan.space.metric, {
+            annotate_study(links.storage, plan.study, list(plan.space.metrics), {
                 "mlflow_tracking_uri": plan.tracking_uri, "mlflow_experiment_id": tracker.experiment_id,
                 "mlflow_study_run_id": parent,
                 "mlflow_study_run": run_url(plan.tracking_uri, tracker.experiment_id, parent)})
