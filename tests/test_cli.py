@@ -44,12 +44,18 @@ def test_methods_lists_hyperparameters(capsys):
         assert text in out
 
 
-def test_datasets_show_prints_counts_head_to_tail(capsys, shared_data):
-    code, out, _ = run(capsys, "datasets", "show", "--data-root", str(shared_data), "--imbalance", "100")
+def test_datasets_show_prints_counts_head_to_tail(capsys, shared_data, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run(capsys, "datasets", "show", "--data-root", str(shared_data), "--imbalance", "100",
+                       "--method", "metasaug")
     assert code == 0
     assert "many 4 classes" in out and "medium 3 classes" in out and "few 3 classes" in out
-    counts = [int(line.split("│")[3]) for line in out.splitlines() if line.count("│") == 5]
-    assert counts[0] == 497 and counts == sorted(counts, reverse=True), counts  # head to tail
+    rows = [line.split("│") for line in out.splitlines() if line.count("│") == 6]
+    counts = [int(r[3]) for r in rows]
+    assert counts[0] == 487 and counts == sorted(counts, reverse=True), counts  # head to tail
+    assert rows[0][4].strip() == "517 (gave 30)" and [r[4].strip() for r in rows[1:]] == [str(n) for n in counts[1:]]
+    assert "IF 97.4 as realised (487 / 5 training images), IF 100 requested" in out
+    assert "held out per class (val 20, meta 10)" in out and "0 (517 -> 487, gave 30)" in out
 
 
 def test_train_prints_progress_and_table(capsys, shared_data, tmp_path):

@@ -8,18 +8,20 @@ from ltstudy.data.filelist import FileListDataset, read_filelist
 from ltstudy.data.loader import FileListLoader, TensorLoader
 from ltstudy.data.profile import PROFILES, lt_counts
 from ltstudy.data.samplers import SAMPLERS, epoch_order, sample_weights
-from ltstudy.data.splits import make_lt_splits
+from ltstudy.data.splits import SPLIT_VERSION, SplitIndices, make_lt_splits
 from ltstudy.data.synthetic import make_synthetic
 
 __all__ = [
     "DATASETS",
     "PROFILES",
     "SAMPLERS",
+    "SPLIT_VERSION",
     "AugmentSpec",
     "FileListDataset",
     "FileListLoader",
     "LTData",
     "Split",
+    "SplitIndices",
     "TensorLoader",
     "apply",
     "autoaugment",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ltstudy.data.augment import AugmentSpec
@@ -54,8 +55,45 @@ def _list_split(path, role: str) -> Split:
     return Split(labels=torch.from_numpy(labels), indices=torch.arange(len(paths)), paths=paths)
 
 
-def _build_filelist(data_root, train_list, val_list, test_list, image_size: int) -> LTData:
-    """File-list data (ImageNet-LT / Places-LT / iNaturalist format) under ``data_root``."""
+def carve_list(split: Split, carved: dict[str, int], num_classes: int, seed: int) -> tuple[Split, dict[str, Split]]:
+    """Carve balanced sets (``{name: per class}``, name order) from a list split; the rest stays in it.
+
+    Each class's images are shuffled with ``np.random.default_rng(seed)``; the carved sets take the first
+    ones. Every class must keep at least one image in ``split``.
+    """
+    rng = np.random.default_rng(seed)
+    labels = split.labels.numpy()
+    keep, parts = [], {name: [] for name in sorted(carved)}
+    need = sum(carved.values())
+    for c in range(num_classes):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if idx.size < need + 1:
+            sets = " + ".join(f"{n} {name}" for name, n in sorted(carved.items()))
+            raise DataError(f"class {c} has {idx.size} images in the validation list; need at least {need + 1} "
+                            f"({sets} carved from it, plus one left for validation)")
+        start = 0
+        for name in parts:
+            parts[name].append(idx[start:start + carved[name]])
+            start += carved[name]
+        keep.append(idx[start:])
+
+    def take(chunks: list[np.ndarray]) -> Split:
+        rows = torch.from_numpy(np.sort(np.concatenate(chunks)).astype(np.int64))
+        assert split.paths is not None
+        return Split(labels=split.labels[rows].clone(), indices=split.indices[rows].clone(),
+                     paths=[split.paths[i] for i in rows.tolist()])
+
+    return take(keep), {name: take(chunks) for name, chunks in parts.items()}
+
+
+def _build_filelist(data_root, train_list, val_list, test_list, image_size: int, carved: dict[str, int] | None,
+                    seed: int) -> LTData:
+    """File-list data (ImageNet-LT / Places-LT / iNaturalist format) under ``data_root``.
+
+    The lists fix the splits. Carved sets (MetaSAug's meta set) come from the validation list, as the
+    MetaSAug reference samples its ImageNet-LT meta set from the ImageNet-LT val split; validation is the
+    rest of that list.
+    """
     if data_root is None:
         raise ConfigError("the filelist dataset needs a data root (the image folder)")
     if not Path(data_root).is_dir():
@@ -65,6 +103,11 @@ def _build_filelist(data_root, train_list, val_list, test_list, image_size: int)
     )
     num_classes = int(max(s.labels.max() for s in (train, val, test))) + 1
     counts = torch.bincount(train.labels, minlength=num_classes)
+    if int(counts.min()) == 0:
+        raise DataError(f"class {int(counts.argmin())} has no image in the train list {train_list}")
+    parts: dict[str, Split] = {}
+    if carved:
+        val, parts = carve_list(val, carved, num_classes, seed)
     mean, std = IMAGENET_STATS
     return LTData(
         "filelist",
@@ -78,6 +121,8 @@ def _build_filelist(data_root, train_list, val_list, test_list, image_size: int)
         std,
         image_size,
         image_root=str(data_root),
+        carved=parts,
+        held=dict(sorted((carved or {}).items())),
     )
 
 
@@ -114,15 +159,13 @@ def build_data(
             32); CIFAR is always 32.
         synthetic_classes: Classes of the synthetic dataset.
         carved: Extra balanced sets to carve from the training pool (``{name: images per class}``,
-            e.g. MetaSAug's meta set), in ``LTData.carved``; in-memory datasets only.
+            e.g. MetaSAug's meta set), in ``LTData.carved``; file lists carve them from the val list.
     """
     if dataset in ("cifar10-lt", "cifar100-lt"):
         name = dataset.removesuffix("-lt")
         return _build_cifar(name, data_root, download, imbalance, profile, val_per_class, seed, carved)
     if dataset == "filelist":
-        if carved:
-            raise ConfigError(f"the filelist dataset cannot carve {', '.join(carved)} sets from its lists")
-        return _build_filelist(data_root, train_list, val_list, test_list, image_size or 224)
+        return _build_filelist(data_root, train_list, val_list, test_list, image_size or 224, carved, seed)
     if dataset == "synthetic":
         return make_synthetic(
             num_classes=synthetic_classes,

@@ -37,7 +37,7 @@ from ltstudy.config import (
     load_data,
     resolve_config,
 )
-from ltstudy.data import AugmentSpec, LTData, make_loader
+from ltstudy.data import SPLIT_VERSION, AugmentSpec, LTData, make_loader
 from ltstudy.data.augment import apply as augment_batch
 from ltstudy.data.augment import normalize
 from ltstudy.errors import ConfigError, DataError
@@ -87,6 +87,11 @@ def load_backbone_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DataError(f"cannot read backbone checkpoint {path}: {exc}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise DataError(f"{path} is not an ltstudy checkpoint (needs 'model' and 'config')")
+    version = int(state.get("split_version", 1))
+    if version != SPLIT_VERSION:
+        raise ConfigError(f"backbone {path} was trained on ltstudy's split version {version}; this ltstudy "
+                          f"draws version {SPLIT_VERSION} (the standard long-tailed counts), so the training "
+                          "split rebuilt from its config is not the one it saw: retrain the backbone")
     state["path"] = str(path.resolve())
     return state
 
@@ -114,7 +119,8 @@ def key_fields(checkpoint_sha256: str, cfg: TrialConfig, fmaps: bool, augmented_
                augment: AugmentSpec | None) -> dict[str, Any]:
     t = cfg.train
     fields: dict[str, Any] = {"checkpoint_sha256": checkpoint_sha256, "model": t.model,
-                              "fmaps": bool(fmaps), "augmented_views": int(augmented_views)}
+                              "fmaps": bool(fmaps), "augmented_views": int(augmented_views),
+                              "split_version": SPLIT_VERSION}
     for name in DATA_KEYS:
         value = getattr(t, name)
         fields[name] = _list_digest(value) if name.endswith("_list") else value

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ltstudy.config import TrialConfig
+from ltstudy.data import SPLIT_VERSION
 from ltstudy.methods import Method
 from ltstudy.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint
 from ltstudy.train.optim import make_optimizer, make_scheduler
@@ -127,6 +128,7 @@ def run_epochs(stage: Stage, cfg: TrialConfig, ctx: TrialContext,
         if ctx.checkpoint_dir and ctx.rank == 0:
             ckpt_dir = ctx.checkpoint_dir
             save_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE, epoch=epoch + 1, config=cfg.to_dict(),
+                            split_version=SPLIT_VERSION,
                             **stage.state())
         if report is not None:
             report(dict(metrics), ckpt_dir)
