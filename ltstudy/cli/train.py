@@ -120,18 +120,32 @@ def compare(
 
 
 @app.command()
-def methods() -> None:
-    """List the registered methods with their hyperparameters and published defaults."""
+def methods(
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="show the published recipe of this "
+                                       "dataset's family only (cifar10-lt | cifar100-lt | filelist | synthetic)"),
+    imbalance: float | None = typer.Option(None, "--imbalance", help="with --dataset: values published for "
+                                           "this imbalance factor"),
+    method: str | None = typer.Option(None, "--method", "-m", help="one method only"),
+) -> None:
+    """List the registered methods with their hyperparameters and published recipes per dataset family."""
+    from ltstudy.data import FAMILIES, dataset_family
     from ltstudy.methods import get_method, iter_hyperparameters, list_methods
 
-    for name in list_methods():
+    families = [dataset_family(dataset)] if dataset else list(FAMILIES)
+    for name in [method] if method else list_methods():
         spec = get_method(name)
         console.print(f"[bold]{name}[/bold] ({spec.stage}) — {spec.summary}")
         for key, kind, default, desc in iter_hyperparameters(name):
             console.print(f"    {key:<22} {kind:<8} default {default!r:<10} {desc}")
-        if spec.train_defaults:
-            recipe = ", ".join(f"{k}={v}" for k, v in spec.train_defaults.items())
-            console.print(f"    recipe: {recipe}")
+        for family in families:
+            recipe = spec.recipe(family)
+            values = recipe.resolved(imbalance)
+            shown = ", ".join(f"{k}={v}" for k, v in values.items())
+            console.print(f"    recipe {family} ({FAMILIES[family]}): {shown}")
+            console.print(f"        source: {recipe.source}")
+            tied = spec.lr_milestones(spec.Params(**{k: v for k, v in values.items() if k in spec.Params.model_fields}))
+            if tied and values.get("schedule", "step") == "step":
+                console.print(f"        lr milestones follow the phase switch: {tied} of the epochs")
 
 
 @datasets_app.command("show")

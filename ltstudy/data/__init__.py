@@ -3,7 +3,7 @@
 from ltstudy.data.augment import AugmentSpec, apply, autoaugment, cutout, normalize, random_crop, random_flip
 from ltstudy.data.cifar import load_cifar
 from ltstudy.data.containers import LTData, Split
-from ltstudy.data.datasets import DATASETS, build_data, make_loader
+from ltstudy.data.datasets import DATASETS, FAMILIES, build_data, dataset_family, make_loader
 from ltstudy.data.filelist import FileListDataset, read_filelist
 from ltstudy.data.loader import FileListLoader, TensorLoader
 from ltstudy.data.profile import PROFILES, lt_counts
@@ -13,6 +13,7 @@ from ltstudy.data.synthetic import make_synthetic
 
 __all__ = [
     "DATASETS",
+    "FAMILIES",
     "PROFILES",
     "SAMPLERS",
     "SPLIT_VERSION",
@@ -26,6 +27,7 @@ __all__ = [
     "apply",
     "autoaugment",
     "build_data",
+    "dataset_family",
     "cutout",
     "epoch_order",
     "lt_counts",

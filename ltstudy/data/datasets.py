@@ -17,6 +17,13 @@ from ltstudy.data.synthetic import make_synthetic
 from ltstudy.errors import ConfigError, DataError
 
 DATASETS = ("cifar10-lt", "cifar100-lt", "filelist", "synthetic")
+#: dataset families, each with its own published recipes: name -> what it covers
+FAMILIES = {
+    "cifar10": "CIFAR-10-LT (and the synthetic smoke-test data)",
+    "cifar100": "CIFAR-100-LT",
+    "imagenet": "ImageNet-LT / Places-LT / iNaturalist (file lists)",
+}
+_FAMILY_OF = {"cifar10-lt": "cifar10", "cifar100-lt": "cifar100", "filelist": "imagenet", "synthetic": "cifar10"}
 SPLITS = ("train", "val", "test")
 
 CIFAR_STATS = {
@@ -25,7 +32,15 @@ CIFAR_STATS = {
 }
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-__all__ = ["DATASETS", "LTData", "Split", "build_data", "make_loader"]
+__all__ = ["DATASETS", "FAMILIES", "LTData", "Split", "build_data", "dataset_family", "make_loader"]
+
+
+def dataset_family(dataset: str) -> str:
+    """The recipe family of a dataset name (``cifar10-lt`` -> ``cifar10``, ``filelist`` -> ``imagenet``)."""
+    try:
+        return _FAMILY_OF[dataset]
+    except KeyError:
+        raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}") from None
 
 
 def _build_cifar(name: str, data_root, download, imbalance, profile, val_per_class, seed, carved) -> LTData:

@@ -132,7 +132,7 @@ def key_fields(checkpoint_sha256: str, cfg: TrialConfig, fmaps: bool, augmented_
 
 
 def _augment_spec(t: TrainConfig) -> AugmentSpec:
-    return AugmentSpec(crop_padding=t.crop_padding, flip=t.flip, cutout=t.cutout, autoaugment=t.autoaugment)
+    return AugmentSpec.of(t)
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ from torch import nn
 
 from ltstudy.methods.balanced_softmax import balanced_softmax_loss
 from ltstudy.methods.feature import FeatureMethod, FeatureSet, minibatches
-from ltstudy.methods.registry import Params, register
+from ltstudy.methods.registry import Params, Recipe, register
 from ltstudy.runtime import optimizer_step
 
 LOG_2PI = math.log(2 * math.pi)
@@ -169,13 +169,26 @@ class DLSAParams(Params):
     classifier_loss: Literal["bsm", "ce"] = Field("bsm", description="Balanced Softmax or plain CE")
 
 
+_RECIPE = {"epochs": 150, "lr": 1e-2, "momentum": 0.0, "weight_decay": 0.0, "batch_size": 128,
+           "optimizer": "sgd", "schedule": "constant", "warmup_epochs": 0, "max_depth": 1, "num_cluster": 500,
+           "flow_lr": 0.2, "flow_epochs": 50, "flow_batch_size": 1024, "weight_q": 2.0, "lambda_lh": 2.0,
+           "lambda_balance": 1.0, "lambda_purity": 0.02, "posterior_momentum": 0.7, "llh_proportion": 0.3,
+           "classifier_loss": "bsm"}
+_SOURCE = ("max_depth 1, 500 clusters, flow SGD lr 0.2 for 50 epochs (batch 1024), weight_q 2, lambda_lh 2, "
+           "lambda_balance 1, lambda_purity 0.02, posterior momentum 0.7, llh_proportion 0.3; Balanced-Softmax "
+           "classifiers, SGD lr 0.01 momentum 0, batch 128, 150 epochs")
+
+
 @register
 class DLSA(FeatureMethod):
     name = "dlsa"
     summary = "DLSA: FlowGMM likelihood routing to cluster-aided Balanced-Softmax classifiers"
     Params = DLSAParams
-    train_defaults = {"epochs": 150, "lr": 1e-2, "momentum": 0.0, "weight_decay": 0.0, "batch_size": 128,
-                      "schedule": "constant", "warmup_epochs": 0}
+    recipes = {
+        "cifar10": Recipe(_RECIPE, "no CIFAR config in silicx/DLSA; its ImageNet-LT CE-feature one: " + _SOURCE),
+        "cifar100": Recipe(_RECIPE, "no CIFAR config in silicx/DLSA; its ImageNet-LT CE-feature one: " + _SOURCE),
+        "imagenet": Recipe(_RECIPE, "silicx/DLSA config/ImgNet_CE_R50_bsm.yaml: " + _SOURCE),
+    }
 
     # -- flow ------------------------------------------------------------------------------------
     def flow_losses(self, flow: FlowGMM, xp: torch.Tensor, xn: torch.Tensor, wp: torch.Tensor,

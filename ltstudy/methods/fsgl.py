@@ -29,20 +29,27 @@ Where ltstudy differs from the reference, and why:
   cut image with the sampled λ even when the box is clipped. φ (FSM) uses the same corrected λ.
 * **SAM's ascent step uses the full loss** (L_cls + contrast_weight · L_con). The reference's first
   pass omits the contrast term, so it perturbs towards a different objective than the one it
-  descends; ltstudy perturbs and descends on the same loss.
+  descends; and the released ``sam.py`` cannot have run as shipped (its first step raises
+  ``KeyError: 'old_p'``), so a working SAM is a necessary fix. ltstudy perturbs and descends on the same
+  loss.
 * ``mix_alpha`` is a real hyperparameter (published value 1.0, hard-coded in the reference); the
   reference's ``--beta`` flag is parsed but unused and is not reproduced.
-* The two mixed batches (MixUp and CutMix) go through **one** forward pass, concatenated, so BN sees
-  2B images per step (as in GLMC's trainer) and the DDP-wrapped forward computes the whole loss.
+* As in the reference, the MixUp and the CutMix batch take **two forwards** (BatchNorm normalises each
+  with its own statistics), inside one call of the model so that the DDP-wrapped forward computes the
+  whole loss; the CutMix box side is ⌈H√(1-λ)⌉ (ceil, GLMC's ``rand_bbox``).
 * Under a float16 ``GradScaler`` (GPUs without bf16) the SAM step runs in float32 without the scaler:
   SAM needs the true gradient norm before the second pass, and an extra unscale/inf-check round would
   double the bookkeeping for a rare setting. bf16 autocast and CPU are unaffected.
 * BN running statistics are updated by both SAM forward passes, as in the reference.
 * The loss reported per step is the first-pass loss (at w, before the perturbation).
-* Only in-memory datasets (CIFAR-LT, synthetic) are supported: the two-view loader augments on the
-  device. File-list data (ImageNet-LT) raises ``ConfigError``.
-* ``model`` selects the backbone (published: ``resnet34_cifar``; ``resnet32`` for fast studies); the
-  heads are sized from its feature dimension.
+* File lists (ImageNet-LT): each image is decoded once and augmented twice by the loader's workers (the
+  reference's ``TwoCropTransform``), with the MoCo-v2 pipeline of the recipe (``color_augment``); the
+  reference picks that pipeline or a RandAugment one by a coin flip when it starts, ltstudy always the
+  former. Its lr schedule (10 warm-up epochs, then cosine) runs warm-up epoch e at (e+1)/10 of the base
+  lr; the reference, stepping at the end of each epoch, runs epoch 0 at the full lr and epoch 10 at 1.1x.
+* ``model`` selects the backbone (published: ``resnet34_cifar`` on CIFAR, ``resnext50_32x4d`` on
+  ImageNet-LT; ``resnet32`` for fast studies); the heads are sized from its feature dimension (projection
+  width min(D/2, 256), as in both references).
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ from ltstudy.data.loader import derive_seed, global_batches, per_rank_batch, sha
 from ltstudy.data.samplers import epoch_order, sample_weights
 from ltstudy.errors import ConfigError
 from ltstudy.methods.image import ImageMethod
-from ltstudy.methods.registry import MethodContext, Params, register
+from ltstudy.methods.registry import MethodContext, Params, Recipe, register
 from ltstudy.models import Classifier, build_backbone
 from ltstudy.runtime import Amp, optimizer_step
 
@@ -93,9 +100,10 @@ def label_weights(class_counts: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def cutmix_box(height: int, width: int, lam: float, cy: int, cx: int) -> tuple[int, int, int, int]:
-    """The CutMix box (y0, y1, x0, x1) of side ⌊H√(1-λ)⌋ x ⌊W√(1-λ)⌋ centred at (cy, cx), clipped."""
+    """The CutMix box (y0, y1, x0, x1) around (cy, cx), clipped: as GLMC's ``rand_bbox``, the side is
+    ⌈H√(1-λ)⌉ (ceil) and the box spans centre ± side // 2."""
     rat = math.sqrt(max(1.0 - lam, 0.0))
-    ch, cw = int(height * rat), int(width * rat)
+    ch, cw = math.ceil(height * rat), math.ceil(width * rat)
     y0, y1 = min(max(cy - ch // 2, 0), height), min(max(cy + ch // 2, 0), height)
     x0, x1 = min(max(cx - cw // 2, 0), width), min(max(cx + cw // 2, 0), width)
     return y0, y1, x0, x1
@@ -162,25 +170,31 @@ def sam_step(params: list[torch.Tensor], closure: Callable[[], torch.Tensor],
 class FSGLNet(Classifier):
     """Backbone + four heads; ``head`` is the rebalanced classifier (the reference's ``fc_cb``).
 
-    ``forward(x)`` gives test-time logits ``head(f)``; ``forward(x, phi)`` scales the pooled feature
-    by ``phi`` (B,) and returns ``(fc, head, projection, contrast)`` outputs.
+    ``forward(x)`` gives test-time logits ``head(f)``. ``forward(xs, phis)`` with sequences of batches and
+    their FSM factors (B,) runs each batch through the network on its own, as the reference's two forwards
+    do (so BatchNorm normalises the MixUp and the CutMix batch separately), and returns one
+    ``(fc, head, projection, contrast)`` tuple per batch. One call is one DDP forward however many batches
+    it holds.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int) -> None:
         dim = int(backbone.feature_dim)
         super().__init__(backbone, nn.Linear(dim, num_classes))
-        hidden = max(dim // 2, 1)
+        hidden = max(min(dim // 2, 256), 1)  # 256 for ResNet-34 / ResNeXt-50, as in both references
         self.fc = nn.Linear(dim, num_classes)
         self.projection = nn.Linear(dim, hidden)
         self.contrast = nn.Linear(hidden, hidden)
 
-    def forward(self, x: torch.Tensor, phi: torch.Tensor | None = None) -> Any:
+    def _heads(self, x: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, ...]:
         f = self.backbone(x)
-        if phi is None:
-            return self.head(f)
         f = f * phi.to(f.dtype).unsqueeze(1)
         h = self.projection(f)
         return self.fc(f), self.head(f), h, self.contrast(h)
+
+    def forward(self, x: Any, phi: Any = None) -> Any:
+        if phi is None:
+            return self.head(self.backbone(x))
+        return [self._heads(xi, pi) for xi, pi in zip(x, phi, strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,9 +280,18 @@ class PairedTwoViewLoader:
 # ----------------------------------------------------------------------------------------------
 
 
+#: the CIFAR commands of the FSGL README (IF 50; the same flags at IF 100)
+_CIFAR = {"model": "resnet34_cifar", "lr": 0.01, "weight_decay": 5e-3, "batch_size": 64, "epochs": 200,
+          "momentum": 0.9, "optimizer": "sgd", "schedule": "cosine", "warmup_epochs": 0, "rho": 0.05,
+          "contrast_weight": 4.0, "label_weighting": 1.2, "resample_weighting": 0.0, "mix_alpha": 1.0,
+          "cumulative_power": 2.0}
+_CIFAR_SOURCE = ("ResNet-34 (CIFAR stem), SGD lr 0.01 momentum 0.9 wd 5e-3, batch 64, 200 epochs, cosine, "
+                 "rho 0.05, contrast_weight 4, label_weighting 1.2, resample_weighting 0.0")
+
+
 class FSGLParams(Params):
-    fcc: float = Field(0.5, ge=0.0, description="FSM strength γ: head factor 1+γ, tail ≈ 1+γ/C "
-                                                "(0.5 = CIFAR-10 command; 1.0 CIFAR-100; 0 = GLMC)")
+    fcc: float = Field(0.5, ge=0.0, description="FSM strength γ: head factor 1+γ, tail ≈ 1+γ/C (published: "
+                                                "0.5 CIFAR-10, 1.0 CIFAR-100, 0.1 ImageNet-LT; 0 = GLMC)")
     rho: float = Field(0.05, description="SAM radius ρ; ρ ≤ 0 = plain optimiser step (GLMC)")
     contrast_weight: float = Field(4.0, ge=0.0, description="weight of the SimSiam consistency loss")
     label_weighting: float = Field(1.2, ge=0.0, description="τ of the rebalanced label weights n_k^-τ")
@@ -282,8 +305,21 @@ class FSGL(ImageMethod):
     name = "fsgl"
     summary = "GLMC two-branch global-local mixture + feature scaling module + SAM"
     Params = FSGLParams
-    train_defaults = {"model": "resnet34_cifar", "lr": 0.01, "weight_decay": 5e-3, "batch_size": 64,
-                      "epochs": 200, "schedule": "cosine", "warmup_epochs": 0, "momentum": 0.9}
+    recipes = {
+        "cifar10": Recipe({**_CIFAR, "fcc": 0.5}, "ZY-IMU-CV/FSGL README, CIFAR-10-LT command: " + _CIFAR_SOURCE
+                          + ", fcc 0.5"),
+        "cifar100": Recipe({**_CIFAR, "fcc": 1.0}, "ZY-IMU-CV/FSGL README, CIFAR-100-LT command: " + _CIFAR_SOURCE
+                           + ", fcc 1.0"),
+        "imagenet": Recipe(
+            {"model": "resnext50_32x4d", "lr": 0.1, "weight_decay": 2e-4, "batch_size": 120, "epochs": 135,
+             "momentum": 0.9, "optimizer": "sgd", "schedule": "cosine", "warmup_epochs": 10,
+             "color_augment": True, "fcc": 0.1, "rho": 0.05, "contrast_weight": 4.0, "label_weighting": 1.0,
+             "resample_weighting": 0.2, "mix_alpha": 1.0, "cumulative_power": 2.0},
+            "ZY-IMU-CV/FSGL README, ImageNet-LT command: ResNeXt-50, SGD lr 0.1 momentum 0.9 wd 2e-4, batch 120, "
+            "135 epochs, 10 warm-up epochs then cosine (Trainer.paco_adjust_learning_rate), MoCo-v2 augmentation, "
+            "fcc 0.1, rho 0.05, contrast_weight 4, label_weighting 1.0, resample_weighting 0.2 (run.sh differs: "
+            "200 epochs, batch 64, resample 0.0)"),
+    }
 
     def __init__(self, params: FSGLParams, ctx: MethodContext) -> None:
         super().__init__(params, ctx)
@@ -316,8 +352,8 @@ class FSGL(ImageMethod):
             channels_last=kw.get("channels_last", False),
         )
 
-    def mix(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """(x, φ, y, y^w) of the concatenated [MixUp; CutMix] batch, 2B rows."""
+    def mix(self, batch: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
+        """((x_mix, x_cut), (φ_mix, φ_cut), y, y^w); the labels are of [MixUp; CutMix], 2B rows."""
         o1, o2, y_o, i1, i2, y_i = batch
         c = self.ctx.num_classes
         lam = float(self._beta.sample())
@@ -332,11 +368,13 @@ class FSGL(ImageMethod):
         y = lams * e_a + (1 - lams) * e_b
         y_w = lams * self.label_w * e_a + (1 - lams) * self.label_w * e_b
         phi = y @ self.scales
-        return torch.cat([x_mix, x_cut]), phi, y, y_w
+        b = len(y_o)
+        return (x_mix, x_cut), (phi[:b], phi[b:]), y, y_w
 
-    def loss_from_outputs(self, outputs: tuple[torch.Tensor, ...], y: torch.Tensor,
+    def loss_from_outputs(self, outputs: list[tuple[torch.Tensor, ...]], y: torch.Tensor,
                           y_w: torch.Tensor) -> torch.Tensor:
-        z, z_cb, h, p = (o.float() for o in outputs)
+        """The FSGL loss from the MixUp and CutMix forwards' (fc, head, projection, contrast) outputs."""
+        z, z_cb, h, p = (torch.cat([mix.float(), cut.float()]) for mix, cut in zip(*outputs, strict=True))
         b = len(y) // 2
         l_bal = soft_ce(z[:b], y[:b]) + soft_ce(z[b:], y[b:])
         l_reb = soft_ce(z_cb[:b], y_w[:b]) + soft_ce(z_cb[b:], y_w[b:])

@@ -71,7 +71,7 @@ from ltstudy.data.augment import AugmentSpec, apply
 from ltstudy.errors import ConfigError
 from ltstudy.methods.image import ImageMethod
 from ltstudy.methods.ldam_drw import class_balanced_weights, ldam_margins
-from ltstudy.methods.registry import MethodContext, Params, register
+from ltstudy.methods.registry import MethodContext, Params, Recipe, register
 from ltstudy.models import Classifier, LinearHead, build_backbone
 from ltstudy.runtime import Amp, optimizer_step
 
@@ -233,6 +233,29 @@ class MetaSAugParams(Params):
     loss: Literal["ce", "ldam"] = Field("ldam", description="ISDA on CE or on LDAM margins")
     covariance: Literal["full", "diag"] = Field("full", description="full or diagonal class covariance")
     meta_batch: int = Field(100, ge=1, description="images per meta batch")
+    train_scope: Literal["all", "classifier"] = Field(
+        "all", description="train the whole network (CIFAR recipe) or only the classifier of the frozen "
+                           "stage-1 network in backbone=CHECKPOINT (the reference's ImageNet-LT recipe)")
+
+
+_CIFAR = {"model": "resnet32", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+          "batch_size": 100, "epochs": 200, "optimizer": "sgd", "warmup_epochs": 0, "schedule": "step",
+          "gamma": 0.01, "crop_pad_mode": "reflect", "lam": 0.75, "meta_lr": 0.1, "num_meta": 10,
+          "switch": 0.8, "loss": "ldam", "max_m": 0.5, "s": 1.0, "beta": 0.9999, "covariance": "full",
+          "meta_batch": 100}
+_CIFAR_SOURCE = ("BIT-DA/MetaSAug README command (MetaSAug_LDAM_train.py): ResNet-32, SGD lr 0.1 Nesterov "
+                 "momentum 0.9 wd 5e-4, batch 100, 200 epochs, plain CE until epoch 160, lr x0.01 at 160 and "
+                 "180, reflect-padded crops; lam 0.75, meta_lr 0.1, 10 meta images per class, LDAM margins "
+                 "(max_m 0.5, no scale), class-balanced beta 0.9999, full covariance")
+_IMAGENET = {"model": "resnet50", "train_scope": "classifier", "lr": 3e-4, "momentum": 0.9, "nesterov": True,
+             "weight_decay": 5e-4, "batch_size": 256, "epochs": 20, "optimizer": "sgd", "warmup_epochs": 0,
+             "schedule": "constant", "lam": 0.25, "meta_lr": 0.1, "num_meta": 10, "switch": 0.0, "loss": "ce",
+             "s": 1.0, "beta": 0.9999, "covariance": "diag", "meta_batch": 64}
+_IMAGENET_SOURCE = ("BIT-DA/MetaSAug ImageNet_iNat/train.py and README command: the classifier of a frozen "
+                    "stage-1 ResNet-50 (backbone=CHECKPOINT, e.g. a ce trial; the reference starts from cRT's "
+                    "resnet50_uniform_e90), SGD lr 3e-4 Nesterov momentum 0.9 wd 5e-4, constant lr, batch 256, "
+                    "20 epochs; ISDA on CE with diagonal covariance and class-balanced weights from the start, "
+                    "lam 0.25, meta_lr 0.1, 10 meta images per class from the val list (eval transform)")
 
 
 @register
@@ -240,9 +263,22 @@ class MetaSAug(ImageMethod):
     name = "metasaug"
     summary = "ISDA with meta-learned class covariances (LDAM/CE), deferred class-balanced weights"
     Params = MetaSAugParams
-    train_defaults = {"lr": 0.1, "weight_decay": 5e-4, "batch_size": 100, "nesterov": True, "epochs": 200,
-                      "warmup_epochs": 0, "schedule": "step", "milestones": (0.8, 0.9), "gamma": 0.01,
-                      "model": "resnet32"}
+    recipes = {
+        "cifar10": Recipe(_CIFAR, _CIFAR_SOURCE),
+        "cifar100": Recipe(_CIFAR, _CIFAR_SOURCE),
+        "imagenet": Recipe(_IMAGENET, _IMAGENET_SOURCE),
+    }
+
+    @classmethod
+    def lr_milestones(cls, params: MetaSAugParams) -> tuple[float, ...]:
+        return (params.switch, (1.0 + params.switch) / 2)
+
+    @classmethod
+    def check(cls, train: Any, params: MetaSAugParams) -> None:
+        if params.train_scope == "classifier" and not train.backbone:
+            raise ConfigError("metasaug train_scope=classifier (the ImageNet-LT recipe) trains the classifier of "
+                              "a frozen stage-1 network: set backbone=CHECKPOINT (e.g. a ce trial on the same "
+                              "data), or train_scope=all to train the whole network")
 
     @classmethod
     def carved_sets(cls, params: MetaSAugParams) -> dict[str, int]:
@@ -257,8 +293,7 @@ class MetaSAug(ImageMethod):
         self.epoch = 0
         self.estimator: CovarianceEstimator | None = None
         t = ctx.train
-        self.augment = AugmentSpec(crop_padding=t.crop_padding, flip=t.flip, cutout=t.cutout,
-                                   autoaugment=t.autoaugment)
+        self.augment = AugmentSpec.of(t)
         if ctx.data is None or "meta" not in ctx.data.carved or ctx.data.carved["meta"].images is None:
             raise ConfigError("metasaug needs an in-memory dataset (cifar10-lt, cifar100-lt, synthetic) "
                               "with its meta set carved (MetaSAug.carved_sets)")

@@ -47,7 +47,7 @@ from pydantic import Field
 from torch import nn
 
 from ltstudy.methods.feature import FeatureMethod, FeatureSet, minibatches
-from ltstudy.methods.registry import Params, register
+from ltstudy.methods.registry import Params, Recipe, register
 from ltstudy.models.heads import CosineHead
 
 JITTER = 1e-4
@@ -150,14 +150,27 @@ class TailCalibXParams(Params):
                                                       "(0 = eval-transform features)")
 
 
+_RECIPE = {"epochs": 150, "lr": 0.01, "momentum": 0.7, "weight_decay": 5e-4, "batch_size": 128,
+           "optimizer": "sgd", "schedule": "constant", "warmup_epochs": 0, "tukey": 1.0, "alpha": 0.0, "topk": 3}
+_SOURCE = ("tukey 1.0, alpha 0, topk 3; cosine classifier, SGD lr 0.01 momentum 0.7 wd 5e-4, batch 128, "
+           "150 epochs, no lr schedule")
+
+
 @register
 class TailCalibX(FeatureMethod):
     name = "tailcalibx"
     summary = "TailCalib(X): calibrated Gaussian feature generation + cosine classifier on cached features"
     Params = TailCalibXParams
     head = "cosine"
-    train_defaults = {"epochs": 150, "lr": 0.01, "momentum": 0.7, "weight_decay": 5e-4, "batch_size": 128,
-                      "schedule": "constant", "warmup_epochs": 0}
+    recipes = {
+        "cifar10": Recipe(_RECIPE, "no CIFAR-10-LT command in rahulvigneswaran/TailCalibX; its CIFAR-100-LT IF 100 "
+                                   "one: " + _SOURCE),
+        "cifar100": Recipe(_RECIPE, "rahulvigneswaran/TailCalibX run_TailCalibX_CIFAR100-LT.sh, IF 100: " + _SOURCE
+                           + "; IF 50: tukey 0.9, momentum 0, alpha 0.2; IF 10: tukey 0.9, momentum 0.9, topk 2",
+                           by_imbalance={50.0: {"tukey": 0.9, "momentum": 0.0, "alpha": 0.2},
+                                         10.0: {"tukey": 0.9, "momentum": 0.9, "topk": 2}}),
+        "imagenet": Recipe(_RECIPE, "rahulvigneswaran/TailCalibX, mini-ImageNet-LT command: " + _SOURCE),
+    }
 
     @classmethod
     def extract_options(cls, params: Any) -> dict[str, Any]:

@@ -137,23 +137,24 @@ def _feature_pins(plan: StudyPlan) -> dict[str, Any]:
 
 def plan_study(o: StudyOptions) -> StudyPlan:
     """Every user-input check, with nothing written anywhere."""
+    from ltstudy.config import check_runnable, resolve_config
     from ltstudy.methods import get_method
     from ltstudy.study.search import OPTUNA_JOURNAL, make_sampler, make_scheduler
 
     get_method(o.method)
     _check_resources(o)
-    path = Path(o.space_path) if o.space_path else default_space_path(o.method)
-    space = load_space(path, o.method)
     pins = dict(o.overrides)
     if get_method(o.method).stage == "feature":
         pins = _backbone_pins(o, pins)
+    path = Path(o.space_path) if o.space_path else default_space_path(o.method, pins.get("dataset"))
+    space = load_space(path, o.method)
     for key in PATH_KEYS:
         if key in space.fixed and key not in pins:
             pins[key] = space.fixed[key]
     space = space.with_overrides(_absolute_paths(pins))
+    check_runnable(resolve_config({**space.fixed, **space.published_point(), "method": space.method}))
     make_sampler(o.sampler, o.seed)
-    epochs = int(space.fixed.get("epochs", 200))
-    make_scheduler(o.scheduler, space.metric, space.mode, epochs)
+    make_scheduler(o.scheduler, space.metric, space.mode, space.max_epochs())
     study = o.study_name or f"{o.method}-{space.fixed.get('dataset', 'cifar10-lt')}-" \
                             f"{datetime.now():%Y%m%d-%H%M%S}"
     if "/" in study or not study.strip():
@@ -233,7 +234,7 @@ def _build_tuner(plan: StudyPlan, trainable: Any, callback: Any):
         Path(plan.optuna_storage).parent.mkdir(parents=True, exist_ok=True)
     space = plan.space
     searcher = make_searcher(space, o.sampler, o.seed, plan.study, plan.optuna_storage, fresh=True)
-    scheduler = make_scheduler(o.scheduler, space.metric, space.mode, int(space.fixed.get("epochs", 200)),
+    scheduler = make_scheduler(o.scheduler, space.metric, space.mode, space.max_epochs(),
                                o.grace_period, o.reduction_factor)
     return Tuner(
         trainable,

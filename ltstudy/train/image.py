@@ -62,8 +62,7 @@ class ImageStage(Stage):
         self.amp = make_amp(t.amp, device)
         self.cfg = t
         channels_last = device.type == "cuda" and t.channels_last
-        augment = AugmentSpec(crop_padding=t.crop_padding, flip=t.flip, cutout=t.cutout,
-                              autoaugment=t.autoaugment)
+        augment = AugmentSpec.of(t)
         self.loader = method.train_loader(
             batch_size=t.batch_size, train=True, augment=augment, sampler=t.sampler, sampler_q=t.sampler_q,
             rank=ctx.rank, world_size=ctx.world_size, channels_last=channels_last, num_workers=t.num_workers,

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ltstudy.config import TrialConfig
+from ltstudy.config import TrialConfig, lr_milestones
 from ltstudy.data import SPLIT_VERSION
 from ltstudy.methods import Method
 from ltstudy.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint
@@ -61,7 +61,7 @@ class Stage:
                  num_samples: int, parameters: Iterable[nn.Parameter] | None = None) -> None:
         self.method, self.module, self.device, self.num_samples = method, module, device, num_samples
         self.optimizer = make_optimizer(module.parameters() if parameters is None else parameters, cfg.train)
-        self.scheduler = make_scheduler(self.optimizer, cfg.train)
+        self.scheduler = make_scheduler(self.optimizer, cfg.train, lr_milestones(cfg))
 
     def batches(self, epoch: int) -> Iterable[Any]:
         """Put the module in training mode and return this epoch's batches."""

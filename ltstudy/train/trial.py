@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ltstudy.config import TrialConfig
+from ltstudy.config import TrialConfig, check_runnable
 from ltstudy.methods import get_method
 from ltstudy.runtime import resolve_device
 from ltstudy.train.feature import FeatureStage
@@ -22,6 +22,7 @@ def run_trial(cfg: TrialConfig, report: Report | None = None,
               ctx: TrialContext | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration; returns the last epoch's metrics (with test metrics)."""
     ctx = ctx or TrialContext()
+    check_runnable(cfg)
     device = resolve_device(ctx.device if ctx.device is not None else cfg.train.device)
     body = FeatureStage if get_method(cfg.method).stage == "feature" else ImageStage
     return run_epochs(body(cfg, ctx, device), cfg, ctx, report)

@@ -32,7 +32,7 @@ def _one_process_two_shards(cfg) -> dict[str, torch.Tensor]:
     model = method.build_model()
     optimizer = make_optimizer(model.parameters(), t)
     scheduler = make_scheduler(optimizer, t)
-    augment = AugmentSpec(crop_padding=t.crop_padding, flip=t.flip, cutout=t.cutout, autoaugment=t.autoaugment)
+    augment = AugmentSpec.of(t)
     loader = method.train_loader(batch_size=t.batch_size, train=True, augment=augment, sampler=t.sampler)
     for epoch in range(t.epochs):
         torch.manual_seed(t.seed * 1_000_003 + epoch)
