@@ -16,3 +16,8 @@ class ConfigError(LtstudyError):
 
 class DataError(LtstudyError):
     """A missing, partial or malformed dataset."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite (the trainer's, or one a method optimises inside a trial, such as DLSA's
+    flow): a property of the configuration, so the trial is a failure, not a result, and is not retried."""

@@ -210,12 +210,13 @@ def make_loader(
     channels_last: bool = False,
     num_workers: int | None = None,
     drop_last: bool = False,
+    views: int = 1,
 ) -> TensorLoader | FileListLoader:
     """A loader over one split: TensorLoader for in-memory data, FileListLoader for file lists.
 
     Args:
         data: The dataset.
-        split: ``"train"``, ``"val"`` or ``"test"``.
+        split: ``"train"``, ``"val"``, ``"test"`` or the name of a carved set (``"meta"``).
         batch_size: Global batch size (split across ``world_size`` ranks).
         device: Where batches are produced.
         train: Shuffle / re-sample and augment (call ``set_epoch`` before each epoch).
@@ -228,10 +229,14 @@ def make_loader(
         channels_last: Produce channels-last batches.
         num_workers: DataLoader workers of file-list data (default min(4, cpu count)).
         drop_last: Drop the last partial global batch.
+        views: Independently augmented views of every image (training): batches are ``(x_1, ..., x_V, y)``.
     """
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    part: Split = getattr(data, split)
+    if split in SPLITS:
+        part: Split = getattr(data, split)
+    elif split in data.carved:
+        part = data.carved[split]
+    else:
+        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join([*SPLITS, *data.carved])}")
     weights = None
     if train:
         counts = torch.bincount(part.labels, minlength=data.num_classes)
@@ -251,9 +256,8 @@ def make_loader(
         channels_last=channels_last,
     )
     if part.images is not None:
-        return TensorLoader(part.images, part.labels, **common)
-    dataset = FileListDataset(
-        data.image_root, part.paths, part.labels.numpy(), size=data.image_size, train=train
-    )
+        return TensorLoader(part.images, part.labels, views=views, **common)
+    dataset = FileListDataset(data.image_root, part.paths, part.labels.numpy(), size=data.image_size, train=train,
+                              color=bool(train and augment is not None and augment.color), views=views)
     return FileListLoader(dataset, num_workers=num_workers, **common)
 

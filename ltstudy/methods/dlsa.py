@@ -26,6 +26,9 @@ Where ltstudy differs from the reference, and why:
 * The regular classifier's Balanced-Softmax prior counts all training labels, as in the reference; the
   CAC's counts only its routed samples (absent classes: log 1e-6), as in the reference.
 * Lin_x is freshly initialised (the CE config has no ``backbone_weight_path``).
+* **A diverged flow fails the trial.** When the flow's loss or its log-likelihood becomes non-finite, the
+  trial stops with ``NonFiniteLossError`` (a FAILED study trial, as for a non-finite training loss)
+  instead of routing nothing (a NaN quantile) and quietly training Balanced Softmax alone.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ltstudy.errors import NonFiniteLossError
 from ltstudy.methods.balanced_softmax import balanced_softmax_loss
 from ltstudy.methods.feature import FeatureMethod, FeatureSet, minibatches
 from ltstudy.methods.registry import Params, Recipe, register
@@ -225,13 +229,17 @@ class DLSA(FeatureMethod):
         state = {"t": 0, "ema": torch.zeros(k, device=dev)}
         bs = min(p.flow_batch_size, len(x))
         best, best_score = None, None
-        for _ in range(p.flow_epochs):
+        for epoch in range(p.flow_epochs):
             flow.train()
+            total = torch.zeros((), device=dev)
             for _step in range(max(len(x) // bs, 1)):
                 pos = torch.randint(len(classes), (bs,), device=dev)
                 neg = (pos + torch.randint(1, max(len(classes), 2), (bs,), device=dev)) % len(classes)
                 pick = lambda cl: order[starts[cl] + (torch.rand(bs, device=dev) * n[cl]).long()]  # noqa: E731
-                optimizer_step(opt, self.flow_losses(flow, x[pick(pos)], x[pick(neg)], w[pos], state))
+                total += optimizer_step(opt, self.flow_losses(flow, x[pick(pos)], x[pick(neg)], w[pos], state))
+            if not bool(torch.isfinite(total)):
+                raise NonFiniteLossError(f"DLSA's flow diverged: its loss is {total.item()} in flow epoch "
+                                         f"{epoch + 1} (flow_lr {p.flow_lr}); lower flow_lr")
             score = self._cluster_score(flow, x, y, k)
             if best_score is None or score > best_score:
                 best_score = score
@@ -266,6 +274,12 @@ class DLSA(FeatureMethod):
             self.flows.append(flow)
             with torch.no_grad():
                 llh = {s: flow.log_prob(v) for s, v in xs.items()}
+            for split, value in llh.items():
+                if not bool(torch.isfinite(value).all()):
+                    raise NonFiniteLossError(f"DLSA's flow at depth {depth + 1} gives a non-finite "
+                                             f"log-likelihood on {split} samples; lower flow_lr "
+                                             f"({self.p.flow_lr})")
+            with torch.no_grad():
                 assign_all = flow.cluster_logits(feats.train_x).argmax(1)
                 k = len(flow.means)
                 hist = torch.zeros(k, c, device=dev).index_put_(

@@ -55,7 +55,7 @@ Where ltstudy differs from the reference, and why:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -63,10 +63,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ltstudy.data.augment import AugmentSpec, apply, normalize
-from ltstudy.data.loader import derive_seed, global_batches, per_rank_batch, shard
-from ltstudy.data.samplers import epoch_order, sample_weights
-from ltstudy.errors import ConfigError
+from ltstudy.data.loader import LockstepLoader, derive_seed
 from ltstudy.methods.image import ImageMethod
 from ltstudy.methods.registry import MethodContext, Params, Recipe, register
 from ltstudy.models import Classifier, build_backbone
@@ -198,84 +195,6 @@ class FSGLNet(Classifier):
 
 
 # ----------------------------------------------------------------------------------------------
-# Two-view, two-sampler loader
-# ----------------------------------------------------------------------------------------------
-
-
-class PairedTwoViewLoader:
-    """Lockstep "org" and "invs" batches, each image augmented twice, all on the device.
-
-    Yields ``(x_org_v1, x_org_v2, y_org, x_inv_v1, x_inv_v2, y_inv)``. The org order is the trainer
-    sampler's (a permutation for ``instance``); the invs order is N weighted draws with replacement
-    (weights n_y^-q). Both are functions of (seed, epoch) only; under data parallelism every rank
-    augments the global batch with the shared generator and keeps its shard, like ``TensorLoader``.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_counts: torch.Tensor, *,
-                 batch_size: int, device: torch.device, mean: Any, std: Any, augment: AugmentSpec | None,
-                 org_weights: torch.Tensor | None, q: float, seed: int, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False) -> None:
-        self.per_rank = per_rank_batch(batch_size, rank, world_size)
-        self.device = torch.device(device)
-        self.images = images.to(self.device)
-        self.labels = labels.to(torch.int64).to(self.device)
-        self.n, self.batch_size = len(labels), batch_size
-        self.org_weights = org_weights
-        counts = torch.as_tensor(class_counts, dtype=torch.float64).cpu().clamp_min(1)
-        self.inv_weights = sample_weights(labels.cpu(), counts, "power", q)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
-        self.augment = augment
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.channels_last = channels_last
-        self.epoch: int | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.n, self.batch_size)
-        return full + int(rest >= self.world_size)
-
-    @property
-    def num_samples(self) -> int:
-        return self.n
-
-    def _views(self, idx: torch.Tensor, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        raw = self.images[idx]
-        if self.augment is None:
-            x = normalize(raw, self.mean, self.std)
-            return x, x.clone()
-        return (apply(self.augment, raw, self.mean, self.std, gen),
-                apply(self.augment, raw, self.mean, self.std, gen))
-
-    def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            x = shard(x, self.rank, self.world_size)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        if self.epoch is None:
-            raise RuntimeError("call set_epoch(epoch) before iterating a training loader")
-        org = epoch_order(self.n, self.org_weights,
-                          torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 0)))
-        inv = epoch_order(self.n, self.inv_weights,
-                          torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 3)))
-        gen = None
-        if self.augment is not None:
-            gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, self.epoch, 1))
-        for b_org, b_inv in zip(global_batches(org, self.batch_size, self.world_size, False),
-                                global_batches(inv, self.batch_size, self.world_size, False), strict=True):
-            b_org, b_inv = b_org.to(self.device), b_inv.to(self.device)
-            o1, o2 = self._views(b_org, gen)
-            i1, i2 = self._views(b_inv, gen)
-            y_o, y_i = self.labels[b_org], self.labels[b_inv]
-            if self.world_size > 1:
-                y_o, y_i = shard(y_o, self.rank, self.world_size), shard(y_i, self.rank, self.world_size)
-            yield self._finish(o1), self._finish(o2), y_o, self._finish(i1), self._finish(i2), y_i
-
-
-# ----------------------------------------------------------------------------------------------
 # Method
 # ----------------------------------------------------------------------------------------------
 
@@ -336,21 +255,16 @@ class FSGL(ImageMethod):
     def on_epoch_start(self, epoch: int) -> None:
         self.alpha_t = 1.0 - (epoch / self.ctx.epochs) ** self.p.cumulative_power
 
-    def train_loader(self, **kw: Any) -> PairedTwoViewLoader:
-        data = self.ctx.data
-        if data.train.images is None:
-            raise ConfigError("fsgl needs an in-memory dataset (cifar10-lt, cifar100-lt, synthetic); "
-                              "file-list data is not supported")
-        org_weights = sample_weights(data.train.labels, data.class_counts, kw.get("sampler", "instance"),
-                                     kw.get("sampler_q", 0.5))
-        return PairedTwoViewLoader(
-            data.train.images, data.train.labels, data.class_counts, batch_size=kw["batch_size"],
-            device=kw.get("device", self.ctx.device), mean=data.mean, std=data.std,
-            augment=kw.get("augment"), org_weights=org_weights, q=self.p.resample_weighting,
-            seed=kw.get("seed", self.ctx.train.seed if self.ctx.train is not None else 0),
-            rank=kw.get("rank", self.ctx.rank), world_size=kw.get("world_size", self.ctx.world_size),
-            channels_last=kw.get("channels_last", False),
-        )
+    def train_loader(self, **kw: Any) -> LockstepLoader:
+        """"org" (the trainer's sampler) and "invs" (n_y^-q draws with replacement) batches in lockstep,
+        every image augmented twice: ``(o1, o2, y_o, i1, i2, y_i)``, in memory or from file lists."""
+        assert self.ctx.make_loader is not None
+        kw = {**kw, "views": 2}
+        org = self.ctx.make_loader("train", **kw)
+        seed = kw.get("seed", self.ctx.train.seed if self.ctx.train is not None else 0)
+        inv = self.ctx.make_loader("train", **{**kw, "sampler": "power", "sampler_q": self.p.resample_weighting,
+                                               "seed": derive_seed(seed, 0, 3)})
+        return LockstepLoader(org, inv)
 
     def mix(self, batch: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
         """((x_mix, x_cut), (φ_mix, φ_cut), y, y^w); the labels are of [MixUp; CutMix], 2B rows."""

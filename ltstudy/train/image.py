@@ -8,12 +8,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltstudy.config import TrialConfig, load_data
+from ltstudy.config import DATA_KEYS, PATH_KEYS, TrialConfig, load_data
 from ltstudy.data import AugmentSpec, LTData, make_loader
+from ltstudy.errors import ConfigError
 from ltstudy.methods import ImageMethod, MethodContext, get_method
 from ltstudy.metrics import accuracy_metrics
 from ltstudy.runtime import make_amp
+from ltstudy.train.checkpoint import load_checkpoint
 from ltstudy.train.loop import Stage, TrialContext
+
+
+def check_stage1(cfg: TrialConfig) -> None:
+    """An image trial that starts from a stage-1 network (``backbone``, MetaSAug's classifier-only recipe)
+    must run on that network's data, so its validation and test images are ones the network never trained
+    on. The seed draws in-memory splits; file lists fix theirs (there the seed only draws the carved sets)."""
+    t = cfg.train
+    if not t.backbone:
+        return
+    state = load_checkpoint(t.backbone, torch.device("cpu"))
+    if state is None or "config" not in state:
+        raise ConfigError(f"stage-1 checkpoint not found (or not an ltstudy checkpoint): {t.backbone}")
+    own = state["config"]
+    for key in DATA_KEYS:
+        if key in PATH_KEYS or (key == "seed" and t.dataset == "filelist"):
+            continue
+        if key in own and own[key] != getattr(t, key):
+            raise ConfigError(f"{key}={getattr(t, key)!r} differs from the stage-1 network's {key}={own[key]!r} "
+                              f"({t.backbone}); a trial that starts from it must use its data split")
 
 
 def build_method(cfg: TrialConfig, data: LTData, device: torch.device, rank: int = 0,
@@ -55,6 +76,7 @@ class ImageStage(Stage):
 
     def __init__(self, cfg: TrialConfig, ctx: TrialContext, device: torch.device) -> None:
         t = cfg.train
+        check_stage1(cfg)
         self.data = data = load_data(cfg)
         torch.manual_seed(t.seed)
         method = build_method(cfg, data, device, ctx.rank, ctx.world_size)

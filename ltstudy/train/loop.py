@@ -26,6 +26,7 @@ from torch import nn
 
 from ltstudy.config import TrialConfig, lr_milestones
 from ltstudy.data import SPLIT_VERSION
+from ltstudy.errors import NonFiniteLossError
 from ltstudy.methods import Method
 from ltstudy.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint
 from ltstudy.train.optim import make_optimizer, make_scheduler
@@ -33,10 +34,6 @@ from ltstudy.train.optim import make_optimizer, make_scheduler
 #: ``report(metrics, checkpoint_dir)``: called after every epoch; ``checkpoint_dir`` is None when no
 #: checkpoint was written for it
 Report = Callable[[dict[str, Any], "str | None"], None]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the trial is a failure, not a result."""
 
 
 @dataclass
