@@ -171,7 +171,7 @@ class Calibration:
             rows = self.sorted_x[start:start + n]
             xi = torch.randn(m, n, dtype=dtype, device=dev, generator=generator)
             centred = xi @ rows - xi.sum(1, keepdim=True) * self.means[c]
-            noise.index_add_(0, pts, centred / math.sqrt(n - 1))
+            noise[pts] += centred / math.sqrt(n - 1)  # a point's K nearest classes are distinct: no repeats
         noise /= math.sqrt(k)
         if alpha > 0:
             width = 1 if alpha_form == "all" else d  # α·11ᵀ: one shared draw along the all-ones direction

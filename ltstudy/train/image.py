@@ -21,7 +21,8 @@ from ltstudy.train.loop import Stage, TrialContext
 def check_stage1(cfg: TrialConfig) -> None:
     """An image trial that starts from a stage-1 network (``backbone``, MetaSAug's classifier-only recipe)
     must run on that network's data, so its validation and test images are ones the network never trained
-    on. The seed draws in-memory splits; file lists fix theirs (there the seed only draws the carved sets)."""
+    on. In memory every data key draws the split; file lists fix theirs (the imbalance, profile and seed
+    settings do not apply; the seed only draws the carved sets from the val list)."""
     t = cfg.train
     if not t.backbone:
         return
@@ -29,8 +30,9 @@ def check_stage1(cfg: TrialConfig) -> None:
     if state is None or "config" not in state:
         raise ConfigError(f"stage-1 checkpoint not found (or not an ltstudy checkpoint): {t.backbone}")
     own = state["config"]
-    for key in DATA_KEYS:
-        if key in PATH_KEYS or (key == "seed" and t.dataset == "filelist"):
+    keys = ("dataset", "image_size") if t.dataset == "filelist" else DATA_KEYS
+    for key in keys:
+        if key in PATH_KEYS:
             continue
         if key in own and own[key] != getattr(t, key):
             raise ConfigError(f"{key}={getattr(t, key)!r} differs from the stage-1 network's {key}={own[key]!r} "

@@ -177,6 +177,47 @@ def test_fusion_and_confusing_classes():
     assert conf[:, 0].tolist() == [1, 0, 1, 0]  # row t: class 2 is confused with 1, class 3 with 0
 
 
+def _reference_cifar100_head(counts: list[int], ratio: float) -> set[int]:
+    """SSRSGJYD/... datasets/cifar_lt.py Cifar100LTDataset: class 0, then classes in index order while the
+    running total stays within ratio of all samples."""
+    head, total, running = {0}, sum(counts), 0
+    for i, n in enumerate(counts):
+        running += n
+        if running > total * ratio:
+            break
+        head.add(i)
+    return head
+
+
+def _reference_imagenet_head(counts: list[int], ratio: float) -> set[int]:
+    """datasets/imagenet_lt.py: classes by count, descending, each added before the share test."""
+    head, total, running = set(), sum(counts), 0
+    for c in sorted(range(len(counts)), key=lambda c: -counts[c]):
+        running += counts[c]
+        head.add(c)
+        if running / total >= ratio:
+            break
+    return head
+
+
+def test_head_classes_follow_the_references_rule_per_dataset():
+    from ltstudy.data import lt_counts
+    from ltstudy.methods import get_method
+
+    c10 = torch.tensor(lt_counts(5000, 10, 100))
+    seven = head_classes(c10, 0.9, "count", 7)
+    assert seven.tolist() == [True] * 7 + [False] * 3 and int(c10[~seven].sum()) == 272  # the reference's 0-6
+    assert int(c10[~head_classes(c10, 0.9, "reach")].sum()) == 891  # what a 0.9 share picks instead
+    c100 = lt_counts(500, 100, 100)
+    within = head_classes(torch.tensor(c100), 0.9, "within")
+    assert set(within.nonzero().flatten().tolist()) == _reference_cifar100_head(c100, 0.9)
+    shuffled = [c100[i] for i in torch.randperm(100, generator=torch.Generator().manual_seed(0)).tolist()]
+    reach = head_classes(torch.tensor(shuffled), 0.9, "reach")
+    assert set(reach.nonzero().flatten().tolist()) == _reference_imagenet_head(shuffled, 0.9)
+    rules = {f: get_method("fsa").recipe(f).settings["head_rule"] for f in ("cifar10", "cifar100", "imagenet")}
+    assert rules == {"cifar10": "count", "cifar100": "within", "imagenet": "reach"}
+
+
 # -- end to end on a tiny backbone -------------------------------------------------------------------
 @pytest.mark.parametrize("name,extra", [
     ("ce_classifier", {}),
