@@ -263,6 +263,7 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None) -> Study
     """Plan, record, run (or resume) and summarise one study."""
     import optuna
 
+    from ltstudy.methods import get_method
     from ltstudy.study.callbacks import MLflowTrialCallback
     from ltstudy.study.runner import Resources, make_trainable
     from ltstudy.study.search import open_optuna_storage
@@ -270,7 +271,7 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None) -> Study
 
     tic = time.time()
     plan = plan_study(o)
-    if plan.fresh and "backbone" in plan.space.fixed:
+    if plan.fresh and "backbone" in plan.space.fixed and get_method(o.method).stage == "feature":
         plan.space = plan.space.with_overrides(_feature_pins(plan))
     tracker = StudyTracker(plan.tracking_uri, plan.study)
     parent = tracker.open(study_tags(plan), resume=o.resume)

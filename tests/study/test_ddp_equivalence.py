@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ltstudy.config import load_data
+from ltstudy.config import load_data, lr_milestones
 from ltstudy.data import AugmentSpec
 from ltstudy.testing.configs import tiny_config
 from ltstudy.train.image import build_method
@@ -31,7 +31,7 @@ def _one_process_two_shards(cfg) -> dict[str, torch.Tensor]:
     method = build_method(cfg, data, torch.device("cpu"))
     model = method.build_model()
     optimizer = make_optimizer(model.parameters(), t)
-    scheduler = make_scheduler(optimizer, t)
+    scheduler = make_scheduler(optimizer, t, lr_milestones(cfg))
     augment = AugmentSpec.of(t)
     loader = method.train_loader(batch_size=t.batch_size, train=True, augment=augment, sampler=t.sampler)
     for epoch in range(t.epochs):
