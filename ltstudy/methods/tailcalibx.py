@@ -20,8 +20,9 @@ Cholesky factors (and ltstudy's former (N, D, D) outer products: 3.6 TiB) are ou
   N(0, Σ_k) is X_kᵀξ/√(n_k - 1) with ξ ~ N(0, I_{n_k}), so a draw from N(μ', Σ') is μ' plus
   Σ_k X_kᵀξ_k/√(K(n_k - 1)) plus independent α and jitter noise: exactly the reference's distribution,
   without any D x D matrix. The statistics (class means, the class-sorted rows, every sample's K nearest
-  classes) are computed once per feature source and kept across epochs: O(N·D + C·D) memory (below the
-  O(C·D²) of per-class covariances), each generated point costing Σ_k n_k·D.
+  classes) are computed once per feature source and kept across epochs: one class-sorted N x D copy of
+  the transformed features plus O(C·D) (below the O(C·D²) of per-class covariances), each generated point
+  costing Σ_k n_k·D.
 * TailCalibX trains ⌊N / batch⌋ steps per epoch (the reference's ``epoch_steps``) on a shuffle of the
   regenerated balanced set, so only the points those steps draw are generated (about N per epoch, not
   the C·n_max of the whole set); ``steps_per_epoch="balanced"`` passes over the whole set, generated a
@@ -97,49 +98,73 @@ def spawn_counts(y: torch.Tensor, num_classes: int, extra_points: int,
     return base[y] + (rank < rem[y]).long()
 
 
+def tukey_(x: torch.Tensor, lam: float) -> torch.Tensor:
+    """:func:`tukey` in place (no second N x D copy at ImageNet scale)."""
+    x.clamp_(min=0)
+    if lam == 0:
+        return x.add_(1e-6).log_()
+    return x if lam == 1 else x.pow_(lam)
+
+
 @dataclass
 class Calibration:
     """What generation needs from one feature source, computed once and reused every epoch.
 
-    ``xt`` are the Tukey-transformed real features (the points generation starts from), ``sorted_x`` the
-    statistics' features (``xt`` or, for the reference's pre-Tukey statistics, the untransformed ones)
-    sorted by class, ``starts`` / ``counts`` the class blocks of ``sorted_x``, ``means`` the class means
-    and ``nearest`` every real sample's K nearest class means (its own class included).
+    ``rows`` are the statistics' features (Tukey-transformed, or the untransformed ones for the reference's
+    pre-Tukey statistics) sorted by class, ``starts`` / ``counts`` their class blocks, ``pos`` each real
+    sample's row in them, ``means`` the class means and ``nearest`` every real sample's K nearest class
+    means (its own class included). The Tukey-transformed real features (the points generation starts from)
+    are ``rows[pos]``, or ``xt_own`` when the statistics are pre-Tukey: one N x D copy in the default case.
     """
 
-    xt: torch.Tensor  # (N, D)
+    rows: torch.Tensor  # (N, D)
+    pos: torch.Tensor  # (N,)
     y: torch.Tensor  # (N,)
-    sorted_x: torch.Tensor  # (N, D)
     starts: torch.Tensor  # (C,)
     counts: torch.Tensor  # (C,)
     means: torch.Tensor  # (C, D)
     nearest: torch.Tensor  # (N, K)
+    xt_own: torch.Tensor | None = None  # (N, D), pre-Tukey statistics only
 
     @classmethod
     def build(cls, x: torch.Tensor, y: torch.Tensor, num_classes: int, tukey_lambda: float, topk: int,
               stats_after_tukey: bool = True) -> Calibration:
-        """From L2-normalised features ``x``; memory O(N·D + C·D), distances a chunk of rows at a time."""
-        xt = tukey(x, tukey_lambda)
-        stat = xt if stats_after_tukey else x
+        """From L2-normalised features ``x``, which it may overwrite; memory O(N·D + C·D), sums and distances
+        a chunk of rows at a time."""
         counts = torch.bincount(y, minlength=num_classes)
         order = torch.argsort(y, stable=True)
-        sorted_x = stat[order].contiguous()
+        pos = torch.empty_like(order)
+        pos[order] = torch.arange(len(y), device=y.device)
+        xt_own = None
+        if stats_after_tukey:
+            rows = tukey_(x, tukey_lambda)[order]
+        else:
+            rows, xt_own = x[order], tukey(x, tukey_lambda)
+        del x
         starts = torch.cumsum(counts, 0) - counts
-        sums = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=x.device)
-        sums.index_add_(0, y, stat.double())
-        means = (sums / counts.clamp_min(1)[:, None]).to(x.dtype)
+        y_sorted = y[order]
+        sums = torch.zeros(num_classes, rows.shape[1], dtype=torch.float64, device=rows.device)
+        for lo in range(0, len(y), CHUNK):
+            sums.index_add_(0, y_sorted[lo:lo + CHUNK], rows[lo:lo + CHUNK].double())
+        means = (sums / counts.clamp_min(1)[:, None]).to(rows.dtype)
+        cal = cls(rows, pos, y, starts, counts, means, torch.empty(0, dtype=torch.long), xt_own)
         k = min(topk, int((counts > 0).sum()))
-        nearest = torch.empty(len(y), k, dtype=torch.long, device=x.device)
+        nearest = torch.empty(len(y), k, dtype=torch.long, device=rows.device)
         absent = counts == 0
         for lo in range(0, len(y), CHUNK):
-            dist = torch.cdist(xt[lo:lo + CHUNK], means)
+            dist = torch.cdist(cal.real(torch.arange(lo, min(lo + CHUNK, len(y)), device=rows.device)), means)
             dist[:, absent] = float("inf")
             nearest[lo:lo + CHUNK] = torch.topk(dist, k, dim=1, largest=False).indices
-        return cls(xt, y, sorted_x, starts, counts, means, nearest)
+        cal.nearest = nearest
+        return cal
+
+    def real(self, idx: torch.Tensor) -> torch.Tensor:
+        """The Tukey-transformed features of real samples ``idx``."""
+        return self.xt_own[idx] if self.xt_own is not None else self.rows[self.pos[idx]]
 
     @property
     def dim(self) -> int:
-        return int(self.xt.shape[1])
+        return int(self.rows.shape[1])
 
     def draw(self, src: torch.Tensor, alpha: float = 0.0, alpha_form: str = "all",
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -150,11 +175,11 @@ class Calibration:
         + 1e-4·I, drawn through the class rows (module docstring): one (P_c x n_c) @ (n_c x D) product
         per class c among the points' nearest classes.
         """
-        dev, dtype = self.xt.device, self.xt.dtype
+        dev, dtype = self.rows.device, self.rows.dtype
         nearest = self.nearest[src]  # (P, K)
         p, k = nearest.shape
         d = self.dim
-        mu = (self.means[nearest].sum(1) + self.xt[src]) / (k + 1)
+        mu = (self.means[nearest].sum(1) + self.real(src)) / (k + 1)
         noise = torch.zeros(p, d, dtype=dtype, device=dev)
         pair_cls = nearest.flatten()
         pair_pt = torch.arange(p, device=dev).repeat_interleave(k)
@@ -168,9 +193,9 @@ class Calibration:
             if n < 2:  # a one-sample class: zero covariance
                 continue
             start = int(self.starts[c])
-            rows = self.sorted_x[start:start + n]
+            block = self.rows[start:start + n]
             xi = torch.randn(m, n, dtype=dtype, device=dev, generator=generator)
-            centred = xi @ rows - xi.sum(1, keepdim=True) * self.means[c]
+            centred = xi @ block - xi.sum(1, keepdim=True) * self.means[c]
             noise[pts] += centred / math.sqrt(n - 1)  # a point's K nearest classes are distinct: no repeats
         noise /= math.sqrt(k)
         if alpha > 0:
@@ -189,12 +214,13 @@ def generate_features(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, tuk
     The whole balanced set at once, as the reference's ``generate_points`` returns it (one-shot TailCalib
     and the tests); TailCalibX draws only the points an epoch uses (:class:`TailCalibX`).
     """
-    cal = Calibration.build(x, y, num_classes, tukey_lambda, topk, stats_after_tukey)
+    cal = Calibration.build(x.clone(), y, num_classes, tukey_lambda, topk, stats_after_tukey)
+    xt = cal.real(torch.arange(len(y), device=y.device))
     per_sample = spawn_counts(y, num_classes, extra_points, generator)
     src = torch.repeat_interleave(torch.arange(len(y), device=y.device), per_sample)
     if len(src) == 0:
-        return cal.xt, y
-    return torch.cat([cal.xt, cal.draw(src, alpha, alpha_form, generator)]), torch.cat([y, y[src]])
+        return xt, y
+    return torch.cat([xt, cal.draw(src, alpha, alpha_form, generator)]), torch.cat([y, y[src]])
 
 
 class TailCalibXParams(Params):
@@ -268,8 +294,8 @@ class TailCalibX(FeatureMethod):
         """Features and labels of rows of this epoch's balanced set: real rows first, then generated ones."""
         cal, n = self.cal, len(self.feats.train_y)
         real = rows < n
-        x = torch.empty(len(rows), cal.dim, dtype=cal.xt.dtype, device=cal.xt.device)
-        x[real] = cal.xt[rows[real]]
+        x = torch.empty(len(rows), cal.dim, dtype=cal.rows.dtype, device=cal.rows.device)
+        x[real] = cal.real(rows[real])
         y = torch.empty(len(rows), dtype=cal.y.dtype, device=cal.y.device)
         y[real] = cal.y[rows[real]]
         src = self.point_src[rows[~real] - n]
@@ -310,7 +336,7 @@ class TailCalibX(FeatureMethod):
         """(features, labels) batches of this epoch: a shuffle of the balanced set, generated as drawn."""
         bs = self.ctx.train.batch_size
         size = len(self.feats.train_y) + len(self.point_src)
-        order = torch.randperm(size, device=self.cal.xt.device)
+        order = torch.randperm(size, device=self.cal.rows.device)
         if self.fixed is not None:
             for lo in range(0, size, bs):
                 idx = order[lo:lo + bs]
