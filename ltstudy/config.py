@@ -2,8 +2,9 @@
 
 A trial is described by a flat mapping of keys. Each key is either a training setting (a field of
 :class:`TrainConfig`) or a hyperparameter declared by the chosen method (a field of its ``Params``).
-Unset keys fall back to the method's published recipe (``Method.train_defaults``), then to the
-defaults below. Unknown keys, unknown dataset or model names and values of the wrong type raise
+Unset keys fall back to the method's published recipe for the dataset's family (``Method.recipes``:
+CIFAR-10-LT, CIFAR-100-LT, ImageNet-LT / Places-LT / iNaturalist), then to the defaults below. Unknown
+keys, unknown dataset or model names and values of the wrong type raise
 :class:`~ltstudy.errors.ConfigError`.
 
 This module sits above ``ltstudy.methods`` (a trial config is the training settings plus the chosen
@@ -21,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ltstudy.data import DATASETS, LTData, build_data
+from ltstudy.data import DATASETS, LTData, build_data, dataset_family
 from ltstudy.errors import ConfigError
 from ltstudy.methods import get_method
 from ltstudy.methods.image import ImageMethod
@@ -65,6 +66,10 @@ class TrainConfig(BaseModel):
     synthetic_classes: int = Field(10, ge=2, description="synthetic dataset: number of classes")
     # augmentation and sampling
     crop_padding: int = Field(4, ge=0, description="random-crop padding (0 = no crop)")
+    crop_pad_mode: Literal["zeros", "reflect"] = Field("zeros", description="random-crop padding: zeros "
+                                                       "or a reflection of the image border")
+    color_augment: bool = Field(False, description="file lists: MoCo-v2 colour jitter, grayscale and blur "
+                                                   "after the random crop (FSGL's ImageNet-LT recipe)")
     flip: bool = Field(True, description="random horizontal flip")
     cutout: int = Field(0, ge=0, description="Cutout square size (0 = off)")
     autoaugment: bool = Field(False, description="AutoAugment (CIFAR-10 policy)")
@@ -77,14 +82,18 @@ class TrainConfig(BaseModel):
     # optimisation
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD (momentum, nesterov) or AdamW")
     lr: float = Field(0.1, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
     weight_decay: float = Field(2e-4, ge=0.0)
+    adam_eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon")
     warmup_epochs: int = Field(5, ge=0, description="linear warm-up epochs")
     schedule: Literal["step", "cosine", "constant"] = "step"
-    milestones: tuple[float, ...] = Field(
-        (0.8, 0.9), description="step schedule: fractions of the epochs where lr *= gamma"
+    milestones: tuple[float, ...] | None = Field(
+        None, description="step schedule: fractions of the epochs where lr *= gamma (default: the method's "
+                          "phase switch and halfway from it to the end where the reference ties the lr to "
+                          "it, else 0.8 and 0.9)"
     )
     gamma: float = Field(0.01, gt=0.0, description="step schedule factor")
     # evaluation
@@ -98,7 +107,9 @@ class TrainConfig(BaseModel):
     channels_last: bool = Field(True, description="channels-last memory format on CUDA")
     num_workers: int | None = Field(None, ge=0, description="decoding workers for file-list data")
     # feature stage (methods with stage == "feature")
-    backbone: str | None = Field(None, description="feature-stage methods: backbone checkpoint file")
+    backbone: str | None = Field(None, description="feature-stage methods: the backbone whose features are "
+                                                   "cached; metasaug train_scope=classifier: the stage-1 "
+                                                   "network it starts from (a checkpoint file)")
     feature_storage: str | None = Field(
         None, description="feature cache root URI (local path, NFS, s3://bucket/prefix); "
                           "default ./ltstudy_results"
@@ -199,11 +210,24 @@ def _validation_error(exc: ValidationError, method: str) -> ConfigError:
     return ConfigError(f"bad value for {key!r} ({method}): {msg}, got {got!r}")
 
 
+def published_recipe(method: str, dataset: str, imbalance: float | None = None) -> dict[str, Any]:
+    """The method's published settings for the dataset's family (and imbalance factor, where a reference
+    publishes values per IF); every key is checked to be a training setting or a hyperparameter."""
+    spec = get_method(method)
+    recipe = spec.recipe(dataset_family(dataset)).resolved(imbalance)
+    known = set(TrainConfig.model_fields) | set(spec.Params.model_fields)
+    bad = sorted(set(recipe) - known)
+    if bad:
+        raise ConfigError(f"method {method!r}: recipe key {bad[0]!r} is not a training setting or hyperparameter")
+    return recipe
+
+
 def resolve_config(values: dict[str, Any] | None = None, **explicit: Any) -> TrialConfig:
     """Resolve a flat mapping (plus explicit keyword settings that win) into a :class:`TrialConfig`.
 
-    Precedence, lowest first: ``TrainConfig`` defaults, the method's published recipe, ``values``,
-    then ``explicit`` entries that are not ``None``.
+    Precedence, lowest first: ``TrainConfig`` and ``Params`` defaults, the method's published recipe for
+    the dataset's family (:func:`published_recipe`), ``values``, then ``explicit`` entries that are not
+    ``None``.
     """
     merged = {k: v for k, v in (values or {}).items() if k not in META_KEYS}
     merged.update({k: v for k, v in explicit.items() if v is not None})
@@ -211,8 +235,16 @@ def resolve_config(values: dict[str, Any] | None = None, **explicit: Any) -> Tri
     spec = get_method(method_name)
     train_keys = set(TrainConfig.model_fields)
     param_keys = set(spec.Params.model_fields)
-    train_values = {**spec.train_defaults, "method": spec.name}
-    param_values: dict[str, Any] = {}
+    dataset = merged.get("dataset", TrainConfig.model_fields["dataset"].default)
+    imbalance = merged.get("imbalance", TrainConfig.model_fields["imbalance"].default)
+    try:
+        imbalance = float(imbalance)
+    except (TypeError, ValueError):
+        imbalance = None  # TrainConfig names the bad value below
+    recipe = published_recipe(spec.name, dataset, imbalance) if dataset in DATASETS else {}
+    train_values = {k: v for k, v in recipe.items() if k in train_keys}
+    train_values["method"] = spec.name
+    param_values = {k: v for k, v in recipe.items() if k in param_keys}
     for key, value in merged.items():
         if key in train_keys:
             train_values[key] = value
@@ -235,6 +267,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     values.update({k: v for k, v in explicit.items() if v is not None})
     values.update(parse_overrides(overrides))
     return resolve_config(values)
+
+
+def check_runnable(cfg: TrialConfig) -> TrialConfig:
+    """Raise :class:`ConfigError` when the method cannot run this config (e.g. MetaSAug's classifier-only
+    recipe without a stage-1 ``backbone``); returns ``cfg``."""
+    get_method(cfg.method).check(cfg.train, cfg.params)
+    return cfg
+
+
+def lr_milestones(cfg: TrialConfig) -> tuple[float, ...]:
+    """The step schedule's milestones: the trial's, else the ones the method ties to its phase switch,
+    else 0.8 and 0.9 of the epochs."""
+    if cfg.train.milestones is not None:
+        return tuple(cfg.train.milestones)
+    return get_method(cfg.method).lr_milestones(cfg.params) or (0.8, 0.9)
 
 
 def carved_sets(cfg: TrialConfig) -> dict[str, int]:

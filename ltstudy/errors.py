@@ -34,3 +34,8 @@ class StudyInterrupted(LtstudyError):
 
     label = "interrupted"
     exit_code = 130
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite (the trainer's, or one a method optimises inside a trial, such as DLSA's
+    flow): a property of the configuration, so the trial is a failure, not a result, and is not retried."""

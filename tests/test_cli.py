@@ -19,12 +19,18 @@ def test_methods_lists_hyperparameters(capsys):
         assert text in out
 
 
-def test_datasets_show_prints_counts_head_to_tail(capsys, shared_data):
-    code, out, _ = run(capsys, "datasets", "show", "--data-root", str(shared_data), "--imbalance", "100")
+def test_datasets_show_prints_counts_head_to_tail(capsys, shared_data, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run(capsys, "datasets", "show", "--data-root", str(shared_data), "--imbalance", "100",
+                       "--method", "metasaug")
     assert code == 0
     assert "many 4 classes" in out and "medium 3 classes" in out and "few 3 classes" in out
-    counts = [int(line.split("│")[3]) for line in out.splitlines() if line.count("│") == 5]
-    assert counts[0] == 497 and counts == sorted(counts, reverse=True), counts  # head to tail
+    rows = [line.split("│") for line in out.splitlines() if line.count("│") == 6]
+    counts = [int(r[3]) for r in rows]
+    assert counts[0] == 487 and counts == sorted(counts, reverse=True), counts  # head to tail
+    assert rows[0][4].strip() == "517 (gave 30)" and [r[4].strip() for r in rows[1:]] == [str(n) for n in counts[1:]]
+    assert "IF 97.4 as realised (487 / 5 training images), IF 100 requested" in out
+    assert "held out per class (val 20, meta 10)" in out and "0 (517 -> 487, gave 30)" in out
 
 
 def test_train_prints_progress_and_table(capsys, shared_data, tmp_path):
@@ -63,3 +69,28 @@ def test_features_extract_does_not_import_ray(tiny_backbone, tmp_path):
                           timeout=300)
     assert "feature cache" in proc.stdout, proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "exit 0 False False"
+
+
+def test_methods_shows_the_published_recipe_of_a_dataset_family(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    code, out, _ = run(capsys, "methods", "--dataset", "cifar100-lt", "-m", "fsgl")
+    assert code == 0 and "recipe cifar100 (CIFAR-100-LT)" in out and "fcc=1.0" in out
+    assert "recipe cifar10 " not in out and "source: ZY-IMU-CV/FSGL README, CIFAR-100-LT command" in out
+    code, out, _ = run(capsys, "methods", "-m", "tailcalibx", "--dataset", "cifar100-lt", "--imbalance", "50")
+    assert code == 0 and "tukey=0.9" in out and "alpha=0.2" in out and "momentum=0.0" in out
+    code, out, _ = run(capsys, "methods", "-m", "metasaug")
+    assert code == 0 and out.count("recipe ") == 3 and "train_scope=classifier" in out
+    assert "lr milestones follow the phase switch: (0.8, 0.9)" in out
+
+
+def test_datasets_show_says_where_a_file_list_meta_set_comes_from(capsys, monkeypatch, tmp_path):
+    from ltstudy.testing.data import write_filelist_tree
+
+    monkeypatch.setenv("COLUMNS", "200")
+    root, lists = write_filelist_tree(tmp_path, {"train": [6, 3, 1], "val": [3, 3, 3], "test": [1, 1, 1]})
+    code, out, _ = run(capsys, "datasets", "show", "--dataset", "filelist", "--data-root", str(root), "-m",
+                       "metasaug", f"train_list={lists['train']}", f"val_list={lists['val']}",
+                       f"test_list={lists['test']}", "num_meta=2", "train_scope=all", "--split", "val")
+    assert code == 0, out
+    assert "held out per class from the val list: meta 2; validation is the rest of the val list (3 images)" in out
+    assert "IF 6 as realised (6 / 1 training images)" in out

@@ -37,3 +37,18 @@ def test_lr_schedules():
         0.2, 1.0, 1.0, 1.0, 0.01, 0.01, pytest.approx(1e-4)]
     cos = resolve_config({"epochs": 10, "warmup_epochs": 0, "schedule": "cosine"}).train
     assert lr_factor(0, cos) == 1.0 and lr_factor(5, cos) == pytest.approx(0.5)
+
+
+def test_lr_milestones_follow_the_phase_switch_where_the_reference_ties_them():
+    """LDAM-DRW and MetaSAug decay the lr at their switch (160 of 200) and at 180: moving the switch in a study
+    moves the decays; explicit milestones win; methods without a switch keep 0.8 and 0.9."""
+    from ltstudy.config import lr_milestones
+
+    drw = resolve_config({"method": "ldam_drw", "drw_start": 0.6, "epochs": 100})
+    assert lr_milestones(drw) == (0.6, 0.8)
+    factors = [lr_factor(e, drw.train, lr_milestones(drw)) for e in (59, 60, 79, 80)]
+    assert factors == [1.0, 0.01, 0.01, pytest.approx(1e-4)]
+    meta = resolve_config({"method": "metasaug", "switch": 0.7})
+    assert lr_milestones(meta) == (0.7, 0.85) and lr_milestones(meta.replace(switch=0.8)) == (0.8, 0.9)
+    assert lr_milestones(meta.replace(milestones=[0.5, 0.75])) == (0.5, 0.75)
+    assert lr_milestones(resolve_config({"method": "ce"})) == (0.8, 0.9)

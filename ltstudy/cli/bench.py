@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from ltstudy.cli.common import OVERRIDES, bench_app, console
+from ltstudy.errors import LtstudyError
 
 
 @bench_app.command("train")
@@ -32,26 +33,74 @@ def bench_train(
     console.print(table)
 
 
+def _shape(text: str, parts: int) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        values = ()
+    if len(values) != parts or min(values) < 1:
+        raise LtstudyError(f"shape {text!r} must be {parts} positive integers joined by 'x'")
+    return values
+
+
 @bench_app.command("features")
 def bench_features_cmd(
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="backbone (default: a 1-epoch synthetic one)"),
-    storage: str | None = typer.Option(None, "--storage", help="cache root (default: a temp dir)"),
-    method: str = typer.Option("ce_classifier", "--method", "-m", help="feature-stage method to time"),
+    part: list[str] | None = typer.Option(None, "--part", help="cache | read | tailcalibx (repeatable; "
+                                          "default: all three)"),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="cache: backbone (default: a 1-epoch "
+                                           "synthetic one)"),
+    storage: str | None = typer.Option(None, "--storage", help="cache / read: cache root (default: a temp dir)"),
+    method: str = typer.Option("ce_classifier", "--method", "-m", help="cache: feature-stage method to time"),
     repeats: int = typer.Option(5, help="whole reads; the median is reported"),
+    read_shape: list[str] | None = typer.Option(None, "--read-shape", help="read: ROWSxDIM float32 features "
+                                                "(default 100000x512 and 115846x2048, ImageNet-LT's)"),
+    tailcalibx_shape: str = typer.Option("115846x2048x1000", help="tailcalibx: ROWSxDIMxCLASSES (ROWS is a "
+                                         "target: the profile keeps ImageNet-LT's head 1,280 and tail 5)"),
+    epochs: int = typer.Option(1, help="tailcalibx: epochs (median seconds per epoch)"),
     device: str = typer.Option("auto"),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
-    """Parquet read MB/s, one feature-stage trial's wall time, and the time to recompute the features."""
-    from ltstudy.experiments.bench_features import bench_features
+    """Feature cache: read MB/s beside the raw file read, a trial on the cache vs recomputing the features;
+    TailCalibX's set-up, seconds per epoch and peak memory on ImageNet-LT-shaped features."""
+    from ltstudy.experiments import bench_features as bench
 
-    r = bench_features(checkpoint=str(checkpoint) if checkpoint else None, storage=storage, method=method,
-                       repeats=repeats, device=device, overrides=overrides or [])
-    table = Table(title=f"bench features on {r['device']} ({r['rows']} rows, {r['megabytes']:.1f} MB)")
-    for col in ("read MB/s (median)", f"{method} trial s", "recompute features s", "extract+write s"):
-        table.add_column(col, justify="right")
-    table.add_row(f"{r['read_mb_per_s']:.0f}", f"{r['trial_seconds']:.2f}", f"{r['recompute_seconds']:.2f}",
-                  f"{r['extract_seconds']:.2f}")
-    console.print(table)
+    parts = part or ["cache", "read", "tailcalibx"]
+    unknown = sorted(set(parts) - {"cache", "read", "tailcalibx"})
+    if unknown:
+        raise LtstudyError(f"unknown --part {unknown[0]!r}; choose cache, read or tailcalibx")
+    shapes = [_shape(s, 2) for s in (read_shape or ["100000x512", "115846x2048"])]
+    rows, dim, classes = _shape(tailcalibx_shape, 3)
+    if "cache" in parts:
+        r = bench.bench_cache(checkpoint=str(checkpoint) if checkpoint else None, storage=storage,
+                              method=method, repeats=repeats, device=device, overrides=overrides or [])
+        table = Table(title=f"bench features: cache on {r['device']} ({r['rows']} rows, {r['megabytes']:.1f} MB)")
+        for col in ("read MB/s (median)", f"{method} trial s", "recompute features s", "extract+write s"):
+            table.add_column(col, justify="right")
+        table.add_row(f"{r['read_mb_per_s']:.0f}", f"{r['trial_seconds']:.2f}", f"{r['recompute_seconds']:.2f}",
+                      f"{r['extract_seconds']:.2f}")
+        console.print(table)
+    if "read" in parts:
+        table = Table(title=f"bench features: read (train split, medians of {repeats}; MB/s)")
+        for col in ("rows x dim", "MB", "cold: cat", "cold: first read", "cold: read", "cold ratio", "warm: cat",
+                    "warm: read", "warm ratio"):
+            table.add_column(col, justify="right")
+        for r in bench.bench_read(shapes, storage=storage, repeats=repeats):
+            table.add_row(f"{r['rows']} x {r['dim']}", f"{r['megabytes']:.0f}", f"{r['cold_raw_mb_per_s']:.0f}",
+                          f"{r['cold_first_mb_per_s']:.0f}", f"{r['cold_read_mb_per_s']:.0f}",
+                          f"{r['cold_ratio']:.2f}", f"{r['warm_raw_mb_per_s']:.0f}",
+                          f"{r['warm_read_mb_per_s']:.0f}", f"{r['warm_ratio']:.2f}")
+        console.print(table)
+        console.print("cat: `cat file > /dev/null`; first read: the first of a process (checks the sha256); "
+                      "read: later ones; cold: the file's pages dropped before each read")
+    if "tailcalibx" in parts:
+        r = bench.bench_tailcalibx(classes=classes, dim=dim, epochs=epochs, rows=rows)
+        table = Table(title=f"bench features: TailCalibX on random features, {r['rows']} x {r['dim']}, "
+                            f"{r['classes']} classes (CPU)")
+        for col in ("set-up s", "s / epoch", "steps / epoch", "peak RSS MiB", "of which features MiB"):
+            table.add_column(col, justify="right")
+        table.add_row(f"{r['prepare_seconds']:.1f}", f"{r['epoch_seconds']:.1f}", str(r["steps_per_epoch"]),
+                      f"{r['peak_rss_mib']:.0f}", f"{r['features_mib']:.0f}")
+        console.print(table)
 
 
 @bench_app.command("study")

@@ -147,18 +147,32 @@ def compare(
 
 
 @app.command()
-def methods() -> None:
-    """List the registered methods with their hyperparameters and published defaults."""
+def methods(
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="show the published recipe of this "
+                                       "dataset's family only (cifar10-lt | cifar100-lt | filelist | synthetic)"),
+    imbalance: float | None = typer.Option(None, "--imbalance", help="with --dataset: values published for "
+                                           "this imbalance factor"),
+    method: str | None = typer.Option(None, "--method", "-m", help="one method only"),
+) -> None:
+    """List the registered methods with their hyperparameters and published recipes per dataset family."""
+    from ltstudy.data import FAMILIES, dataset_family
     from ltstudy.methods import get_method, iter_hyperparameters, list_methods
 
-    for name in list_methods():
+    families = [dataset_family(dataset)] if dataset else list(FAMILIES)
+    for name in [method] if method else list_methods():
         spec = get_method(name)
         console.print(f"[bold]{name}[/bold] ({spec.stage}) — {spec.summary}")
         for key, kind, default, desc in iter_hyperparameters(name):
             console.print(f"    {key:<22} {kind:<8} default {default!r:<10} {desc}")
-        if spec.train_defaults:
-            recipe = ", ".join(f"{k}={v}" for k, v in spec.train_defaults.items())
-            console.print(f"    recipe: {recipe}")
+        for family in families:
+            recipe = spec.recipe(family)
+            values = recipe.resolved(imbalance)
+            shown = ", ".join(f"{k}={v}" for k, v in values.items())
+            console.print(f"    recipe {family} ({FAMILIES[family]}): {shown}")
+            console.print(f"        source: {recipe.source}")
+            tied = spec.lr_milestones(spec.Params(**{k: v for k, v in values.items() if k in spec.Params.model_fields}))
+            if tied and values.get("schedule", "step") == "step":
+                console.print(f"        lr milestones follow the phase switch: {tied} of the epochs")
 
 
 @datasets_app.command("show")
@@ -166,32 +180,69 @@ def datasets_show(
     dataset: str | None = DATASET,
     imbalance: float | None = IMBALANCE,
     data_root: str | None = DATA_ROOT,
+    method: str | None = typer.Option(None, "--method", "-m", help="include the sets this method carves "
+                                                                    "(MetaSAug's meta set)"),
     config: Path | None = CONFIG,
     split: str = typer.Option("train", help="train | val | test"),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
-    """Print the class counts of a split, head to tail, with the many/medium/few buckets."""
+    """Print the class counts of a split, head to tail, with the many/medium/few buckets, the realised
+    imbalance factor and the classes that gave training images to validation (and carved sets)."""
     from ltstudy.config import load_config, load_data
     from ltstudy.metrics import shot_masks
 
     if split not in ("train", "val", "test"):
         raise LtstudyError(f"unknown split {split!r}; choose train, val or test")
-    cfg = load_config(config, overrides or [], dataset=dataset, imbalance=imbalance,
-                      data_root=data_root)
+    cfg = load_config(config, overrides or [], dataset=dataset, imbalance=imbalance, data_root=data_root,
+                      method=method)
     t = cfg.train
     data = load_data(cfg)
     labels = getattr(data, split).labels
-    counts = [int((labels == c).sum()) for c in range(data.num_classes)]
+    counts = torch_bincount(labels, data.num_classes)
     masks = shot_masks(data.class_counts, t.many_threshold, t.few_threshold)
     bucket = {c: g for g, m in masks.items() for c in m.nonzero().flatten().tolist()}
-    order = sorted(range(data.num_classes), key=lambda c: -int(data.class_counts[c]))
-    table = Table(title=f"{data.name} {split} (IF {t.imbalance:g}, {len(labels)} images)")
-    for col in ("class", "name", "images", "bucket"):
+    order = sorted(range(data.num_classes), key=lambda c: (-int(data.class_counts[c]), c))
+    gave = data.gave_up()
+    table = Table(title=f"{data.name} {split} ({len(labels)} images)")
+    columns = ["class", "name", "images", "bucket"]
+    if split == "train" and data.target_counts is not None:
+        columns[3:3] = ["standard n_i"]
+    for col in columns:
         table.add_column(col)
     for c in order:
-        table.add_row(str(c), data.class_names[c], str(counts[c]), bucket[c])
+        row = [str(c), data.class_names[c], str(counts[c]), bucket[c]]
+        if "standard n_i" in columns:
+            row[3:3] = [str(data.target_counts[c]) + (f" (gave {gave[c]})" if c in gave else "")]
+        table.add_row(*row)
     console.print(table)
     summary = ", ".join(f"{g} {int(m.sum())} classes (n {'>' if g == 'many' else '<' if g == 'few' else 'in'} "
                         f"{t.many_threshold if g == 'many' else t.few_threshold if g == 'few' else f'[{t.few_threshold}, {t.many_threshold}]'})"
                         for g, m in masks.items())
     console.print(f"buckets by training count: {summary}")
+    n = data.class_counts
+    console.print(f"imbalance: IF {data.realised_imbalance:.4g} as realised ({int(n.max())} / {int(n.min())} "
+                  f"training images)" + (f", IF {t.imbalance:g} requested" if data.target_counts else ""))
+    for line in held_out_lines(data):
+        console.print(line)
+
+
+def torch_bincount(labels: Any, num_classes: int) -> list[int]:
+    return [int(v) for v in labels.bincount(minlength=num_classes).tolist()]
+
+
+def held_out_lines(data: Any) -> list[str]:
+    """Where validation and the carved sets come from, and which classes paid for them with training images."""
+    sets = ", ".join(f"{name} {n}" for name, n in data.held.items())
+    if data.target_counts is None:  # file lists: the lists fix train / val / test
+        if not data.carved:
+            return ["held out: the split lists as given (validation = the val list)"]
+        return [f"held out per class from the val list: {sets}; validation is the rest of the val list "
+                f"({len(data.val)} images)"]
+    gave = data.gave_up()
+    lines = [f"held out per class ({sets}) from the images the long-tailed profile leaves out"]
+    if gave:
+        lines.append("classes that gave training images to them (could not spare them): " + ", ".join(
+            f"{c} ({data.target_counts[c]} -> {data.target_counts[c] - k}, gave {k})" for c, k in sorted(gave.items())))
+    else:
+        lines.append("no class gave training images to them: the training split has the standard counts")
+    return lines

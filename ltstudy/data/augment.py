@@ -10,29 +10,48 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torchvision.transforms import v2
 
 
-def random_crop(x: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Zero-pad by ``padding`` and crop each sample back to (H,W) at its own random offset.
+def _source_index(i: torch.Tensor, n: int, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Map padded coordinates ``i`` (may fall outside [0, n)) to source pixels; zeros mode also gives the mask."""
+    if mode == "reflect":  # numpy/torch 'reflect': the border pixel is not repeated
+        i = i.abs()
+        return torch.where(i >= n, 2 * (n - 1) - i, i), None
+    inside = (i >= 0) & (i < n)
+    return i.clamp(0, n - 1), inside
+
+
+def random_crop(x: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None,
+                mode: str = "zeros") -> torch.Tensor:
+    """Pad by ``padding`` and crop each sample back to (H,W) at its own random offset.
 
     Args:
         x: Batch (N,C,H,W) of any dtype.
-        padding: Pixels of zero padding per side; 0 returns ``x``.
+        padding: Pixels of padding per side; 0 returns ``x``.
         generator: Generator on ``x.device``.
+        mode: ``"zeros"`` (torchvision's RandomCrop(padding=4)) or ``"reflect"`` (a reflection of the
+            border, MetaSAug's CIFAR pipeline); the padded image is never built, each crop gathers its
+            pixels from ``x``.
     """
     if padding <= 0:
         return x
+    if mode not in ("zeros", "reflect"):
+        raise ValueError(f"unknown padding mode {mode!r}")
     n, c, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
+    if mode == "reflect" and padding >= min(h, w):
+        raise ValueError(f"reflect padding {padding} needs images larger than it, got {h}x{w}")
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=x.device)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (N,1,H,1)
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (N,1,1,W)
+    rows, row_in = _source_index(dy[:, None] + torch.arange(h, device=x.device) - padding, h, mode)
+    cols, col_in = _source_index(dx[:, None] + torch.arange(w, device=x.device) - padding, w, mode)
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     chan = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, chan, rows, cols]
+    out = x[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+    if mode == "zeros":
+        keep = row_in[:, None, :, None] & col_in[:, None, None, :]
+        out = out * keep.to(out.dtype)
+    return out
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -94,16 +113,28 @@ class AugmentSpec:
     """Which batch augmentations a training loader applies.
 
     Attributes:
-        crop_padding: Zero padding of the random crop (0 = no crop).
+        crop_padding: Padding of the random crop (0 = no crop).
         flip: Random horizontal flip.
         cutout: Side of the cutout square (0 = off).
         autoaugment: AutoAugment CIFAR-10 policy, chunk-wise.
+        pad_mode: ``"zeros"`` or ``"reflect"`` padding of the random crop.
+        color: File lists: MoCo-v2 colour jitter, grayscale and blur after the random resized crop (applied
+            per image by the dataset's transform).
     """
 
     crop_padding: int = 4
     flip: bool = True
     cutout: int = 0
     autoaugment: bool = False
+    pad_mode: str = "zeros"
+    color: bool = False
+
+    @classmethod
+    def of(cls, settings: object) -> AugmentSpec:
+        """The augmentation a trial's settings (a ``TrainConfig``) ask for."""
+        return cls(crop_padding=settings.crop_padding, flip=settings.flip, cutout=settings.cutout,
+                   autoaugment=settings.autoaugment, pad_mode=settings.crop_pad_mode,
+                   color=settings.color_augment)
 
 
 def apply(
@@ -120,7 +151,7 @@ def apply(
     """
     if spec.autoaugment:
         x = autoaugment(x, generator)
-    x = random_crop(x, spec.crop_padding, generator)
+    x = random_crop(x, spec.crop_padding, generator, spec.pad_mode)
     if spec.flip:
         x = random_flip(x, generator)
     x = normalize(x, mean, std)

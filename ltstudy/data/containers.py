@@ -34,8 +34,11 @@ class Split:
 class LTData:
     """A long-tailed dataset: LT train split, balanced val and test splits, and their statistics.
 
-    ``carved`` holds the extra balanced sets a method declared (``ImageMethod.carved_sets``), taken from
-    the training pool before the long-tailed training images and disjoint from every other split.
+    ``carved`` holds the extra balanced sets a method declared (``ImageMethod.carved_sets``), disjoint from
+    every other split: for in-memory data from the images the long-tailed profile leaves out (like the
+    validation set), for file lists from the validation list. ``target_counts`` are the standard counts of
+    the profile (None for file lists, whose lists fix the counts) and ``held`` the images per class that
+    validation and each carved set take (``{"val": 20, "meta": 10}``).
     """
 
     name: str
@@ -50,6 +53,21 @@ class LTData:
     image_size: int
     image_root: str | None = None
     carved: dict[str, Split] = field(default_factory=dict)
+    target_counts: list[int] | None = None
+    held: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def realised_imbalance(self) -> float:
+        """n_max / n_min of the training split as drawn (IF 96 for CIFAR-100-LT IF 100: 480 / 5)."""
+        counts = self.class_counts[self.class_counts > 0]
+        return float(counts.max()) / float(counts.min()) if len(counts) else float("nan")
+
+    def gave_up(self) -> dict[int, int]:
+        """Classes that gave training images to the held-out sets: class -> standard count minus kept."""
+        if self.target_counts is None:
+            return {}
+        kept = self.class_counts.tolist()
+        return {c: t - k for c, (t, k) in enumerate(zip(self.target_counts, kept, strict=True)) if k < t}
 
 
 def split_in_memory(
@@ -63,6 +81,7 @@ def split_in_memory(
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
     carved: dict[str, int] | None = None,
+    n_max: int | None = None,
 ) -> LTData:
     """Turn a balanced in-memory train/test set into :class:`LTData` via :func:`make_lt_splits`.
 
@@ -76,17 +95,17 @@ def split_in_memory(
         mean: Per-channel mean of the images in [0,1].
         std: Per-channel std of the images in [0,1].
         carved: Extra balanced sets to carve from the training pool, images per class by name.
+        n_max: Head count of the profile (default: the images of class 0).
     """
     train_x, train_y, test_x, test_y, class_names = arrays
     num_classes = len(class_names)
-    train_idx, val_idx, carved_idx = make_lt_splits(train_y.numpy(), num_classes, imbalance, profile,
-                                                    val_per_class, seed, carved)
+    split = make_lt_splits(train_y.numpy(), num_classes, imbalance, profile, val_per_class, seed, carved, n_max)
 
     def subset(idx) -> Split:
         idx = torch.from_numpy(idx)
         return Split(labels=train_y[idx].clone(), indices=idx, images=train_x[idx].clone())
 
-    train = subset(train_idx)
+    train = subset(split.train)
     test = Split(labels=test_y.clone(), indices=torch.arange(len(test_y)), images=test_x)
     counts = torch.bincount(train.labels, minlength=num_classes)
     return LTData(
@@ -94,11 +113,13 @@ def split_in_memory(
         num_classes,
         list(class_names),
         train,
-        subset(val_idx),
+        subset(split.val),
         test,
         counts,
         tuple(mean),
         tuple(std),
         int(train_x.shape[-1]),
-        carved={key: subset(idx) for key, idx in carved_idx.items()},
+        carved={key: subset(idx) for key, idx in split.carved.items()},
+        target_counts=split.target,
+        held=split.held,
     )

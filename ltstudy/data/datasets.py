@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ltstudy.data.augment import AugmentSpec
@@ -16,6 +17,13 @@ from ltstudy.data.synthetic import make_synthetic
 from ltstudy.errors import ConfigError, DataError
 
 DATASETS = ("cifar10-lt", "cifar100-lt", "filelist", "synthetic")
+#: dataset families, each with its own published recipes: name -> what it covers
+FAMILIES = {
+    "cifar10": "CIFAR-10-LT (and the synthetic smoke-test data)",
+    "cifar100": "CIFAR-100-LT",
+    "imagenet": "ImageNet-LT / Places-LT / iNaturalist (file lists)",
+}
+_FAMILY_OF = {"cifar10-lt": "cifar10", "cifar100-lt": "cifar100", "filelist": "imagenet", "synthetic": "cifar10"}
 SPLITS = ("train", "val", "test")
 
 CIFAR_STATS = {
@@ -24,7 +32,15 @@ CIFAR_STATS = {
 }
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-__all__ = ["DATASETS", "LTData", "Split", "build_data", "make_loader"]
+__all__ = ["DATASETS", "FAMILIES", "LTData", "Split", "build_data", "dataset_family", "make_loader"]
+
+
+def dataset_family(dataset: str) -> str:
+    """The recipe family of a dataset name (``cifar10-lt`` -> ``cifar10``, ``filelist`` -> ``imagenet``)."""
+    try:
+        return _FAMILY_OF[dataset]
+    except KeyError:
+        raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}") from None
 
 
 def _build_cifar(name: str, data_root, download, imbalance, profile, val_per_class, seed, carved) -> LTData:
@@ -54,8 +70,45 @@ def _list_split(path, role: str) -> Split:
     return Split(labels=torch.from_numpy(labels), indices=torch.arange(len(paths)), paths=paths)
 
 
-def _build_filelist(data_root, train_list, val_list, test_list, image_size: int) -> LTData:
-    """File-list data (ImageNet-LT / Places-LT / iNaturalist format) under ``data_root``."""
+def carve_list(split: Split, carved: dict[str, int], num_classes: int, seed: int) -> tuple[Split, dict[str, Split]]:
+    """Carve balanced sets (``{name: per class}``, name order) from a list split; the rest stays in it.
+
+    Each class's images are shuffled with ``np.random.default_rng(seed)``; the carved sets take the first
+    ones. Every class must keep at least one image in ``split``.
+    """
+    rng = np.random.default_rng(seed)
+    labels = split.labels.numpy()
+    keep, parts = [], {name: [] for name in sorted(carved)}
+    need = sum(carved.values())
+    for c in range(num_classes):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if idx.size < need + 1:
+            sets = " + ".join(f"{n} {name}" for name, n in sorted(carved.items()))
+            raise DataError(f"class {c} has {idx.size} images in the validation list; need at least {need + 1} "
+                            f"({sets} carved from it, plus one left for validation)")
+        start = 0
+        for name in parts:
+            parts[name].append(idx[start:start + carved[name]])
+            start += carved[name]
+        keep.append(idx[start:])
+
+    def take(chunks: list[np.ndarray]) -> Split:
+        rows = torch.from_numpy(np.sort(np.concatenate(chunks)).astype(np.int64))
+        assert split.paths is not None
+        return Split(labels=split.labels[rows].clone(), indices=split.indices[rows].clone(),
+                     paths=[split.paths[i] for i in rows.tolist()])
+
+    return take(keep), {name: take(chunks) for name, chunks in parts.items()}
+
+
+def _build_filelist(data_root, train_list, val_list, test_list, image_size: int, carved: dict[str, int] | None,
+                    seed: int) -> LTData:
+    """File-list data (ImageNet-LT / Places-LT / iNaturalist format) under ``data_root``.
+
+    The lists fix the splits. Carved sets (MetaSAug's meta set) come from the validation list, as the
+    MetaSAug reference samples its ImageNet-LT meta set from the ImageNet-LT val split; validation is the
+    rest of that list.
+    """
     if data_root is None:
         raise ConfigError("the filelist dataset needs a data root (the image folder)")
     if not Path(data_root).is_dir():
@@ -65,6 +118,11 @@ def _build_filelist(data_root, train_list, val_list, test_list, image_size: int)
     )
     num_classes = int(max(s.labels.max() for s in (train, val, test))) + 1
     counts = torch.bincount(train.labels, minlength=num_classes)
+    if int(counts.min()) == 0:
+        raise DataError(f"class {int(counts.argmin())} has no image in the train list {train_list}")
+    parts: dict[str, Split] = {}
+    if carved:
+        val, parts = carve_list(val, carved, num_classes, seed)
     mean, std = IMAGENET_STATS
     return LTData(
         "filelist",
@@ -78,6 +136,8 @@ def _build_filelist(data_root, train_list, val_list, test_list, image_size: int)
         std,
         image_size,
         image_root=str(data_root),
+        carved=parts,
+        held=dict(sorted((carved or {}).items())),
     )
 
 
@@ -114,15 +174,13 @@ def build_data(
             32); CIFAR is always 32.
         synthetic_classes: Classes of the synthetic dataset.
         carved: Extra balanced sets to carve from the training pool (``{name: images per class}``,
-            e.g. MetaSAug's meta set), in ``LTData.carved``; in-memory datasets only.
+            e.g. MetaSAug's meta set), in ``LTData.carved``; file lists carve them from the val list.
     """
     if dataset in ("cifar10-lt", "cifar100-lt"):
         name = dataset.removesuffix("-lt")
         return _build_cifar(name, data_root, download, imbalance, profile, val_per_class, seed, carved)
     if dataset == "filelist":
-        if carved:
-            raise ConfigError(f"the filelist dataset cannot carve {', '.join(carved)} sets from its lists")
-        return _build_filelist(data_root, train_list, val_list, test_list, image_size or 224)
+        return _build_filelist(data_root, train_list, val_list, test_list, image_size or 224, carved, seed)
     if dataset == "synthetic":
         return make_synthetic(
             num_classes=synthetic_classes,
@@ -152,12 +210,13 @@ def make_loader(
     channels_last: bool = False,
     num_workers: int | None = None,
     drop_last: bool = False,
+    views: int = 1,
 ) -> TensorLoader | FileListLoader:
     """A loader over one split: TensorLoader for in-memory data, FileListLoader for file lists.
 
     Args:
         data: The dataset.
-        split: ``"train"``, ``"val"`` or ``"test"``.
+        split: ``"train"``, ``"val"``, ``"test"`` or the name of a carved set (``"meta"``).
         batch_size: Global batch size (split across ``world_size`` ranks).
         device: Where batches are produced.
         train: Shuffle / re-sample and augment (call ``set_epoch`` before each epoch).
@@ -170,10 +229,14 @@ def make_loader(
         channels_last: Produce channels-last batches.
         num_workers: DataLoader workers of file-list data (default min(4, cpu count)).
         drop_last: Drop the last partial global batch.
+        views: Independently augmented views of every image (training): batches are ``(x_1, ..., x_V, y)``.
     """
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    part: Split = getattr(data, split)
+    if split in SPLITS:
+        part: Split = getattr(data, split)
+    elif split in data.carved:
+        part = data.carved[split]
+    else:
+        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join([*SPLITS, *data.carved])}")
     weights = None
     if train:
         counts = torch.bincount(part.labels, minlength=data.num_classes)
@@ -193,9 +256,8 @@ def make_loader(
         channels_last=channels_last,
     )
     if part.images is not None:
-        return TensorLoader(part.images, part.labels, **common)
-    dataset = FileListDataset(
-        data.image_root, part.paths, part.labels.numpy(), size=data.image_size, train=train
-    )
+        return TensorLoader(part.images, part.labels, views=views, **common)
+    dataset = FileListDataset(data.image_root, part.paths, part.labels.numpy(), size=data.image_size, train=train,
+                              color=bool(train and augment is not None and augment.color), views=views)
     return FileListLoader(dataset, num_workers=num_workers, **common)
 

@@ -43,30 +43,45 @@ def read_filelist(path: str | Path) -> tuple[list[str], np.ndarray]:
     return paths, np.asarray(labels, dtype=np.int64)
 
 
-def make_transform(size: int, train: bool) -> v2.Transform:
+def make_transform(size: int, train: bool, color: bool = False) -> v2.Transform:
     """Standard ImageNet-style uint8 transforms.
 
     Args:
         size: Output side length.
         train: RandomResizedCrop + flip when True, else Resize(size*256/224) + CenterCrop.
+        color: Training only: the MoCo-v2 pipeline GLMC/FSGL train ImageNet-LT with (colour jitter 0.4 on
+            every image, grayscale with p 0.2, Gaussian blur σ in [0.1, 2] with p 0.5, kernel ~size/10).
     """
-    if train:
+    if not train:
+        return v2.Compose([v2.Resize(int(size * 256 / 224), antialias=True), v2.CenterCrop(size)])
+    if not color:
         return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
-    return v2.Compose([v2.Resize(int(size * 256 / 224), antialias=True), v2.CenterCrop(size)])
+    kernel = max(3, (size // 10) | 1)  # 23 at 224 px, MoCo's kernel
+    return v2.Compose([
+        v2.RandomResizedCrop(size, antialias=True),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.0)], p=1.0),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+        v2.RandomHorizontalFlip(),
+    ])
 
 
 class FileListDataset(torch.utils.data.Dataset):
-    """Images listed in a file list, decoded to uint8 (3,size,size) tensors.
+    """Images listed in a file list, decoded to uint8 (3,size,size) tensors, or (views,3,size,size).
 
     An item key is either an index or ``(index, seed)``; with a seed the random transform draws from
-    a CPU RNG seeded with it, so augmentation does not depend on the worker that decodes the image.
+    a CPU RNG seeded with it, so augmentation does not depend on the worker that decodes the image. With
+    ``views > 1`` an image is decoded once and transformed ``views`` times independently (GLMC's two-crop
+    transform).
     """
 
-    def __init__(self, root: str | Path, paths: list[str], labels: np.ndarray, *, size: int, train: bool):
+    def __init__(self, root: str | Path, paths: list[str], labels: np.ndarray, *, size: int, train: bool,
+                 color: bool = False, views: int = 1):
         self.root = Path(root)
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.transform = make_transform(size, train)
+        self.transform = make_transform(size, train, color)
+        self.views = views
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -81,13 +96,18 @@ class FileListDataset(torch.utils.data.Dataset):
         except RuntimeError as exc:
             raise DataError(f"cannot decode image {path}: {exc}") from exc
 
+    def _views(self, image: torch.Tensor) -> torch.Tensor:
+        if self.views == 1:
+            return self.transform(image)
+        return torch.stack([self.transform(image) for _ in range(self.views)])
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         image = self.load(index)
         if seed is None:
-            out = self.transform(image)
+            out = self._views(image)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(seed)
-                out = self.transform(image)
+                out = self._views(image)
         return out, int(self.labels[index])

@@ -20,7 +20,7 @@ from ltstudy.data.filelist import FileListDataset
 from ltstudy.data.samplers import epoch_order
 from ltstudy.errors import ConfigError
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]  # (x, y), or (x_1, ..., x_V, y) with several views
 
 
 def derive_seed(seed: int, epoch: int, stream: int) -> int:
@@ -112,7 +112,8 @@ class TensorLoader(_EpochOrder):
 
     With augmentation and ``world_size > 1`` each rank augments the whole global batch with the
     shared generator and keeps its shard, so the result equals single-process training with the same
-    global batch; the extra work is cheap next to the forward pass on CIFAR-sized images.
+    global batch; the extra work is cheap next to the forward pass on CIFAR-sized images. With
+    ``views = V > 1`` every image is augmented V times independently and a batch is ``(x_1, ..., x_V, y)``.
     """
 
     def __init__(
@@ -132,6 +133,7 @@ class TensorLoader(_EpochOrder):
         world_size: int = 1,
         drop_last: bool = False,
         channels_last: bool = False,
+        views: int = 1,
     ):
         super().__init__(len(labels), batch_size, train, sampler_weights, seed, rank, world_size, drop_last)
         self.device = torch.device(device)
@@ -141,24 +143,27 @@ class TensorLoader(_EpochOrder):
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
         self.augment = augment if train else None
         self.channels_last = channels_last
+        self.views = views
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _view(self, batch: torch.Tensor, local: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        if self.augment is None:
+            x = normalize(self.images[local.to(self.device)], self.mean, self.std)
+        elif self.world_size == 1:
+            x = apply(self.augment, self.images[local.to(self.device)], self.mean, self.std, gen)
+        else:
+            x = apply(self.augment, self.images[batch.to(self.device)], self.mean, self.std, gen)
+            x = shard(x, self.rank, self.world_size)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         batches = self.batches()
         gen = None
         if self.augment is not None:
             gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, self.epoch, 1))
         for batch in batches:
             local = shard(batch, self.rank, self.world_size)
-            if self.augment is None:
-                x = normalize(self.images[local.to(self.device)], self.mean, self.std)
-            elif self.world_size == 1:
-                x = apply(self.augment, self.images[local.to(self.device)], self.mean, self.std, gen)
-            else:
-                x = apply(self.augment, self.images[batch.to(self.device)], self.mean, self.std, gen)
-                x = shard(x, self.rank, self.world_size)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[local.to(self.device)]
+            views = [self._view(batch, local, gen) for _ in range(self.views)]
+            yield *views, self.labels[local.to(self.device)]
 
 
 class _BatchSampler(torch.utils.data.Sampler):
@@ -182,10 +187,11 @@ class _BatchSampler(torch.utils.data.Sampler):
 class FileListLoader(_EpochOrder):
     """Batches from a :class:`FileListDataset` through a DataLoader, normalised on the device.
 
-    Per-sample augmentation (RandomResizedCrop + flip) runs in the workers, seeded per sample from
-    ``(seed, epoch, position in the epoch)``, so it does not depend on ``num_workers``. Of an
-    ``AugmentSpec`` only cutout and AutoAugment are applied (on the device); crop and flip are the
-    dataset's.
+    Per-sample augmentation (RandomResizedCrop + flip, + the MoCo-v2 colour ops with ``AugmentSpec.color``)
+    runs in the workers, seeded per sample from ``(seed, epoch, position in the epoch)``, so it does not
+    depend on ``num_workers``. Of an ``AugmentSpec`` only cutout and AutoAugment are applied (on the
+    device); crop, flip and colour are the dataset's. A dataset with ``views > 1`` yields
+    ``(x_1, ..., x_V, y)`` batches.
     """
 
     def __init__(
@@ -213,7 +219,7 @@ class FileListLoader(_EpochOrder):
         self.channels_last = channels_last
         self.augment = None
         if train and augment is not None:
-            self.augment = dataclasses.replace(augment, crop_padding=0, flip=False)
+            self.augment = dataclasses.replace(augment, crop_padding=0, flip=False, color=False)
         self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
 
     def __iter__(self) -> Iterator[Batch]:
@@ -228,10 +234,38 @@ class FileListLoader(_EpochOrder):
             gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, self.epoch, 1))
         for images, labels in loader:
             images = images.to(self.device, non_blocking=True)
-            if self.augment is None:
-                x = normalize(images, self.mean, self.std)
-            else:
-                x = apply(self.augment, images, self.mean, self.std, gen)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, labels.to(self.device, non_blocking=True)
+            views = images.unbind(1) if images.dim() == 5 else (images,)
+            out = []
+            for v in views:
+                x = normalize(v, self.mean, self.std) if self.augment is None else \
+                    apply(self.augment, v, self.mean, self.std, gen)
+                out.append(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
+            yield *out, labels.to(self.device, non_blocking=True)
+
+
+class LockstepLoader:
+    """Two training loaders over the same split iterated in lockstep (GLMC's "org" and "invs" samplers).
+
+    A batch is the first loader's batch followed by the second's, ``(*a, *b)``; both are set to the same
+    epoch, and the epoch has as many batches as the first loader (both hold the same samples and batch size).
+    """
+
+    def __init__(self, first: _EpochOrder, second: _EpochOrder) -> None:
+        if len(first) != len(second):
+            raise ConfigError(f"lockstep loaders differ in length: {len(first)} and {len(second)} batches")
+        self.first, self.second = first, second
+
+    def set_epoch(self, epoch: int) -> None:
+        self.first.set_epoch(epoch)
+        self.second.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    @property
+    def num_samples(self) -> int:
+        return self.first.num_samples
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for a, b in zip(self.first, self.second, strict=True):
+            yield (*a, *b)

@@ -1,35 +1,47 @@
-"""The long-tailed training split and the balanced validation split drawn from one training set."""
+"""The long-tailed training split, the balanced validation split and the carved sets of one training set.
+
+The training counts are the papers' standard ones, n_i = floor(n_max · IF^(-i/(C-1))) with the dataset's
+own n_max (500 for CIFAR-100, 5000 for CIFAR-10), so a CIFAR-100-LT IF 100 train set is the 500 … 5 of
+the references. The validation images (and any set a method carves, such as MetaSAug's meta set) come
+from the images each class's profile leaves out; only a class that cannot spare them (the head class,
+which keeps every image in the references) gives up training images, and :class:`SplitIndices` says
+which classes did.
+"""
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from ltstudy.data.profile import lt_counts, profile_ratios
+from ltstudy.data.profile import lt_counts
 from ltstudy.errors import ConfigError, DataError
 
+#: Bump when the same settings start to select other images. It is part of every feature-cache key and
+#: of every checkpoint, so a backbone's features are never rebuilt on a split it was not trained on.
+#: 1: n_max shrunk to what every class could supply after validation; 2: the standard counts.
+SPLIT_VERSION = 2
 
-def largest_n_max(available: list[int], num_classes: int, imbalance: float, profile: str) -> int:
-    """Largest head count such that every class can supply its profile count.
 
-    Args:
-        available: Images each class has left after the validation set is taken out.
-        num_classes: Number of classes C.
-        imbalance: Imbalance factor.
-        profile: ``"exp"`` or ``"step"``.
+@dataclass(frozen=True)
+class SplitIndices:
+    """Indices of one long-tailed split into the source training set, and how it was drawn.
 
-    Returns:
-        ``min_c floor(available_c / r_c)``, capped by the largest pool.
+    Attributes:
+        train: Sorted indices of the long-tailed training images.
+        val: Sorted indices of the balanced validation images.
+        carved: Sorted indices of each carved set, by name.
+        n_max: The head count of the profile.
+        target: The standard count n_i of each class.
+        held: Images per class that validation and the carved sets take, by set name (``"val"`` first).
     """
-    ratios = profile_ratios(num_classes, imbalance, profile)
-    n_max = min(min(math.floor(a / r + 1e-9) for a, r in zip(available, ratios, strict=True)), max(available))
-    # Guard against float rounding: step down until every class fits.
-    while n_max > 0 and any(
-        n > a for n, a in zip(lt_counts(n_max, num_classes, imbalance, profile), available, strict=True)
-    ):
-        n_max -= 1
-    return n_max
+
+    train: np.ndarray
+    val: np.ndarray
+    carved: dict[str, np.ndarray]
+    n_max: int
+    target: list[int]
+    held: dict[str, int] = field(default_factory=dict)
 
 
 def make_lt_splits(
@@ -40,14 +52,16 @@ def make_lt_splits(
     val_per_class: int = 20,
     seed: int = 0,
     carved: dict[str, int] | None = None,
-) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    n_max: int | None = None,
+) -> SplitIndices:
     """Split a balanced training set into a long-tailed train split, a balanced val split and carved sets.
 
-    Each class's indices are shuffled with ``np.random.default_rng(seed)``; the first
-    ``val_per_class`` form the validation set, the next ones the ``carved`` sets (``{name: per class}``,
-    in name order, e.g. MetaSAug's meta set), and the LT training images come from the rest. The head
-    count n_max is the largest the pools allow: with the official CIFAR-10 (5000/class) and 20
-    validation images per class it is 4980.
+    Each class's indices are shuffled with ``np.random.default_rng(seed)``. The first ``val_per_class``
+    form the validation set; the next n'_i = min(n_i, a_i - val_per_class - carved) the training set,
+    where n_i is the standard count and a_i the images the class has; the ``carved`` sets
+    (``{name: per class}``, in name order) follow. A class that can spare its held-out images keeps
+    exactly n_i, and its training images are the same with or without carved sets; one that cannot
+    (with CIFAR-100 and 20 per class: only the head class, 480 instead of 500) keeps what is left.
 
     Args:
         labels: Integer labels of the source training set, shape (N,).
@@ -57,9 +71,11 @@ def make_lt_splits(
         val_per_class: Validation images per class (>= 0).
         seed: Seed of the split.
         carved: Extra balanced sets, images per class by name.
+        n_max: Head count of the profile; default: the images of class 0 (the head class; the class index
+            is the frequency rank in every CIFAR-LT reference).
 
     Returns:
-        ``(train_idx, val_idx, carved_idx)``: sorted, disjoint int64 indices into ``labels``.
+        The split and how it was drawn.
     """
     labels = np.asarray(labels)
     carved = dict(sorted((carved or {}).items()))
@@ -69,27 +85,32 @@ def make_lt_splits(
         raise DataError(f"labels must lie in [0, {num_classes}), found {labels.min()}..{labels.max()}")
     held = val_per_class + sum(carved.values())
     rng = np.random.default_rng(seed)
-    pools, val = [], []
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in carved}
-    for c in range(num_classes):
-        idx = rng.permutation(np.flatnonzero(labels == c))
+    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+    for c, idx in enumerate(pools):
         if idx.size < held + 1:
             extra = "".join(f" + {n} {name}" for name, n in carved.items())
             raise DataError(
                 f"class {c} has {idx.size} training images; need at least {held + 1} "
                 f"({val_per_class} for validation{extra} plus one for training)"
             )
+    head = int(pools[0].size) if n_max is None else int(n_max)
+    target = lt_counts(head, num_classes, imbalance, profile)
+    if min(target) < 1:
+        raise ConfigError(f"IF {imbalance:g} leaves class {target.index(0)} no training image at n_max {head}; "
+                          f"the tail count floor(n_max / IF) must be at least 1")
+    train, val = [], []
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in carved}
+    for idx, n in zip(pools, target, strict=True):
+        keep = min(n, idx.size - held)
         val.append(idx[:val_per_class])
-        start = val_per_class
-        for name, n in carved.items():
-            parts[name].append(idx[start:start + n])
-            start += n
-        pools.append(idx[start:])
-    n_max = largest_n_max([p.size for p in pools], num_classes, imbalance, profile)
-    counts = lt_counts(n_max, num_classes, imbalance, profile)
-    train = [p[:n] for p, n in zip(pools, counts, strict=True)]
+        train.append(idx[val_per_class:val_per_class + keep])
+        start = val_per_class + keep
+        for name, k in carved.items():
+            parts[name].append(idx[start:start + k])
+            start += k
 
     def joined(chunks: list[np.ndarray]) -> np.ndarray:
         return np.sort(np.concatenate(chunks)).astype(np.int64)
 
-    return joined(train), joined(val), {name: joined(chunks) for name, chunks in parts.items()}
+    return SplitIndices(joined(train), joined(val), {name: joined(chunks) for name, chunks in parts.items()},
+                        head, target, {"val": val_per_class, **carved})

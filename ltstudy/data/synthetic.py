@@ -32,8 +32,9 @@ def make_synthetic(
 
     Each class is a fixed random low-frequency colour pattern (a 4x4 colour grid upsampled
     bilinearly); every image adds Gaussian noise. A balanced pool of ``n_max + val_per_class`` (+ the
-    carved sets) images per class is split exactly like CIFAR (:func:`make_lt_splits`), so the
-    training counts are ``lt_counts(n_max, num_classes, imbalance, profile)``.
+    carved sets) images per class is split exactly like CIFAR (:func:`make_lt_splits`) with head count
+    ``n_max``, so every class can spare its held-out images and the training counts are
+    ``lt_counts(n_max, num_classes, imbalance, profile)``.
 
     Args:
         num_classes: Number of classes.
@@ -67,4 +68,5 @@ def make_synthetic(
         mean=mean,
         std=std,
         carved=carved,
+        n_max=n_max,
     )

@@ -37,7 +37,7 @@ from ltstudy.config import (
     load_data,
     resolve_config,
 )
-from ltstudy.data import AugmentSpec, LTData, make_loader
+from ltstudy.data import SPLIT_VERSION, AugmentSpec, LTData, make_loader
 from ltstudy.data.augment import apply as augment_batch
 from ltstudy.data.augment import normalize
 from ltstudy.errors import ConfigError, DataError
@@ -88,6 +88,11 @@ def load_backbone_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DataError(f"{path} is not a PyTorch checkpoint ({first.strip()[:200]})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise DataError(f"{path} is not an ltstudy checkpoint (needs 'model' and 'config')")
+    version = int(state.get("split_version", 1))
+    if version != SPLIT_VERSION:
+        raise ConfigError(f"backbone {path} was trained on ltstudy's split version {version}; this ltstudy "
+                          f"draws version {SPLIT_VERSION} (the standard long-tailed counts), so the training "
+                          "split rebuilt from its config is not the one it saw: retrain the backbone")
     state["path"] = str(path.resolve())
     return state
 
@@ -115,7 +120,8 @@ def key_fields(checkpoint_sha256: str, cfg: TrialConfig, fmaps: bool, augmented_
                augment: AugmentSpec | None) -> dict[str, Any]:
     t = cfg.train
     fields: dict[str, Any] = {"checkpoint_sha256": checkpoint_sha256, "model": t.model,
-                              "fmaps": bool(fmaps), "augmented_views": int(augmented_views)}
+                              "fmaps": bool(fmaps), "augmented_views": int(augmented_views),
+                              "split_version": SPLIT_VERSION}
     for name in DATA_KEYS:
         value = getattr(t, name)
         fields[name] = _list_digest(value) if name.endswith("_list") else value
@@ -127,7 +133,7 @@ def key_fields(checkpoint_sha256: str, cfg: TrialConfig, fmaps: bool, augmented_
 
 
 def _augment_spec(t: TrainConfig) -> AugmentSpec:
-    return AugmentSpec(crop_padding=t.crop_padding, flip=t.flip, cutout=t.cutout, autoaugment=t.autoaugment)
+    return AugmentSpec.of(t)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ltstudy.methods.image import ImageMethod
+from ltstudy.methods.image import ImageMethod, baseline_recipes
 from ltstudy.methods.registry import Params, register
 
 
@@ -31,6 +31,8 @@ class BalancedSoftmax(ImageMethod):
     name = "balanced_softmax"
     summary = "Balanced Softmax: cross-entropy on logits + tau * log n_c"
     Params = BalancedSoftmaxParams
+    recipes = baseline_recipes(note="tau 1 is the published loss (jiawei-ren/BalancedMetaSoftmax-Classification "
+                                    "README); ltstudy trains every baseline on the same recipe")
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return balanced_softmax_loss(logits, y, self.ctx.class_counts, self.p.tau)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ltstudy.data.samplers import sample_weights
 from ltstudy.methods.feature import FeatureMethod, FeatureSet, minibatches
-from ltstudy.methods.registry import Params, register
+from ltstudy.methods.registry import Params, Recipe, register
 from ltstudy.models import build_head
 
 
@@ -31,13 +31,20 @@ class CEClassifierParams(Params):
     reinit: bool = Field(True, description="re-initialise the head (cRT); False fine-tunes the backbone's")
 
 
+_RECIPE = {"epochs": 10, "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 512,
+           "optimizer": "sgd", "schedule": "cosine", "warmup_epochs": 0, "sampler": "instance", "reinit": True}
+_SOURCE = ("cRT on ImageNet-LT (facebookresearch/classifier-balancing config/ImageNet_LT/cls_crt.yaml): a "
+           "re-initialised classifier, SGD lr 0.2 momentum 0.9 wd 5e-4, batch 512, 10 epochs, cosine; ltstudy "
+           "keeps instance sampling as the plain-CE reference row (cRT proper: sampler=class_balanced; the "
+           "reference draws 4 images per class)")
+
+
 @register
 class CEClassifier(FeatureMethod):
     name = "ce_classifier"
     summary = "cross-entropy classifier retrained on cached backbone features (cRT-style)"
     Params = CEClassifierParams
-    train_defaults = {"epochs": 10, "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 512,
-                      "schedule": "cosine", "warmup_epochs": 0}
+    recipes = {family: Recipe(_RECIPE, _SOURCE) for family in ("cifar10", "cifar100", "imagenet")}
 
     def prepare(self, feats: FeatureSet) -> None:
         super().prepare(feats)

@@ -26,6 +26,9 @@ Where ltstudy differs from the reference, and why:
 * The regular classifier's Balanced-Softmax prior counts all training labels, as in the reference; the
   CAC's counts only its routed samples (absent classes: log 1e-6), as in the reference.
 * Lin_x is freshly initialised (the CE config has no ``backbone_weight_path``).
+* **A diverged flow fails the trial.** When the flow's loss or its log-likelihood becomes non-finite, the
+  trial stops with ``NonFiniteLossError`` (a FAILED study trial, as for a non-finite training loss)
+  instead of routing nothing (a NaN quantile) and quietly training Balanced Softmax alone.
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ltstudy.errors import NonFiniteLossError
 from ltstudy.methods.balanced_softmax import balanced_softmax_loss
 from ltstudy.methods.feature import FeatureMethod, FeatureSet, minibatches
-from ltstudy.methods.registry import Params, register
+from ltstudy.methods.registry import Params, Recipe, register
 from ltstudy.runtime import optimizer_step
 
 LOG_2PI = math.log(2 * math.pi)
@@ -169,13 +173,26 @@ class DLSAParams(Params):
     classifier_loss: Literal["bsm", "ce"] = Field("bsm", description="Balanced Softmax or plain CE")
 
 
+_RECIPE = {"epochs": 150, "lr": 1e-2, "momentum": 0.0, "weight_decay": 0.0, "batch_size": 128,
+           "optimizer": "sgd", "schedule": "constant", "warmup_epochs": 0, "max_depth": 1, "num_cluster": 500,
+           "flow_lr": 0.2, "flow_epochs": 50, "flow_batch_size": 1024, "weight_q": 2.0, "lambda_lh": 2.0,
+           "lambda_balance": 1.0, "lambda_purity": 0.02, "posterior_momentum": 0.7, "llh_proportion": 0.3,
+           "classifier_loss": "bsm"}
+_SOURCE = ("max_depth 1, 500 clusters, flow SGD lr 0.2 for 50 epochs (batch 1024), weight_q 2, lambda_lh 2, "
+           "lambda_balance 1, lambda_purity 0.02, posterior momentum 0.7, llh_proportion 0.3; Balanced-Softmax "
+           "classifiers, SGD lr 0.01 momentum 0, batch 128, 150 epochs")
+
+
 @register
 class DLSA(FeatureMethod):
     name = "dlsa"
     summary = "DLSA: FlowGMM likelihood routing to cluster-aided Balanced-Softmax classifiers"
     Params = DLSAParams
-    train_defaults = {"epochs": 150, "lr": 1e-2, "momentum": 0.0, "weight_decay": 0.0, "batch_size": 128,
-                      "schedule": "constant", "warmup_epochs": 0}
+    recipes = {
+        "cifar10": Recipe(_RECIPE, "no CIFAR config in silicx/DLSA; its ImageNet-LT CE-feature one: " + _SOURCE),
+        "cifar100": Recipe(_RECIPE, "no CIFAR config in silicx/DLSA; its ImageNet-LT CE-feature one: " + _SOURCE),
+        "imagenet": Recipe(_RECIPE, "silicx/DLSA config/ImgNet_CE_R50_bsm.yaml: " + _SOURCE),
+    }
 
     # -- flow ------------------------------------------------------------------------------------
     def flow_losses(self, flow: FlowGMM, xp: torch.Tensor, xn: torch.Tensor, wp: torch.Tensor,
@@ -212,13 +229,17 @@ class DLSA(FeatureMethod):
         state = {"t": 0, "ema": torch.zeros(k, device=dev)}
         bs = min(p.flow_batch_size, len(x))
         best, best_score = None, None
-        for _ in range(p.flow_epochs):
+        for epoch in range(p.flow_epochs):
             flow.train()
+            total = torch.zeros((), device=dev)
             for _step in range(max(len(x) // bs, 1)):
                 pos = torch.randint(len(classes), (bs,), device=dev)
                 neg = (pos + torch.randint(1, max(len(classes), 2), (bs,), device=dev)) % len(classes)
                 pick = lambda cl: order[starts[cl] + (torch.rand(bs, device=dev) * n[cl]).long()]  # noqa: E731
-                optimizer_step(opt, self.flow_losses(flow, x[pick(pos)], x[pick(neg)], w[pos], state))
+                total += optimizer_step(opt, self.flow_losses(flow, x[pick(pos)], x[pick(neg)], w[pos], state))
+            if not bool(torch.isfinite(total)):
+                raise NonFiniteLossError(f"DLSA's flow diverged: its loss is {total.item()} in flow epoch "
+                                         f"{epoch + 1} (flow_lr {p.flow_lr}); lower flow_lr")
             score = self._cluster_score(flow, x, y, k)
             if best_score is None or score > best_score:
                 best_score = score
@@ -253,6 +274,12 @@ class DLSA(FeatureMethod):
             self.flows.append(flow)
             with torch.no_grad():
                 llh = {s: flow.log_prob(v) for s, v in xs.items()}
+            for split, value in llh.items():
+                if not bool(torch.isfinite(value).all()):
+                    raise NonFiniteLossError(f"DLSA's flow at depth {depth + 1} gives a non-finite "
+                                             f"log-likelihood on {split} samples; lower flow_lr "
+                                             f"({self.p.flow_lr})")
+            with torch.no_grad():
                 assign_all = flow.cluster_logits(feats.train_x).argmax(1)
                 k = len(flow.means)
                 hist = torch.zeros(k, c, device=dev).index_put_(

@@ -2,8 +2,8 @@
 
 No official code exists; the closest reference is the unofficial SSRSGJYD/Feature-Space-Augmentation-
 for-Long-Tailed-Data @ 941b484 (``phase_iii_online_train_or_test.py``, ``datasets/finetune_dataset.py``,
-``utils/phase_ii_util.py``). Defaults are its CIFAR configs: ts 0.8, tg 0.2, Na = Nf = 3, SGD momentum
-0.9, lr 1e-3 constant, 40 epochs, batch 128, head ratio 0.9.
+``utils/phase_ii_util.py``). Recipes are its configs (``ltstudy methods --dataset``): CIFAR ts 0.8, tg 0.2,
+Na = Nf = 3, SGD momentum 0.9, lr 5e-4 constant, 40 epochs, batch 128; ImageNet-LT Na = 15, AdamW lr 1e-5.
 
 Per step, for a batch of tail-class training samples: Grad-CAM of the tail map for its own label gives
 the class-specific part ``A_t ⊙ 1[M_t > ts]``; Grad-CAM of one sample from each of its Nf confusing
@@ -27,15 +27,17 @@ Where ltstudy differs from the reference, and why:
 * **Cached maps, eval transform.** Maps come from the feature cache (the backbone is frozen in the
   reference too), computed with the eval transform; the reference re-runs the backbone on augmented
   images each step. The confusion matrix is likewise computed on eval-transform train features.
-* Head classes: the most frequent classes up to ``head_ratio`` of the training samples (the smallest
-  such prefix); at least one class stays tail. Needs a backbone with a linear head.
+* Head classes as the reference picks them, one rule per dataset (``head_rule``): CIFAR-10-LT the 7 most
+  frequent classes (0-6; 272 tail images at IF 100), CIFAR-100-LT the most frequent classes while their
+  share stays within 0.9, ImageNet-LT until it reaches 0.9; at least one class stays tail. Needs a
+  backbone with a linear head.
 * **Selection.** No best-on-test checkpoint: val every epoch, test once at the end.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +46,7 @@ from torch import nn
 
 from ltstudy.errors import ConfigError
 from ltstudy.methods.feature import FeatureMethod, FeatureSet, minibatches
-from ltstudy.methods.registry import Params, register
+from ltstudy.methods.registry import Params, Recipe, register
 
 
 def grad_cam(maps: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -65,11 +67,24 @@ def fuse(tail_maps: torch.Tensor, tail_cam: torch.Tensor, gen_maps: torch.Tensor
     return r * specific + (1 - r) * generic
 
 
-def head_classes(class_counts: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Boolean mask of head classes: the most frequent classes covering ``ratio`` of the samples."""
+def head_classes(class_counts: torch.Tensor, ratio: float, rule: str = "reach", count: int = 7) -> torch.Tensor:
+    """Boolean mask of the head classes, the most frequent ones (ties: lower class index first).
+
+    The reference has one rule per dataset: ``"reach"`` (ImageNet-LT): the smallest prefix whose share of
+    the training samples reaches ``ratio``; ``"within"`` (CIFAR-100-LT): the longest prefix whose share
+    stays within ``ratio`` (at least one class); ``"count"`` (CIFAR-10-LT): the ``count`` most frequent
+    classes (7). At least one class stays tail.
+    """
     order = torch.argsort(class_counts, descending=True, stable=True)
     cum = torch.cumsum(class_counts[order].double(), 0) / class_counts.sum()
-    n_head = int((cum < ratio).sum()) + 1
+    if rule == "reach":
+        n_head = int((cum < ratio - 1e-12).sum()) + 1
+    elif rule == "within":
+        n_head = int((cum <= ratio + 1e-12).sum())
+    elif rule == "count":
+        n_head = count
+    else:
+        raise ValueError(f"unknown head rule {rule!r}")
     n_head = min(max(n_head, 1), len(class_counts) - 1)
     mask = torch.zeros(len(class_counts), dtype=torch.bool, device=class_counts.device)
     mask[order[:n_head]] = True
@@ -86,11 +101,22 @@ def confusing_classes(scores: torch.Tensor, head: torch.Tensor, k: int) -> torch
     return top.repeat(1, -(-k // k_eff))[:, :k]  # fewer head classes than k: cycle through them
 
 
+_CIFAR = {"epochs": 40, "optimizer": "sgd", "lr": 5e-4, "momentum": 0.9, "weight_decay": 0.0, "batch_size": 128,
+          "schedule": "constant", "warmup_epochs": 0, "ts": 0.8, "tg": 0.2, "num_fused": 3, "head_ratio": 0.9}
+_CIFAR_SOURCE = "SGD lr 5e-4 momentum 0.9 (no weight decay), batch 128, 40 epochs, constant lr, Na = Nf = 3, ts 0.8, tg 0.2"
+
+
 class FSAParams(Params):
     ts: float = Field(0.8, ge=0.0, le=1.0, description="CAM threshold of the class-specific (tail) part")
     tg: float = Field(0.2, ge=0.0, le=1.0, description="CAM threshold of the class-generic (confusing) part")
     num_fused: int = Field(3, ge=1, description="Na = Nf: fused maps per tail sample / confusing classes")
-    head_ratio: float = Field(0.9, gt=0.0, lt=1.0, description="cumulative share of samples in head classes")
+    head_ratio: float = Field(0.9, gt=0.0, lt=1.0, description="cumulative share of samples in head classes "
+                                                              "(head_rule reach / within)")
+    head_rule: Literal["reach", "within", "count"] = Field(
+        "reach", description="head classes: the most frequent until their share reaches head_ratio "
+                             "(reference ImageNet-LT), while it stays within it (CIFAR-100-LT), or head_count "
+                             "classes (CIFAR-10-LT)")
+    head_count: int = Field(7, ge=1, description="number of head classes (head_rule count; reference CIFAR-10: 7)")
 
 
 @register
@@ -98,8 +124,22 @@ class FSA(FeatureMethod):
     name = "fsa"
     summary = "FSA: Grad-CAM decomposition + fusion of tail/confusing-class feature maps, fc fine-tuning"
     Params = FSAParams
-    train_defaults = {"epochs": 40, "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0, "batch_size": 128,
-                      "schedule": "constant", "warmup_epochs": 0}
+    recipes = {
+        "cifar10": Recipe({**_CIFAR, "head_rule": "count", "head_count": 7},
+                          "SSRSGJYD/Feature-Space-Augmentation-for-Long-Tailed-Data configs/phase_iii/"
+                          "cifar10-LT_resnet32.yaml: " + _CIFAR_SOURCE + "; head classes 0-6 (datasets/cifar_lt.py)"),
+        "cifar100": Recipe({**_CIFAR, "head_rule": "within", "head_ratio": 0.9},
+                           "no CIFAR-100 config in the unofficial FSA code; its CIFAR-10 ResNet-32 one: "
+                           + _CIFAR_SOURCE + "; head classes while their share stays within 0.9 "
+                           "(datasets/cifar_lt.py Cifar100LTDataset)"),
+        "imagenet": Recipe(
+            {"epochs": 10, "optimizer": "adamw", "lr": 1e-5, "weight_decay": 0.01, "adam_eps": 6e-7,
+             "batch_size": 128, "schedule": "constant", "warmup_epochs": 0, "ts": 0.8, "tg": 0.2,
+             "num_fused": 15, "head_rule": "reach", "head_ratio": 0.9},
+            "SSRSGJYD/Feature-Space-Augmentation-for-Long-Tailed-Data configs/phase_iii/imageNet-LT.yaml: AdamW "
+            "lr 1e-5 wd 0.01 eps 6e-7, batch 128, 10 epochs, constant lr, Na = Nf = 15, ts 0.8, tg 0.2; head "
+            "classes until their share reaches 0.9 (datasets/imagenet_lt.py)"),
+    }
 
     @classmethod
     def extract_options(cls, params: Any) -> dict[str, Any]:
@@ -119,7 +159,7 @@ class FSA(FeatureMethod):
         c = feats.num_classes
         sums = torch.zeros(c, c, device=dev).index_add_(0, feats.train_y, probs)
         self.scores = sums / feats.class_counts.clamp_min(1)[:, None].to(sums.dtype)
-        self.is_head = head_classes(feats.class_counts, self.p.head_ratio)
+        self.is_head = head_classes(feats.class_counts, self.p.head_ratio, self.p.head_rule, self.p.head_count)
         self.confusing = confusing_classes(self.scores, self.is_head, self.p.num_fused)  # (C, Na)
         y = feats.train_y
         self.tail_idx = (~self.is_head[y]).nonzero().flatten()

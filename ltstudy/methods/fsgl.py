@@ -29,26 +29,33 @@ Where ltstudy differs from the reference, and why:
   cut image with the sampled λ even when the box is clipped. φ (FSM) uses the same corrected λ.
 * **SAM's ascent step uses the full loss** (L_cls + contrast_weight · L_con). The reference's first
   pass omits the contrast term, so it perturbs towards a different objective than the one it
-  descends; ltstudy perturbs and descends on the same loss.
+  descends; and the released ``sam.py`` cannot have run as shipped (its first step raises
+  ``KeyError: 'old_p'``), so a working SAM is a necessary fix. ltstudy perturbs and descends on the same
+  loss.
 * ``mix_alpha`` is a real hyperparameter (published value 1.0, hard-coded in the reference); the
   reference's ``--beta`` flag is parsed but unused and is not reproduced.
-* The two mixed batches (MixUp and CutMix) go through **one** forward pass, concatenated, so BN sees
-  2B images per step (as in GLMC's trainer) and the DDP-wrapped forward computes the whole loss.
+* As in the reference, the MixUp and the CutMix batch take **two forwards** (BatchNorm normalises each
+  with its own statistics), inside one call of the model so that the DDP-wrapped forward computes the
+  whole loss; the CutMix box side is ⌈H√(1-λ)⌉ (ceil, GLMC's ``rand_bbox``).
 * Under a float16 ``GradScaler`` (GPUs without bf16) the SAM step runs in float32 without the scaler:
   SAM needs the true gradient norm before the second pass, and an extra unscale/inf-check round would
   double the bookkeeping for a rare setting. bf16 autocast and CPU are unaffected.
 * BN running statistics are updated by both SAM forward passes, as in the reference.
 * The loss reported per step is the first-pass loss (at w, before the perturbation).
-* Only in-memory datasets (CIFAR-LT, synthetic) are supported: the two-view loader augments on the
-  device. File-list data (ImageNet-LT) raises ``ConfigError``.
-* ``model`` selects the backbone (published: ``resnet34_cifar``; ``resnet32`` for fast studies); the
-  heads are sized from its feature dimension.
+* File lists (ImageNet-LT): each image is decoded once and augmented twice by the loader's workers (the
+  reference's ``TwoCropTransform``), with the MoCo-v2 pipeline of the recipe (``color_augment``); the
+  reference picks that pipeline or a RandAugment one by a coin flip when it starts, ltstudy always the
+  former. Its lr schedule (10 warm-up epochs, then cosine) runs warm-up epoch e at (e+1)/10 of the base
+  lr; the reference, stepping at the end of each epoch, runs epoch 0 at the full lr and epoch 10 at 1.1x.
+* ``model`` selects the backbone (published: ``resnet34_cifar`` on CIFAR, ``resnext50_32x4d`` on
+  ImageNet-LT; ``resnet32`` for fast studies); the heads are sized from its feature dimension (projection
+  width min(D/2, 256), as in both references).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,12 +63,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ltstudy.data.augment import AugmentSpec, apply, normalize
-from ltstudy.data.loader import derive_seed, global_batches, per_rank_batch, shard
-from ltstudy.data.samplers import epoch_order, sample_weights
-from ltstudy.errors import ConfigError
+from ltstudy.data.loader import LockstepLoader, derive_seed
 from ltstudy.methods.image import ImageMethod
-from ltstudy.methods.registry import MethodContext, Params, register
+from ltstudy.methods.registry import MethodContext, Params, Recipe, register
 from ltstudy.models import Classifier, build_backbone
 from ltstudy.runtime import Amp, optimizer_step
 
@@ -93,9 +97,10 @@ def label_weights(class_counts: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def cutmix_box(height: int, width: int, lam: float, cy: int, cx: int) -> tuple[int, int, int, int]:
-    """The CutMix box (y0, y1, x0, x1) of side ⌊H√(1-λ)⌋ x ⌊W√(1-λ)⌋ centred at (cy, cx), clipped."""
+    """The CutMix box (y0, y1, x0, x1) around (cy, cx), clipped: as GLMC's ``rand_bbox``, the side is
+    ⌈H√(1-λ)⌉ (ceil) and the box spans centre ± side // 2."""
     rat = math.sqrt(max(1.0 - lam, 0.0))
-    ch, cw = int(height * rat), int(width * rat)
+    ch, cw = math.ceil(height * rat), math.ceil(width * rat)
     y0, y1 = min(max(cy - ch // 2, 0), height), min(max(cy + ch // 2, 0), height)
     x0, x1 = min(max(cx - cw // 2, 0), width), min(max(cx + cw // 2, 0), width)
     return y0, y1, x0, x1
@@ -162,103 +167,31 @@ def sam_step(params: list[torch.Tensor], closure: Callable[[], torch.Tensor],
 class FSGLNet(Classifier):
     """Backbone + four heads; ``head`` is the rebalanced classifier (the reference's ``fc_cb``).
 
-    ``forward(x)`` gives test-time logits ``head(f)``; ``forward(x, phi)`` scales the pooled feature
-    by ``phi`` (B,) and returns ``(fc, head, projection, contrast)`` outputs.
+    ``forward(x)`` gives test-time logits ``head(f)``. ``forward(xs, phis)`` with sequences of batches and
+    their FSM factors (B,) runs each batch through the network on its own, as the reference's two forwards
+    do (so BatchNorm normalises the MixUp and the CutMix batch separately), and returns one
+    ``(fc, head, projection, contrast)`` tuple per batch. One call is one DDP forward however many batches
+    it holds.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int) -> None:
         dim = int(backbone.feature_dim)
         super().__init__(backbone, nn.Linear(dim, num_classes))
-        hidden = max(dim // 2, 1)
+        hidden = max(min(dim // 2, 256), 1)  # 256 for ResNet-34 / ResNeXt-50, as in both references
         self.fc = nn.Linear(dim, num_classes)
         self.projection = nn.Linear(dim, hidden)
         self.contrast = nn.Linear(hidden, hidden)
 
-    def forward(self, x: torch.Tensor, phi: torch.Tensor | None = None) -> Any:
+    def _heads(self, x: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, ...]:
         f = self.backbone(x)
-        if phi is None:
-            return self.head(f)
         f = f * phi.to(f.dtype).unsqueeze(1)
         h = self.projection(f)
         return self.fc(f), self.head(f), h, self.contrast(h)
 
-
-# ----------------------------------------------------------------------------------------------
-# Two-view, two-sampler loader
-# ----------------------------------------------------------------------------------------------
-
-
-class PairedTwoViewLoader:
-    """Lockstep "org" and "invs" batches, each image augmented twice, all on the device.
-
-    Yields ``(x_org_v1, x_org_v2, y_org, x_inv_v1, x_inv_v2, y_inv)``. The org order is the trainer
-    sampler's (a permutation for ``instance``); the invs order is N weighted draws with replacement
-    (weights n_y^-q). Both are functions of (seed, epoch) only; under data parallelism every rank
-    augments the global batch with the shared generator and keeps its shard, like ``TensorLoader``.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_counts: torch.Tensor, *,
-                 batch_size: int, device: torch.device, mean: Any, std: Any, augment: AugmentSpec | None,
-                 org_weights: torch.Tensor | None, q: float, seed: int, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False) -> None:
-        self.per_rank = per_rank_batch(batch_size, rank, world_size)
-        self.device = torch.device(device)
-        self.images = images.to(self.device)
-        self.labels = labels.to(torch.int64).to(self.device)
-        self.n, self.batch_size = len(labels), batch_size
-        self.org_weights = org_weights
-        counts = torch.as_tensor(class_counts, dtype=torch.float64).cpu().clamp_min(1)
-        self.inv_weights = sample_weights(labels.cpu(), counts, "power", q)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
-        self.augment = augment
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.channels_last = channels_last
-        self.epoch: int | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.n, self.batch_size)
-        return full + int(rest >= self.world_size)
-
-    @property
-    def num_samples(self) -> int:
-        return self.n
-
-    def _views(self, idx: torch.Tensor, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        raw = self.images[idx]
-        if self.augment is None:
-            x = normalize(raw, self.mean, self.std)
-            return x, x.clone()
-        return (apply(self.augment, raw, self.mean, self.std, gen),
-                apply(self.augment, raw, self.mean, self.std, gen))
-
-    def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            x = shard(x, self.rank, self.world_size)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        if self.epoch is None:
-            raise RuntimeError("call set_epoch(epoch) before iterating a training loader")
-        org = epoch_order(self.n, self.org_weights,
-                          torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 0)))
-        inv = epoch_order(self.n, self.inv_weights,
-                          torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 3)))
-        gen = None
-        if self.augment is not None:
-            gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, self.epoch, 1))
-        for b_org, b_inv in zip(global_batches(org, self.batch_size, self.world_size, False),
-                                global_batches(inv, self.batch_size, self.world_size, False), strict=True):
-            b_org, b_inv = b_org.to(self.device), b_inv.to(self.device)
-            o1, o2 = self._views(b_org, gen)
-            i1, i2 = self._views(b_inv, gen)
-            y_o, y_i = self.labels[b_org], self.labels[b_inv]
-            if self.world_size > 1:
-                y_o, y_i = shard(y_o, self.rank, self.world_size), shard(y_i, self.rank, self.world_size)
-            yield self._finish(o1), self._finish(o2), y_o, self._finish(i1), self._finish(i2), y_i
+    def forward(self, x: Any, phi: Any = None) -> Any:
+        if phi is None:
+            return self.head(self.backbone(x))
+        return [self._heads(xi, pi) for xi, pi in zip(x, phi, strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,9 +199,18 @@ class PairedTwoViewLoader:
 # ----------------------------------------------------------------------------------------------
 
 
+#: the CIFAR commands of the FSGL README (IF 50; the same flags at IF 100)
+_CIFAR = {"model": "resnet34_cifar", "lr": 0.01, "weight_decay": 5e-3, "batch_size": 64, "epochs": 200,
+          "momentum": 0.9, "optimizer": "sgd", "schedule": "cosine", "warmup_epochs": 0, "rho": 0.05,
+          "contrast_weight": 4.0, "label_weighting": 1.2, "resample_weighting": 0.0, "mix_alpha": 1.0,
+          "cumulative_power": 2.0}
+_CIFAR_SOURCE = ("ResNet-34 (CIFAR stem), SGD lr 0.01 momentum 0.9 wd 5e-3, batch 64, 200 epochs, cosine, "
+                 "rho 0.05, contrast_weight 4, label_weighting 1.2, resample_weighting 0.0")
+
+
 class FSGLParams(Params):
-    fcc: float = Field(0.5, ge=0.0, description="FSM strength γ: head factor 1+γ, tail ≈ 1+γ/C "
-                                                "(0.5 = CIFAR-10 command; 1.0 CIFAR-100; 0 = GLMC)")
+    fcc: float = Field(0.5, ge=0.0, description="FSM strength γ: head factor 1+γ, tail ≈ 1+γ/C (published: "
+                                                "0.5 CIFAR-10, 1.0 CIFAR-100, 0.1 ImageNet-LT; 0 = GLMC)")
     rho: float = Field(0.05, description="SAM radius ρ; ρ ≤ 0 = plain optimiser step (GLMC)")
     contrast_weight: float = Field(4.0, ge=0.0, description="weight of the SimSiam consistency loss")
     label_weighting: float = Field(1.2, ge=0.0, description="τ of the rebalanced label weights n_k^-τ")
@@ -282,8 +224,21 @@ class FSGL(ImageMethod):
     name = "fsgl"
     summary = "GLMC two-branch global-local mixture + feature scaling module + SAM"
     Params = FSGLParams
-    train_defaults = {"model": "resnet34_cifar", "lr": 0.01, "weight_decay": 5e-3, "batch_size": 64,
-                      "epochs": 200, "schedule": "cosine", "warmup_epochs": 0, "momentum": 0.9}
+    recipes = {
+        "cifar10": Recipe({**_CIFAR, "fcc": 0.5}, "ZY-IMU-CV/FSGL README, CIFAR-10-LT command: " + _CIFAR_SOURCE
+                          + ", fcc 0.5"),
+        "cifar100": Recipe({**_CIFAR, "fcc": 1.0}, "ZY-IMU-CV/FSGL README, CIFAR-100-LT command: " + _CIFAR_SOURCE
+                           + ", fcc 1.0"),
+        "imagenet": Recipe(
+            {"model": "resnext50_32x4d", "lr": 0.1, "weight_decay": 2e-4, "batch_size": 120, "epochs": 135,
+             "momentum": 0.9, "optimizer": "sgd", "schedule": "cosine", "warmup_epochs": 10,
+             "color_augment": True, "fcc": 0.1, "rho": 0.05, "contrast_weight": 4.0, "label_weighting": 1.0,
+             "resample_weighting": 0.2, "mix_alpha": 1.0, "cumulative_power": 2.0},
+            "ZY-IMU-CV/FSGL README, ImageNet-LT command: ResNeXt-50, SGD lr 0.1 momentum 0.9 wd 2e-4, batch 120, "
+            "135 epochs, 10 warm-up epochs then cosine (Trainer.paco_adjust_learning_rate), MoCo-v2 augmentation, "
+            "fcc 0.1, rho 0.05, contrast_weight 4, label_weighting 1.0, resample_weighting 0.2 (run.sh differs: "
+            "200 epochs, batch 64, resample 0.0)"),
+    }
 
     def __init__(self, params: FSGLParams, ctx: MethodContext) -> None:
         super().__init__(params, ctx)
@@ -300,24 +255,19 @@ class FSGL(ImageMethod):
     def on_epoch_start(self, epoch: int) -> None:
         self.alpha_t = 1.0 - (epoch / self.ctx.epochs) ** self.p.cumulative_power
 
-    def train_loader(self, **kw: Any) -> PairedTwoViewLoader:
-        data = self.ctx.data
-        if data.train.images is None:
-            raise ConfigError("fsgl needs an in-memory dataset (cifar10-lt, cifar100-lt, synthetic); "
-                              "file-list data is not supported")
-        org_weights = sample_weights(data.train.labels, data.class_counts, kw.get("sampler", "instance"),
-                                     kw.get("sampler_q", 0.5))
-        return PairedTwoViewLoader(
-            data.train.images, data.train.labels, data.class_counts, batch_size=kw["batch_size"],
-            device=kw.get("device", self.ctx.device), mean=data.mean, std=data.std,
-            augment=kw.get("augment"), org_weights=org_weights, q=self.p.resample_weighting,
-            seed=kw.get("seed", self.ctx.train.seed if self.ctx.train is not None else 0),
-            rank=kw.get("rank", self.ctx.rank), world_size=kw.get("world_size", self.ctx.world_size),
-            channels_last=kw.get("channels_last", False),
-        )
+    def train_loader(self, **kw: Any) -> LockstepLoader:
+        """"org" (the trainer's sampler) and "invs" (n_y^-q draws with replacement) batches in lockstep,
+        every image augmented twice: ``(o1, o2, y_o, i1, i2, y_i)``, in memory or from file lists."""
+        assert self.ctx.make_loader is not None
+        kw = {**kw, "views": 2}
+        org = self.ctx.make_loader("train", **kw)
+        seed = kw.get("seed", self.ctx.train.seed if self.ctx.train is not None else 0)
+        inv = self.ctx.make_loader("train", **{**kw, "sampler": "power", "sampler_q": self.p.resample_weighting,
+                                               "seed": derive_seed(seed, 0, 3)})
+        return LockstepLoader(org, inv)
 
-    def mix(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """(x, φ, y, y^w) of the concatenated [MixUp; CutMix] batch, 2B rows."""
+    def mix(self, batch: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
+        """((x_mix, x_cut), (φ_mix, φ_cut), y, y^w); the labels are of [MixUp; CutMix], 2B rows."""
         o1, o2, y_o, i1, i2, y_i = batch
         c = self.ctx.num_classes
         lam = float(self._beta.sample())
@@ -332,11 +282,13 @@ class FSGL(ImageMethod):
         y = lams * e_a + (1 - lams) * e_b
         y_w = lams * self.label_w * e_a + (1 - lams) * self.label_w * e_b
         phi = y @ self.scales
-        return torch.cat([x_mix, x_cut]), phi, y, y_w
+        b = len(y_o)
+        return (x_mix, x_cut), (phi[:b], phi[b:]), y, y_w
 
-    def loss_from_outputs(self, outputs: tuple[torch.Tensor, ...], y: torch.Tensor,
+    def loss_from_outputs(self, outputs: list[tuple[torch.Tensor, ...]], y: torch.Tensor,
                           y_w: torch.Tensor) -> torch.Tensor:
-        z, z_cb, h, p = (o.float() for o in outputs)
+        """The FSGL loss from the MixUp and CutMix forwards' (fc, head, projection, contrast) outputs."""
+        z, z_cb, h, p = (torch.cat([mix.float(), cut.float()]) for mix, cut in zip(*outputs, strict=True))
         b = len(y) // 2
         l_bal = soft_ce(z[:b], y[:b]) + soft_ce(z[b:], y[b:])
         l_reb = soft_ce(z_cb[:b], y_w[:b]) + soft_ce(z_cb[b:], y_w[b:])

@@ -29,9 +29,33 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ltstudy.methods.registry import Method, Params
+from ltstudy.methods.registry import Method, Params, Recipe
 from ltstudy.models import build_model
 from ltstudy.runtime import Amp, optimizer_step
+
+#: The LDAM-DRW CIFAR recipe (kaidic/LDAM-DRW ``cifar_train.py``), the anchor of every CIFAR baseline row.
+LDAM_CIFAR = {"model": "resnet32", "epochs": 200, "batch_size": 128, "optimizer": "sgd", "lr": 0.1,
+              "momentum": 0.9, "weight_decay": 2e-4, "warmup_epochs": 5, "schedule": "step", "gamma": 0.01}
+LDAM_CIFAR_SOURCE = ("LDAM-DRW CIFAR recipe (kaidic/LDAM-DRW cifar_train.py): ResNet-32, SGD lr 0.1 momentum "
+                     "0.9 wd 2e-4, batch 128, 200 epochs, 5 warm-up epochs, lr x0.01 at epochs 160 and 180")
+#: The Decoupling joint-training recipe on ImageNet-LT (Kang et al., ICLR 2020;
+#: facebookresearch/classifier-balancing ``config/ImageNet_LT/feat_uniform.yaml``).
+DECOUPLING_IMAGENET = {"model": "resnext50_32x4d", "epochs": 90, "batch_size": 512, "optimizer": "sgd",
+                       "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 0,
+                       "schedule": "cosine"}
+DECOUPLING_SOURCE = ("Decoupling joint training on ImageNet-LT (facebookresearch/classifier-balancing "
+                     "config/ImageNet_LT/feat_uniform.yaml): ResNeXt-50, SGD lr 0.2 momentum 0.9 wd 5e-4, "
+                     "batch 512, 90 epochs, cosine to 0")
+
+
+def baseline_recipes(cifar: dict | None = None, imagenet: dict | None = None, note: str = "") -> dict[str, Recipe]:
+    """The baselines' recipes: LDAM-DRW's on CIFAR, Decoupling's joint training on ImageNet-LT-like data."""
+    tail = f"; {note}" if note else ""
+    return {
+        "cifar10": Recipe({**LDAM_CIFAR, **(cifar or {})}, LDAM_CIFAR_SOURCE + tail),
+        "cifar100": Recipe({**LDAM_CIFAR, **(cifar or {})}, LDAM_CIFAR_SOURCE + tail),
+        "imagenet": Recipe({**DECOUPLING_IMAGENET, **(imagenet or {})}, DECOUPLING_SOURCE + tail),
+    }
 
 
 class ImageMethod(Method):

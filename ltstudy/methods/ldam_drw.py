@@ -7,7 +7,10 @@
   normalised to sum to C.
 
 Differences from the reference: the DRW switch is a fraction of the budget rather than an epoch index,
-so short studies keep the published proportion.
+so short studies keep the published proportion. The step schedule's lr decays sit at the switch and
+halfway from it to the end (160 and 180 of 200, as in the reference) unless ``milestones`` is set, so a
+study that moves ``drw_start`` moves them with it. The reference has no ImageNet-LT recipe; on file lists
+ltstudy uses the Decoupling joint-training recipe (cosine lr) with the CIFAR DRW proportion.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ltstudy.methods.image import ImageMethod
+from ltstudy.methods.image import ImageMethod, baseline_recipes
 from ltstudy.methods.registry import MethodContext, Params, register
 
 
@@ -53,6 +56,12 @@ class LDAMDRW(ImageMethod):
     summary = "LDAM margins on a normalised classifier + deferred class-balanced re-weighting"
     Params = LDAMDRWParams
     head = "normed"
+    recipes = baseline_recipes(note="max_m 0.5, s 30, beta 0.9999, DRW from 160 of 200 epochs "
+                                    "(kaidic/LDAM-DRW losses.py, cifar_train.py)")
+
+    @classmethod
+    def lr_milestones(cls, params: LDAMDRWParams) -> tuple[float, ...]:
+        return (params.drw_start, (1.0 + params.drw_start) / 2)
 
     def __init__(self, params: LDAMDRWParams, ctx: MethodContext) -> None:
         super().__init__(params, ctx)

@@ -23,16 +23,18 @@ with no ISDA, no meta step and no estimator update: the estimator starts (at zer
 the reference.
 
 Meta set: ``num_meta`` images per class, declared by :meth:`MetaSAug.carved_sets` and carved by the data
-layer (seeded by ``seed``) from each class's training pool, after the validation images and before the
-long-tailed training images, as the reference takes its meta set out of the train pool first. The meta
-images are therefore in neither the training set nor the validation set that selects models.
+layer (seeded by ``seed``): in memory from the images each class's long-tailed profile leaves out, like the
+validation set (a class that cannot spare them, the head, gives up training images); from file lists out of
+the val list. The meta images are therefore in neither the training set nor the validation set that
+selects models.
 Meta images get the training augmentation (as in the reference); a meta batch is ``meta_batch``
 images drawn without replacement from the meta set (the whole set when it is smaller).
 
 Where ltstudy differs from the reference, and why:
 
-* The meta set is carved from the train pool like the validation set (the reference removes 10/class
-  from the CIFAR train pool and shrinks n_max to 4990/490); the head class gives up what it cannot spare.
+* The meta set comes from the images the profile leaves out, so the training split keeps the standard
+  counts (the reference removes 10/class from the CIFAR train pool first and shrinks n_max to 4990/490);
+  only the classes that cannot spare the meta images give up training images.
 * ``s`` (LDAM logit scale) is exposed; the reference effectively uses s = 1 (no scaling, unnormalised
   linear head). ltstudy's logits are s · (z + ½λ_t q - m_y e_y), equal to the reference at s = 1.
 * The CE variant (``loss: ce``) — absent from the reference's CIFAR code — is the same loss without
@@ -51,13 +53,25 @@ Where ltstudy differs from the reference, and why:
   The real loss is computed from the DDP-wrapped forward's (features, logits); the ISDA term also
   reads ``head.weight`` directly — the same parameter, whose gradients are summed into one
   AccumulateGrad before DDP's hook reduces it, so the update is still synchronised.
-* Only in-memory datasets are supported (the meta set is augmented on the device); file-list data
-  (the reference's ImageNet-LT recipe trains only the classifier on a frozen cRT backbone, a different
-  setting) raises ``ConfigError``.
+* BN under multi-GPU DDP: the trainer converts BatchNorm to SyncBatchNorm, whose backward has no
+  derivative of its own, so a second-order look-ahead through it fails. The look-ahead therefore runs on a
+  structural twin of the network with plain BatchNorm (same parameter and buffer names, fed the real
+  parameters by ``functional_call``): each rank's virtual step normalises with its own shard's statistics,
+  as its gradient is its own shard's anyway; the real update keeps SyncBatchNorm.
+* File lists and the ImageNet-LT recipe (``train_scope=classifier``): as in the reference's
+  ``ImageNet_iNat/train.py``, only the linear classifier of a frozen stage-1 network (``backbone=``, an
+  ltstudy checkpoint of the same data, e.g. a ``ce`` trial; its linear head is the starting classifier, as
+  the reference starts from cRT's) is trained, and only the classifier takes the virtual step; the
+  backbone stays in eval mode. The meta set is carved from the val list (the reference samples it from the
+  ImageNet-LT val split) and read with the eval transform, as the reference's ``phase="val"`` loader does;
+  its features are computed once, since the backbone is frozen. The reference draws the same first meta
+  batch every step (``next(iter(meta_loader))`` without ``set_epoch``); ltstudy draws a fresh random one.
+  With ``train_scope=all`` on file lists, meta images are decoded in the training process every step.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -67,12 +81,14 @@ from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
-from ltstudy.data.augment import AugmentSpec, apply
-from ltstudy.errors import ConfigError
+from ltstudy.data import SPLIT_VERSION
+from ltstudy.data.augment import AugmentSpec, apply, normalize
+from ltstudy.data.filelist import FileListDataset
+from ltstudy.errors import ConfigError, DataError
 from ltstudy.methods.image import ImageMethod
 from ltstudy.methods.ldam_drw import class_balanced_weights, ldam_margins
-from ltstudy.methods.registry import MethodContext, Params, register
-from ltstudy.models import Classifier, LinearHead, build_backbone
+from ltstudy.methods.registry import MethodContext, Params, Recipe, register
+from ltstudy.models import Classifier, LinearHead, build_backbone, plain_batchnorm
 from ltstudy.runtime import Amp, optimizer_step
 
 # ----------------------------------------------------------------------------------------------
@@ -214,12 +230,69 @@ def meta_step_covariance(module: nn.Module, x: torch.Tensor, y: torch.Tensor, co
 
 
 class MetaSAugNet(Classifier):
-    """Backbone + plain linear classifier; ``forward(x, with_features=True)`` returns (a, z)."""
+    """Backbone + plain linear classifier; ``forward(x, with_features=True)`` returns (a, z).
 
-    def forward(self, x: torch.Tensor, with_features: bool = False) -> Any:
-        f = self.backbone(x)
+    ``forward(f, from_features=True)`` skips the backbone (the classifier-only recipe computes the frozen
+    backbone's features once per step and sends only the classifier through DDP). A frozen backbone stays in
+    eval mode whatever mode the network is put in.
+    """
+
+    frozen_backbone = False
+
+    def forward(self, x: torch.Tensor, with_features: bool = False, from_features: bool = False) -> Any:
+        f = x if from_features else self.backbone(x)
         z = self.head(f)
         return (f, z) if with_features else z
+
+    def freeze_backbone(self) -> None:
+        self.frozen_backbone = True
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+
+    def train(self, mode: bool = True) -> MetaSAugNet:
+        super().train(mode)
+        if self.frozen_backbone:
+            self.backbone.eval()
+        return self
+
+
+class HeadOnly(nn.Module):
+    """The classifier alone, with :class:`MetaSAugNet`'s interface on features: the look-ahead module of the
+    classifier-only recipe, where only the FC takes the virtual step (as in the reference's ImageNet code)."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, f: torch.Tensor, with_features: bool = False) -> Any:
+        z = self.head(f)
+        return (f, z) if with_features else z
+
+
+def load_stage1(net: MetaSAugNet, path: str) -> None:
+    """Load an ltstudy checkpoint's backbone (strictly) and, when it is a linear head of the same shape, its
+    classifier into ``net``; a normed or cosine stage-1 head leaves the classifier freshly initialised."""
+    file = Path(path) / "checkpoint.pt" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise ConfigError(f"metasaug: stage-1 checkpoint not found: {file}")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "model" not in state:
+        raise DataError(f"{file} is not an ltstudy checkpoint (no 'model')")
+    version = int(state.get("split_version", 1))
+    if version != SPLIT_VERSION:
+        raise ConfigError(f"stage-1 checkpoint {file} was trained on ltstudy's split version {version}, this "
+                          f"ltstudy draws version {SPLIT_VERSION}: retrain it")
+    weights = state["model"]
+    backbone = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
+    try:
+        net.backbone.load_state_dict(backbone)
+    except RuntimeError as exc:
+        raise DataError(f"stage-1 checkpoint {file} does not fit model {type(net.backbone).__name__}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    head = {k.removeprefix("head."): v for k, v in weights.items() if k.startswith("head.")}
+    own = net.head.state_dict()
+    if head.keys() == own.keys() and all(head[k].shape == own[k].shape for k in own):
+        net.head.load_state_dict(head)
 
 
 class MetaSAugParams(Params):
@@ -233,6 +306,29 @@ class MetaSAugParams(Params):
     loss: Literal["ce", "ldam"] = Field("ldam", description="ISDA on CE or on LDAM margins")
     covariance: Literal["full", "diag"] = Field("full", description="full or diagonal class covariance")
     meta_batch: int = Field(100, ge=1, description="images per meta batch")
+    train_scope: Literal["all", "classifier"] = Field(
+        "all", description="train the whole network (CIFAR recipe) or only the classifier of the frozen "
+                           "stage-1 network in backbone=CHECKPOINT (the reference's ImageNet-LT recipe)")
+
+
+_CIFAR = {"model": "resnet32", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+          "batch_size": 100, "epochs": 200, "optimizer": "sgd", "warmup_epochs": 0, "schedule": "step",
+          "gamma": 0.01, "crop_pad_mode": "reflect", "lam": 0.75, "meta_lr": 0.1, "num_meta": 10,
+          "switch": 0.8, "loss": "ldam", "max_m": 0.5, "s": 1.0, "beta": 0.9999, "covariance": "full",
+          "meta_batch": 100}
+_CIFAR_SOURCE = ("BIT-DA/MetaSAug README command (MetaSAug_LDAM_train.py): ResNet-32, SGD lr 0.1 Nesterov "
+                 "momentum 0.9 wd 5e-4, batch 100, 200 epochs, plain CE until epoch 160, lr x0.01 at 160 and "
+                 "180, reflect-padded crops; lam 0.75, meta_lr 0.1, 10 meta images per class, LDAM margins "
+                 "(max_m 0.5, no scale), class-balanced beta 0.9999, full covariance")
+_IMAGENET = {"model": "resnet50", "train_scope": "classifier", "lr": 3e-4, "momentum": 0.9, "nesterov": True,
+             "weight_decay": 5e-4, "batch_size": 256, "epochs": 20, "optimizer": "sgd", "warmup_epochs": 0,
+             "schedule": "constant", "lam": 0.25, "meta_lr": 0.1, "num_meta": 10, "switch": 0.0, "loss": "ce",
+             "s": 1.0, "beta": 0.9999, "covariance": "diag", "meta_batch": 64}
+_IMAGENET_SOURCE = ("BIT-DA/MetaSAug ImageNet_iNat/train.py and README command: the classifier of a frozen "
+                    "stage-1 ResNet-50 (backbone=CHECKPOINT, e.g. a ce trial; the reference starts from cRT's "
+                    "resnet50_uniform_e90), SGD lr 3e-4 Nesterov momentum 0.9 wd 5e-4, constant lr, batch 256, "
+                    "20 epochs; ISDA on CE with diagonal covariance and class-balanced weights from the start, "
+                    "lam 0.25, meta_lr 0.1, 10 meta images per class from the val list (eval transform)")
 
 
 @register
@@ -240,9 +336,22 @@ class MetaSAug(ImageMethod):
     name = "metasaug"
     summary = "ISDA with meta-learned class covariances (LDAM/CE), deferred class-balanced weights"
     Params = MetaSAugParams
-    train_defaults = {"lr": 0.1, "weight_decay": 5e-4, "batch_size": 100, "nesterov": True, "epochs": 200,
-                      "warmup_epochs": 0, "schedule": "step", "milestones": (0.8, 0.9), "gamma": 0.01,
-                      "model": "resnet32"}
+    recipes = {
+        "cifar10": Recipe(_CIFAR, _CIFAR_SOURCE),
+        "cifar100": Recipe(_CIFAR, _CIFAR_SOURCE),
+        "imagenet": Recipe(_IMAGENET, _IMAGENET_SOURCE),
+    }
+
+    @classmethod
+    def lr_milestones(cls, params: MetaSAugParams) -> tuple[float, ...]:
+        return (params.switch, (1.0 + params.switch) / 2)
+
+    @classmethod
+    def check(cls, train: Any, params: MetaSAugParams) -> None:
+        if params.train_scope == "classifier" and not train.backbone:
+            raise ConfigError("metasaug train_scope=classifier (the ImageNet-LT recipe) trains the classifier of "
+                              "a frozen stage-1 network: set backbone=CHECKPOINT (e.g. a ce trial on the same "
+                              "data), or train_scope=all to train the whole network")
 
     @classmethod
     def carved_sets(cls, params: MetaSAugParams) -> dict[str, int]:
@@ -260,13 +369,13 @@ class MetaSAug(ImageMethod):
         (self.switch_epoch,) = self.phase_epochs(params, ctx.epochs)
         self.epoch = 0
         self.estimator: CovarianceEstimator | None = None
-        t = ctx.train
-        self.augment = AugmentSpec(crop_padding=t.crop_padding, flip=t.flip, cutout=t.cutout,
-                                   autoaugment=t.autoaugment)
-        if ctx.data is None or "meta" not in ctx.data.carved or ctx.data.carved["meta"].images is None:
-            raise ConfigError("metasaug needs an in-memory dataset (cifar10-lt, cifar100-lt, synthetic) "
-                              "with its meta set carved (MetaSAug.carved_sets)")
+        self.augment = AugmentSpec.of(ctx.train)
+        if ctx.data is None or "meta" not in ctx.data.carved:
+            raise ConfigError("metasaug needs its meta set carved from the data (MetaSAug.carved_sets)")
         self.meta = ctx.data.carved["meta"]
+        self.classifier_only = params.train_scope == "classifier"
+        self._twin: nn.Module | None = None  # plain-BN twin of a SyncBatchNorm network, for the look-ahead
+        self._meta_features: torch.Tensor | None = None  # classifier-only recipe on file lists
 
     # -- schedule --------------------------------------------------------------------------
 
@@ -285,7 +394,11 @@ class MetaSAug(ImageMethod):
 
     def build_model(self) -> nn.Module:
         backbone = build_backbone(self.ctx.model_name)
-        return MetaSAugNet(backbone, LinearHead(int(backbone.feature_dim), self.ctx.num_classes))
+        net = MetaSAugNet(backbone, LinearHead(int(backbone.feature_dim), self.ctx.num_classes))
+        if self.classifier_only:
+            load_stage1(net, self.ctx.train.backbone)
+            net.freeze_backbone()
+        return net
 
     def _estimator(self, dim: int) -> CovarianceEstimator:
         if self.estimator is None:
@@ -293,12 +406,49 @@ class MetaSAug(ImageMethod):
                                                  self.ctx.device)
         return self.estimator
 
-    def _meta_batch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _meta_images(self, pick: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Meta images: the training augmentation in memory (CIFAR reference), the eval transform from file
+        lists (the reference's ImageNet meta loader); decoded here, in the training process."""
+        data = self.ctx.data
+        if self.meta.images is not None:
+            return apply(self.augment, self.meta.images[pick].to(device), data.mean, data.std)
+        ds = FileListDataset(data.image_root, self.meta.paths, self.meta.labels.numpy(), size=data.image_size,
+                             train=False)
+        return normalize(torch.stack([ds[i][0] for i in pick.tolist()]).to(device), data.mean, data.std)
+
+    @torch.no_grad()
+    def _all_meta_features(self, module: MetaSAugNet, device: torch.device) -> torch.Tensor:
+        """Frozen backbone, eval transform: the meta features never change, so they are computed once."""
+        if self._meta_features is None:
+            assert self.ctx.make_loader is not None
+            t = self.ctx.train
+            loader = self.ctx.make_loader("meta", batch_size=t.eval_batch_size, device=device, train=False,
+                                          num_workers=t.num_workers)
+            self._meta_features = torch.cat([module.backbone(x).float() for x, _ in loader])
+        return self._meta_features
+
+    def _meta_batch(self, module: MetaSAugNet, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random meta batch: images for the whole-network look-ahead, features for the classifier-only one."""
         n = len(self.meta)
         pick = torch.randperm(n)[: min(self.p.meta_batch, n)]
-        data = self.ctx.data
-        x = apply(self.augment, self.meta.images[pick].to(device), data.mean, data.std)
-        return x, self.meta.labels[pick].to(device)
+        y = self.meta.labels[pick].to(device)
+        if not self.classifier_only:
+            return self._meta_images(pick, device), y
+        if self.meta.images is None:
+            return self._all_meta_features(module, device)[pick.to(device)], y
+        with torch.no_grad():
+            return module.backbone(self._meta_images(pick, device)).float(), y
+
+    def lookahead_module(self, module: nn.Module) -> nn.Module:
+        """What takes the virtual step: the classifier alone, or the network (its plain-BN twin under
+        SyncBatchNorm, whose backward cannot be differentiated again)."""
+        if self.classifier_only:
+            return HeadOnly(module.head)
+        if not any(isinstance(m, nn.SyncBatchNorm) for m in module.modules()):
+            return module
+        if self._twin is None:
+            self._twin = plain_batchnorm(module)
+        return self._twin.train(module.training)
 
     def meta_covariance(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, cov: torch.Tensor,
                         inner_lr: float, x_meta: torch.Tensor, y_meta: torch.Tensor) -> torch.Tensor:
@@ -309,17 +459,22 @@ class MetaSAug(ImageMethod):
     def train_step(self, model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
                    amp: Amp) -> torch.Tensor:
         x, y = batch
+        module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        kw: dict[str, Any] = {}
+        if self.classifier_only:  # the frozen backbone runs once, without a graph; only the FC goes to DDP
+            with torch.no_grad(), amp.autocast():
+                x = module.backbone(x).float()
+            kw = {"from_features": True}
         if not self.meta_phase:
             with amp.autocast():
-                loss = F.cross_entropy(model(x).float(), y)
+                loss = F.cross_entropy(model(x, **kw).float(), y)
             return optimizer_step(optimizer, loss, amp)
-        module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         est = self._estimator(int(module.feature_dim))
-        x_meta, y_meta = self._meta_batch(x.device)
-        new_cov = self.meta_covariance(module, x, y, est.cov, optimizer.param_groups[0]["lr"],
-                                       x_meta, y_meta)
+        x_meta, y_meta = self._meta_batch(module, x.device)
+        new_cov = self.meta_covariance(self.lookahead_module(module), x, y, est.cov,
+                                       optimizer.param_groups[0]["lr"], x_meta, y_meta)
         with amp.autocast():
-            feats, z = model(x, with_features=True)
+            feats, z = model(x, with_features=True, **kw)
         loss = metasaug_loss(z, module.head.weight, y, new_cov, self.lam_t, self.margins, self.p.s,
                              self.cb_weights)
         optimizer_step(optimizer, loss, amp)

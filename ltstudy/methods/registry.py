@@ -4,8 +4,8 @@ A method is one module defining a ``Params`` model (its hyperparameters, typed, 
 as defaults) and a class registered with :func:`register`, derived from one of the two contracts:
 :class:`ltstudy.methods.image.ImageMethod` (trains the network on images) or
 :class:`ltstudy.methods.feature.FeatureMethod` (trains a classifier on cached backbone features). This
-module holds only what both share: identity, the hyperparameters (``self.p``), the trial context, the
-per-epoch hook and checkpointed state.
+module holds only what both share: identity, the hyperparameters (``self.p``), the published recipes
+(one per dataset family, :class:`Recipe`), the trial context, the per-epoch hook and checkpointed state.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from ltstudy.data import FAMILIES
 from ltstudy.errors import ConfigError
 
 
@@ -24,6 +25,25 @@ class Params(BaseModel):
     """Base of every method's hyperparameters: typed, immutable, no unknown keys."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A method's published settings for one dataset family, and where they come from.
+
+    ``settings`` mixes training settings (``TrainConfig`` fields: lr, epochs, model, ...) and the method's
+    hyperparameters; ``by_imbalance`` holds values a reference publishes for one imbalance factor only
+    (TailCalibX's CIFAR-100-LT IF 50 and IF 10 commands), applied on top of ``settings`` at that IF.
+    """
+
+    settings: dict[str, Any]
+    source: str
+    by_imbalance: dict[float, dict[str, Any]] = field(default_factory=dict)
+
+    def resolved(self, imbalance: float | None = None) -> dict[str, Any]:
+        """The settings at one imbalance factor."""
+        extra = self.by_imbalance.get(float(imbalance), {}) if imbalance is not None else {}
+        return {**self.settings, **extra}
 
 
 @dataclass
@@ -54,8 +74,9 @@ class Method:
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     Params: ClassVar[type[Params]]
-    #: published training recipe: overrides of TrainConfig defaults (lr, schedule, epochs, ...)
-    train_defaults: ClassVar[dict[str, Any]] = {}
+    #: the published recipe of each dataset family (``ltstudy.data.FAMILIES``): training settings and
+    #: hyperparameters that override the ``TrainConfig`` and ``Params`` defaults; every family is declared
+    recipes: ClassVar[dict[str, Recipe]] = {}
     #: "end_to_end" methods train the network; "feature" methods work on cached backbone features
     stage: ClassVar[Literal["end_to_end", "feature"]]
 
@@ -72,6 +93,29 @@ class Method:
         """
         return []
 
+    @classmethod
+    def recipe(cls, family: str) -> Recipe:
+        """The published recipe of a dataset family (see ``ltstudy methods --dataset``)."""
+        try:
+            return cls.recipes[family]
+        except KeyError:
+            raise ConfigError(f"method {cls.name!r} declares no recipe for dataset family {family!r}") from None
+
+    @classmethod
+    def check(cls, train: Any, params: Params) -> None:
+        """Raise :class:`ConfigError` when a resolved config cannot run (a setting the method needs is
+        missing); called before a trial, or a study, starts."""
+
+    @classmethod
+    def lr_milestones(cls, params: Params) -> tuple[float, ...] | None:
+        """Step-schedule milestones tied to a phase switch of the method (None: not tied).
+
+        Used when the trial leaves ``milestones`` unset, so a study that moves the switch moves the lr
+        decay with it, as the references tie them (LDAM-DRW and MetaSAug decay at the switch, 160 of 200,
+        and again at 180).
+        """
+        return None
+
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each epoch (0-based), after the trainer reseeded the global RNG for it."""
 
@@ -87,9 +131,16 @@ _REGISTRY: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make a method available under ``cls.name``."""
+    """Class decorator: make a method available under ``cls.name``.
+
+    Every dataset family needs a recipe (its keys are checked against the training settings and ``Params``
+    when a config resolves, and by the contract tests).
+    """
     if cls.name in _REGISTRY:
         raise ValueError(f"method {cls.name!r} is registered twice")
+    missing = [f for f in FAMILIES if f not in cls.recipes]
+    if missing:
+        raise ValueError(f"method {cls.name!r} declares no recipe for {', '.join(missing)}")
     _REGISTRY[cls.name] = cls
     return cls
 

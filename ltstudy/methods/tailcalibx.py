@@ -8,8 +8,25 @@ Stage 2 of a decoupled pipeline: on frozen backbone features (L2-normalised), ev
 to the largest class (+ ``extra_points``) with Gaussian samples drawn around its real samples, with a
 mean and covariance "calibrated" from the ``topk`` nearest class statistics; a cosine classifier is then
 trained on real + generated features (L2-normalised again). TailCalib (``regenerate=False``) generates
-once; TailCalibX regenerates every epoch. Published CIFAR-100-LT IF100 values are the defaults
-(λ = 1.0, K = 3, α = 0, SGD lr 0.01, momentum 0.7, wd 5e-4, batch 128, 150 epochs, no lr schedule).
+once; TailCalibX regenerates every epoch. The recipes are the reference's commands
+(``ltstudy methods -m tailcalibx``): CIFAR-100-LT IF 100 λ = 1.0, K = 3, α = 0, SGD lr 0.01, momentum 0.7,
+wd 5e-4, batch 128, 150 epochs, no lr schedule; IF 50 and IF 10 have their own λ, α, momentum and K.
+
+How it scales to ImageNet-LT (N = 115,846, C = 1,000, D = 2,048), where the reference's per-sample
+Cholesky factors (and ltstudy's former (N, D, D) outer products: 3.6 TiB) are out of reach:
+
+* The calibrated covariance of a sample is Σ' = (1/K) Σ_{k ∈ topK} Σ_k + α-term + 1e-4·I, with Σ_k the
+  unbiased covariance of class k, X_kᵀX_k/(n_k - 1) for the centred class rows X_k. A draw from
+  N(0, Σ_k) is X_kᵀξ/√(n_k - 1) with ξ ~ N(0, I_{n_k}), so a draw from N(μ', Σ') is μ' plus
+  Σ_k X_kᵀξ_k/√(K(n_k - 1)) plus independent α and jitter noise: exactly the reference's distribution,
+  without any D x D matrix. The statistics (class means, the class-sorted rows, every sample's K nearest
+  classes) are computed once per feature source and kept across epochs: one class-sorted N x D copy of
+  the transformed features plus O(C·D) (below the O(C·D²) of per-class covariances), each generated point
+  costing Σ_k n_k·D.
+* TailCalibX trains ⌊N / batch⌋ steps per epoch (the reference's ``epoch_steps``) on a shuffle of the
+  regenerated balanced set, so only the points those steps draw are generated (about N per epoch, not
+  the C·n_max of the whole set); ``steps_per_epoch="balanced"`` passes over the whole set, generated a
+  chunk of batches at a time. One-shot TailCalib keeps its generated set, as the reference does.
 
 Where ltstudy differs from the reference, and why:
 
@@ -17,28 +34,31 @@ Where ltstudy differs from the reference, and why:
   them on the untransformed features but calibrates transformed samples, mixing two spaces unless
   λ = 1; the paper's equations describe transformed statistics. ``stats_after_tukey=False`` restores
   the reference. With λ = 1 (the IF100 default) both coincide.
-* **α on the diagonal.** The reference adds the scalar α to every entry of the covariance, which is not
-  an isotropic inflation (and can break positive-definiteness); ltstudy adds α·I. The 1e-4·I jitter is
-  kept.
+* **α's form is selectable.** The reference adds the scalar α to every entry of the covariance
+  (``alpha_form="all"``, the recipes' setting): that adds variance α·D along the all-ones direction only
+  (α·11ᵀ is positive semi-definite for α ≥ 0, so positive-definiteness is never at stake). On unit-norm
+  features, whose total variance is at most 1, α = 0.2 in 128 dimensions already adds 25.6, so most of
+  the searched [0, 0.5] is noise. ``alpha_form="diagonal"`` adds α·I instead (isotropic), and
+  ``alpha_units="trace"`` divides α by D, so α is the total variance added in either form, comparable to
+  the features' own (≤ 1): the search space uses that scale. ``alpha_units="absolute"`` is the reference's.
 * **Features.** The reference re-extracts train features with training augmentation every epoch. ltstudy
   regenerates from cached features: the eval-transform features by default, or — with
   ``augmented_views=V`` — cycles through V cached augmented passes (view ``epoch % V + 1``).
-* **Epoch length.** TailCalibX trains ⌊N_original / batch⌋ steps per epoch from the large balanced
-  set (the reference's ``epoch_steps``; ``steps_per_epoch="original"``); ``"balanced"`` makes an epoch a
-  full pass over the balanced set. TailCalib always makes full passes, as in the reference.
 * **Cosine classifier.** ltstudy's ``CosineHead`` normalises each class vector (a true cosine); the
   reference normalises each feature dimension across classes (``ltstudy.models.heads``). It is initialised
   from the backbone's head when that is a cosine head (the reference loads its stage-1 cosine head), else
   freshly.
 * **Selection.** The reference keeps the best epoch on the test set; ltstudy reports every epoch on val
   and evaluates test once at the end.
-* A class with a single sample has an undefined covariance; it counts as zero (then α·I + 1e-4·I).
+* A class with a single sample has an undefined covariance; it counts as zero (then the α-term + 1e-4·I).
 * Remainder samples (G_c mod n_c) go to distinct randomly chosen real samples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -46,11 +66,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ltstudy.methods.feature import FeatureMethod, FeatureSet, minibatches
-from ltstudy.methods.registry import Params, register
+from ltstudy.methods.feature import FeatureMethod, FeatureSet
+from ltstudy.methods.registry import Params, Recipe, register
 from ltstudy.models.heads import CosineHead
 
 JITTER = 1e-4
+#: rows handled at once when computing distances to the class means and when generating a balanced pass
+CHUNK = 8192
 
 
 def tukey(x: torch.Tensor, lam: float) -> torch.Tensor:
@@ -58,18 +80,6 @@ def tukey(x: torch.Tensor, lam: float) -> torch.Tensor:
     if lam == 0:
         return torch.log(x.clamp_min(0) + 1e-6)
     return x.clamp_min(0).pow(lam)
-
-
-def class_statistics(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class means (C, D) and unbiased covariances (C, D, D); a one-sample class has zero covariance."""
-    d = x.shape[1]
-    counts = torch.bincount(y, minlength=num_classes).to(x.dtype)
-    means = torch.zeros(num_classes, d, dtype=x.dtype, device=x.device).index_add_(0, y, x)
-    means = means / counts.clamp_min(1)[:, None]
-    centered = x - means[y]
-    outer = centered[:, :, None] * centered[:, None, :]  # (N, D, D); chunk-free: features are small
-    covs = torch.zeros(num_classes, d, d, dtype=x.dtype, device=x.device).index_add_(0, y, outer)
-    return means, covs / (counts - 1).clamp_min(1)[:, None, None]
 
 
 def spawn_counts(y: torch.Tensor, num_classes: int, extra_points: int,
@@ -88,56 +98,139 @@ def spawn_counts(y: torch.Tensor, num_classes: int, extra_points: int,
     return base[y] + (rank < rem[y]).long()
 
 
+def tukey_(x: torch.Tensor, lam: float) -> torch.Tensor:
+    """:func:`tukey` in place (no second N x D copy at ImageNet scale)."""
+    x.clamp_(min=0)
+    if lam == 0:
+        return x.add_(1e-6).log_()
+    return x if lam == 1 else x.pow_(lam)
+
+
+@dataclass
+class Calibration:
+    """What generation needs from one feature source, computed once and reused every epoch.
+
+    ``rows`` are the statistics' features (Tukey-transformed, or the untransformed ones for the reference's
+    pre-Tukey statistics) sorted by class, ``starts`` / ``counts`` their class blocks, ``pos`` each real
+    sample's row in them, ``means`` the class means and ``nearest`` every real sample's K nearest class
+    means (its own class included). The Tukey-transformed real features (the points generation starts from)
+    are ``rows[pos]``, or ``xt_own`` when the statistics are pre-Tukey: one N x D copy in the default case.
+    """
+
+    rows: torch.Tensor  # (N, D)
+    pos: torch.Tensor  # (N,)
+    y: torch.Tensor  # (N,)
+    starts: torch.Tensor  # (C,)
+    counts: torch.Tensor  # (C,)
+    means: torch.Tensor  # (C, D)
+    nearest: torch.Tensor  # (N, K)
+    xt_own: torch.Tensor | None = None  # (N, D), pre-Tukey statistics only
+
+    @classmethod
+    def build(cls, x: torch.Tensor, y: torch.Tensor, num_classes: int, tukey_lambda: float, topk: int,
+              stats_after_tukey: bool = True) -> Calibration:
+        """From L2-normalised features ``x``, which it may overwrite; memory O(N·D + C·D), sums and distances
+        a chunk of rows at a time."""
+        counts = torch.bincount(y, minlength=num_classes)
+        order = torch.argsort(y, stable=True)
+        pos = torch.empty_like(order)
+        pos[order] = torch.arange(len(y), device=y.device)
+        xt_own = None
+        if stats_after_tukey:
+            rows = tukey_(x, tukey_lambda)[order]
+        else:
+            rows, xt_own = x[order], tukey(x, tukey_lambda)
+        del x
+        starts = torch.cumsum(counts, 0) - counts
+        y_sorted = y[order]
+        sums = torch.zeros(num_classes, rows.shape[1], dtype=torch.float64, device=rows.device)
+        for lo in range(0, len(y), CHUNK):
+            sums.index_add_(0, y_sorted[lo:lo + CHUNK], rows[lo:lo + CHUNK].double())
+        means = (sums / counts.clamp_min(1)[:, None]).to(rows.dtype)
+        cal = cls(rows, pos, y, starts, counts, means, torch.empty(0, dtype=torch.long), xt_own)
+        k = min(topk, int((counts > 0).sum()))
+        nearest = torch.empty(len(y), k, dtype=torch.long, device=rows.device)
+        absent = counts == 0
+        for lo in range(0, len(y), CHUNK):
+            dist = torch.cdist(cal.real(torch.arange(lo, min(lo + CHUNK, len(y)), device=rows.device)), means)
+            dist[:, absent] = float("inf")
+            nearest[lo:lo + CHUNK] = torch.topk(dist, k, dim=1, largest=False).indices
+        cal.nearest = nearest
+        return cal
+
+    def real(self, idx: torch.Tensor) -> torch.Tensor:
+        """The Tukey-transformed features of real samples ``idx``."""
+        return self.xt_own[idx] if self.xt_own is not None else self.rows[self.pos[idx]]
+
+    @property
+    def dim(self) -> int:
+        return int(self.rows.shape[1])
+
+    def draw(self, src: torch.Tensor, alpha: float = 0.0, alpha_form: str = "all",
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """One calibrated Gaussian point per entry of ``src`` (indices of real samples), (P, D).
+
+        μ' = (Σ_{k ∈ topK} μ_k + x)/(K + 1); the noise has covariance (1/K) Σ_k Σ_k + the α-term
+        (α·11ᵀ for ``"all"``, α·I for ``"diagonal"``; α as given, see ``TailCalibXParams.alpha_units``)
+        + 1e-4·I, drawn through the class rows (module docstring): one (P_c x n_c) @ (n_c x D) product
+        per class c among the points' nearest classes.
+        """
+        dev, dtype = self.rows.device, self.rows.dtype
+        nearest = self.nearest[src]  # (P, K)
+        p, k = nearest.shape
+        d = self.dim
+        mu = (self.means[nearest].sum(1) + self.real(src)) / (k + 1)
+        noise = torch.zeros(p, d, dtype=dtype, device=dev)
+        pair_cls = nearest.flatten()
+        pair_pt = torch.arange(p, device=dev).repeat_interleave(k)
+        order = torch.argsort(pair_cls, stable=True)
+        classes, per = torch.unique_consecutive(pair_cls[order], return_counts=True)
+        lo = 0
+        for c, m in zip(classes.tolist(), per.tolist(), strict=True):
+            pts = pair_pt[order[lo:lo + m]]
+            lo += m
+            n = int(self.counts[c])
+            if n < 2:  # a one-sample class: zero covariance
+                continue
+            start = int(self.starts[c])
+            block = self.rows[start:start + n]
+            xi = torch.randn(m, n, dtype=dtype, device=dev, generator=generator)
+            centred = xi @ block - xi.sum(1, keepdim=True) * self.means[c]
+            noise[pts] += centred / math.sqrt(n - 1)  # a point's K nearest classes are distinct: no repeats
+        noise /= math.sqrt(k)
+        if alpha > 0:
+            width = 1 if alpha_form == "all" else d  # α·11ᵀ: one shared draw along the all-ones direction
+            noise += math.sqrt(alpha) * torch.randn(p, width, dtype=dtype, device=dev, generator=generator)
+        noise += math.sqrt(JITTER) * torch.randn(p, d, dtype=dtype, device=dev, generator=generator)
+        return mu + noise
+
+
 def generate_features(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, tukey_lambda: float = 1.0,
-                      alpha: float = 0.0, topk: int = 3, extra_points: int = 0,
+                      alpha: float = 0.0, topk: int = 3, extra_points: int = 0, alpha_form: str = "all",
                       stats_after_tukey: bool = True, generator: torch.Generator | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tukey-transformed real features plus calibrated Gaussian samples, and their labels.
+    """Tukey-transformed real features plus every calibrated Gaussian point of one generation, and labels.
 
-    Vectorised: one distance matrix and top-k for all spawning samples; one Cholesky factor per
-    distinct top-k set (the calibrated covariance depends only on the set), batched; the draws of a set
-    are one matrix product. No loop over samples.
+    The whole balanced set at once, as the reference's ``generate_points`` returns it (one-shot TailCalib
+    and the tests); TailCalibX draws only the points an epoch uses (:class:`TailCalibX`).
     """
-    x = x.double()
-    xt = tukey(x, tukey_lambda)
-    means, covs = class_statistics(xt if stats_after_tukey else x, y, num_classes)
-    k = min(topk, num_classes)
+    cal = Calibration.build(x.clone(), y, num_classes, tukey_lambda, topk, stats_after_tukey)
+    xt = cal.real(torch.arange(len(y), device=y.device))
     per_sample = spawn_counts(y, num_classes, extra_points, generator)
-    src = (per_sample > 0).nonzero().flatten()
+    src = torch.repeat_interleave(torch.arange(len(y), device=y.device), per_sample)
     if len(src) == 0:
-        return xt.float(), y
-    d = x.shape[1]
-    dist = torch.cdist(xt[src], means)  # (S, C) to every class mean, own class included
-    present = torch.bincount(y, minlength=num_classes) > 0
-    dist[:, ~present] = float("inf")
-    nearest = torch.topk(dist, k, dim=1, largest=False).indices.sort(dim=1).values  # (S, K)
-    mu = (means[nearest].sum(1) + xt[src]) / (k + 1)  # (S, D)
-    sets, group = torch.unique(nearest, dim=0, return_inverse=True)  # (G, K), (S,)
-    eye = torch.eye(d, dtype=x.dtype, device=x.device)
-    sigma = covs[sets].mean(1) + (alpha + JITTER) * eye  # (G, D, D)
-    chol, info = torch.linalg.cholesky_ex(sigma)
-    if bool((info > 0).any()):  # not positive-definite: add more jitter to the failing sets
-        chol = torch.linalg.cholesky(sigma + 1e-3 * eye)
-    reps = per_sample[src]
-    point_src = torch.repeat_interleave(torch.arange(len(src), device=x.device), reps)
-    z = torch.randn(len(point_src), d, dtype=x.dtype, device=x.device, generator=generator)
-    point_group = group[point_src]
-    out = torch.empty_like(z)
-    order = torch.argsort(point_group)
-    bounds = torch.bincount(point_group, minlength=len(sets)).cumsum(0).tolist()
-    lo = 0
-    for g, hi in enumerate(bounds):  # one product per distinct neighbour set, not per sample
-        if hi > lo:
-            rows = order[lo:hi]
-            out[rows] = z[rows] @ chol[g].T
-        lo = hi
-    gen = mu[point_src] + out
-    return torch.cat([xt, gen]).float(), torch.cat([y, y[src][point_src]])
+        return xt, y
+    return torch.cat([xt, cal.draw(src, alpha, alpha_form, generator)]), torch.cat([y, y[src]])
 
 
 class TailCalibXParams(Params):
     tukey: float = Field(1.0, ge=0.0, description="Tukey's ladder exponent λ (0 = log); CIFAR-100 IF100: 1.0")
-    alpha: float = Field(0.0, ge=0.0, description="covariance inflation α, added to the diagonal")
+    alpha: float = Field(0.0, ge=0.0, description="covariance inflation α (see alpha_form, alpha_units)")
+    alpha_form: Literal["all", "diagonal"] = Field(
+        "all", description="α added to every covariance entry (reference) or to the diagonal")
+    alpha_units: Literal["absolute", "trace"] = Field(
+        "absolute", description="α as given (reference) or the total variance added (α/D per entry): "
+                                "comparable to the total variance of unit-norm features, at most 1")
     topk: int = Field(3, ge=1, description="number of nearest class statistics used for calibration")
     extra_points: int = Field(0, ge=0, description="points generated per class beyond the largest class")
     regenerate: bool = Field(True, description="TailCalibX: regenerate every epoch (False: one-shot TailCalib)")
@@ -150,14 +243,28 @@ class TailCalibXParams(Params):
                                                       "(0 = eval-transform features)")
 
 
+_RECIPE = {"epochs": 150, "lr": 0.01, "momentum": 0.7, "weight_decay": 5e-4, "batch_size": 128,
+           "optimizer": "sgd", "schedule": "constant", "warmup_epochs": 0, "tukey": 1.0, "alpha": 0.0, "topk": 3,
+           "alpha_form": "all", "alpha_units": "absolute"}
+_SOURCE = ("tukey 1.0, alpha 0 (added to every covariance entry), topk 3; cosine classifier, SGD lr 0.01 "
+           "momentum 0.7 wd 5e-4, batch 128, 150 epochs, no lr schedule")
+
+
 @register
 class TailCalibX(FeatureMethod):
     name = "tailcalibx"
     summary = "TailCalib(X): calibrated Gaussian feature generation + cosine classifier on cached features"
     Params = TailCalibXParams
     head = "cosine"
-    train_defaults = {"epochs": 150, "lr": 0.01, "momentum": 0.7, "weight_decay": 5e-4, "batch_size": 128,
-                      "schedule": "constant", "warmup_epochs": 0}
+    recipes = {
+        "cifar10": Recipe(_RECIPE, "no CIFAR-10-LT command in rahulvigneswaran/TailCalibX; its CIFAR-100-LT IF 100 "
+                                   "one: " + _SOURCE),
+        "cifar100": Recipe(_RECIPE, "rahulvigneswaran/TailCalibX run_TailCalibX_CIFAR100-LT.sh, IF 100: " + _SOURCE
+                           + "; IF 50: tukey 0.9, momentum 0, alpha 0.2; IF 10: tukey 0.9, momentum 0.9, topk 2",
+                           by_imbalance={50.0: {"tukey": 0.9, "momentum": 0.0, "alpha": 0.2},
+                                         10.0: {"tukey": 0.9, "momentum": 0.9, "topk": 2}}),
+        "imagenet": Recipe(_RECIPE, "rahulvigneswaran/TailCalibX, mini-ImageNet-LT command: " + _SOURCE),
+    }
 
     @classmethod
     def extract_options(cls, params: Any) -> dict[str, Any]:
@@ -167,15 +274,35 @@ class TailCalibX(FeatureMethod):
         """Val/test: Tukey with the same λ on L2-normalised features, then L2-normalise."""
         return F.normalize(tukey(F.normalize(x, dim=1), self.p.tukey), dim=1)
 
-    def _generate(self, epoch: int) -> None:
-        f, p = self.feats, self.p
-        source = f.train_x
-        if p.augmented_views and f.train_views:
-            source = f.train_views[epoch % len(f.train_views)]
-        gx, gy = generate_features(F.normalize(source, dim=1), f.train_y, f.num_classes,
-                                   tukey_lambda=p.tukey, alpha=p.alpha, topk=p.topk,
-                                   extra_points=p.extra_points, stats_after_tukey=p.stats_after_tukey)
-        self.gen_x, self.gen_y = F.normalize(gx, dim=1), gy
+    @property
+    def alpha(self) -> float:
+        """α in absolute units (per covariance entry)."""
+        return self.p.alpha / self.feats.feature_dim if self.p.alpha_units == "trace" else self.p.alpha
+
+    def _calibration(self, epoch: int) -> Calibration:
+        """The statistics of this epoch's feature source, built once per source and kept."""
+        f = self.feats
+        view = epoch % len(f.train_views) + 1 if self.p.augmented_views and f.train_views else 0
+        if view not in self._calibrations:
+            self._calibrations.clear()  # one source at a time: O(N·D) memory
+            source = f.train_x if view == 0 else f.train_views[view - 1]
+            self._calibrations[view] = Calibration.build(F.normalize(source, dim=1), f.train_y, f.num_classes,
+                                                         self.p.tukey, self.p.topk, self.p.stats_after_tukey)
+        return self._calibrations[view]
+
+    def _points(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and labels of rows of this epoch's balanced set: real rows first, then generated ones."""
+        cal, n = self.cal, len(self.feats.train_y)
+        real = rows < n
+        x = torch.empty(len(rows), cal.dim, dtype=cal.rows.dtype, device=cal.rows.device)
+        x[real] = cal.real(rows[real])
+        y = torch.empty(len(rows), dtype=cal.y.dtype, device=cal.y.device)
+        y[real] = cal.y[rows[real]]
+        src = self.point_src[rows[~real] - n]
+        if len(src):
+            x[~real] = cal.draw(src, self.alpha, self.p.alpha_form)
+            y[~real] = cal.y[src]
+        return F.normalize(x, dim=1), y
 
     def prepare(self, feats: FeatureSet) -> None:
         super().prepare(feats)
@@ -184,24 +311,48 @@ class TailCalibX(FeatureMethod):
             head.load_state_dict(feats.head.state_dict())
         self.head = head.to(feats.train_x.device)
         self.val_x, self.test_x = self._prep(feats.val_x), self._prep(feats.test_x)
-        self._generate(0)
+        self._calibrations: dict[int, Calibration] = {}
+        self.fixed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._new_generation(0)
+
+    def _new_generation(self, epoch: int) -> None:
+        """Draw which real sample spawns each generated point of this epoch's balanced set."""
+        self.cal = self._calibration(epoch)
+        per_sample = spawn_counts(self.feats.train_y, self.feats.num_classes, self.p.extra_points)
+        self.point_src = torch.repeat_interleave(torch.arange(len(per_sample), device=per_sample.device),
+                                                 per_sample)
+        if not self.p.regenerate:  # one-shot TailCalib: the generated set is drawn once and kept
+            every = torch.arange(len(self.feats.train_y) + len(self.point_src), device=per_sample.device)
+            self.fixed = self._points(every)
 
     def classifier(self) -> nn.Module:
         return self.head
 
     def on_epoch_start(self, epoch: int) -> None:
         if self.p.regenerate and epoch > 0:
-            self._generate(epoch)
+            self._new_generation(epoch)
 
-    def batches(self, epoch: int) -> Iterable[torch.Tensor]:
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(features, labels) batches of this epoch: a shuffle of the balanced set, generated as drawn."""
         bs = self.ctx.train.batch_size
-        steps = None
-        if self.p.regenerate and self.p.steps_per_epoch == "original":
-            steps = max(len(self.feats.train_y) // bs, 1)
-        return minibatches(len(self.gen_y), bs, self.gen_x.device, steps=steps)
+        size = len(self.feats.train_y) + len(self.point_src)
+        order = torch.randperm(size, device=self.cal.rows.device)
+        if self.fixed is not None:
+            for lo in range(0, size, bs):
+                idx = order[lo:lo + bs]
+                yield self.fixed[0][idx], self.fixed[1][idx]
+            return
+        if self.p.steps_per_epoch == "original":
+            order = order[: max(len(self.feats.train_y) // bs, 1) * bs]
+        chunk = max(CHUNK // bs, 1) * bs
+        for lo in range(0, len(order), chunk):
+            x, y = self._points(order[lo:lo + chunk])
+            for b in range(0, len(y), bs):
+                yield x[b:b + bs], y[b:b + bs]
 
-    def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.head(self.gen_x[idx]), self.gen_y[idx])
+    def batch_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.head(x), y)
 
     def logits(self, split: str) -> torch.Tensor:
         return self.head(self.val_x if split == "val" else self.test_x)

@@ -6,6 +6,7 @@ Pure torch/torchvision. Every backbone has ``forward_features(x) -> (B, D, H, W)
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -29,6 +30,7 @@ __all__ = [
     "list_models",
     "list_heads",
     "param_count",
+    "plain_batchnorm",
 ]
 
 _BACKBONES: dict[str, Callable[[], nn.Module]] = {
@@ -112,3 +114,27 @@ def build_model(name: str, num_classes: int, head: str = "linear") -> Classifier
 def param_count(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (optionally only those with ``requires_grad``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def plain_batchnorm(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with every SyncBatchNorm replaced by a plain BatchNorm2d of the same names.
+
+    For ``torch.func.functional_call`` with the original's parameters and buffers: SyncBatchNorm's backward
+    is not twice differentiable, so second-order code (MetaSAug's look-ahead) runs on this twin, which
+    normalises with the local batch statistics.
+    """
+    twin = copy.deepcopy(module)
+
+    def swap(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if isinstance(child, nn.SyncBatchNorm):
+                bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats, device=child.weight.device if child.affine else None)
+                bn.load_state_dict(child.state_dict())
+                bn.train(child.training)
+                setattr(parent, name, bn)
+            else:
+                swap(child)
+
+    swap(twin)
+    return twin

@@ -161,6 +161,13 @@ class SearchSpace:
                 point[p.name] = resolved[p.name]
         return point
 
+    def max_epochs(self) -> int:
+        """The longest trial: the top of a tuned ``epochs`` range, else the published recipe's epochs."""
+        for p in self.params:
+            if p.name == "epochs":
+                return int(max(p.choices) if p.type == "categorical" else p.high)
+        return resolve_config({**self.fixed, "method": self.method}).train.epochs
+
     def define_by_run(self) -> DefineByRun:
         """The Optuna define-by-run function (a picklable object: Tune saves the searcher)."""
         return DefineByRun(self.params, {**self.fixed, "method": self.method})
@@ -321,11 +328,19 @@ def space_from_text(text: str, where: str, method: str | None = None) -> SearchS
     return parse_space(parse_yaml(text, where), where, method)
 
 
-def default_space_path(method: str) -> Path:
-    """``search_spaces/<method>.yaml`` in the current directory (a user's copy), else the one shipped
-    with the package (``ltstudy/search_spaces``, the repository's top-level folder)."""
-    here = Path("search_spaces") / f"{method}.yaml"
-    if here.is_file():
-        return here
-    shipped = Path(__file__).resolve().parents[1] / "search_spaces" / f"{method}.yaml"
-    return shipped if shipped.is_file() else here
+def default_space_path(method: str, dataset: str | None = None) -> Path:
+    """The method's search space for the dataset's family: ``search_spaces/<method>.<family>.yaml`` where a
+    family needs its own ranges (MetaSAug and FSA on file lists), else ``search_spaces/<method>.yaml``;
+    a user's copy in the current directory first, then the one shipped with the package
+    (``ltstudy/search_spaces``, the repository's top-level folder)."""
+    from ltstudy.data import dataset_family
+
+    names = [f"{method}.yaml"]
+    if dataset:
+        names.insert(0, f"{method}.{dataset_family(dataset)}.yaml")
+    shipped = Path(__file__).resolve().parents[1] / "search_spaces"
+    for folder in (Path("search_spaces"), shipped):
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    return Path("search_spaces") / names[-1]

@@ -193,7 +193,7 @@ def _schedule_budget(space: SearchSpace, o: StudyOptions) -> tuple[int, list[int
 
 def plan_study(o: StudyOptions) -> StudyPlan:
     """Every user-input check, with nothing written anywhere."""
-    from ltstudy.config import resolve_config
+    from ltstudy.config import check_runnable, resolve_config
     from ltstudy.methods import get_method
     from ltstudy.study.checks import check_address, check_data
     from ltstudy.study.cluster import TrialShape, check_trial_shape, optuna_location
@@ -212,21 +212,22 @@ def plan_study(o: StudyOptions) -> StudyPlan:
     get_method(o.method)
     o.check()
     check_trial_shape(TrialShape(o.workers, o.cpus_per_worker, o.gpus_per_worker))
+    pins = dict(o.overrides)
+    if get_method(o.method).stage == "feature":
+        pins = _backbone_pins(o, pins)
     if saved is not None:
         space_yaml, where = saved["space_yaml"], f"the space of study {o.study_name}"
     else:
-        path = Path(o.space_path) if o.space_path else default_space_path(o.method)
+        path = Path(o.space_path) if o.space_path else default_space_path(o.method, pins.get("dataset"))
         if not path.is_file():
             raise ConfigError(f"search-space file not found: {path}")
         space_yaml, where = path.read_text(), str(path)
     space = space_from_text(space_yaml, where, o.method)
-    pins = dict(o.overrides)
-    if get_method(o.method).stage == "feature":
-        pins = _backbone_pins(o, pins)
     for key in PATH_KEYS:
         if key in space.fixed and key not in pins:
             pins[key] = space.fixed[key]
     space = space.with_overrides(_absolute_paths(pins))
+    check_runnable(resolve_config({**space.fixed, **space.published_point(), "method": space.method}))
     notes = []
     make_sampler(o.sampler, 0, o.num_trials)  # an unknown sampler is one line here
     if (warning := sampler_warning(o.sampler, o.num_trials)) and not o.resume:
@@ -434,6 +435,7 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
     """
     import optuna
 
+    from ltstudy.methods import get_method
     from ltstudy.study.callbacks import MLflowTrialCallback, PlacementGroupReaper, ProgressCallback
     from ltstudy.study.cluster import TrialShape, place_study, stage_data
     from ltstudy.study.confirm import confirm_top
@@ -461,7 +463,7 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
     try:  # where trials go, and every node checked, before anything is recorded
         place = place_study(o.max_concurrent, TrialShape(o.workers, o.cpus_per_worker, o.gpus_per_worker),
                             plan.storage, plan.tracking_uri, plan.space.fixed, o.storage is not None)
-        if plan.fresh and "backbone" in plan.space.fixed:
+        if plan.fresh and "backbone" in plan.space.fixed and get_method(o.method).stage == "feature":
             plan.space = plan.space.with_overrides(_feature_pins(plan, place.gpu_tasks))
         cfg, record = _study_dataset(plan)
         tracker = StudyTracker(plan.tracking_uri, plan.study)

@@ -50,3 +50,33 @@ def write_filelist_tree(root: Path, counts: dict[str, list[int]]) -> tuple[Path,
         lists[split] = root / f"{split}.txt"
         lists[split].write_text("\n".join(lines) + "\n")
     return images, lists
+
+
+def write_imagenet_lt_tree(root: Path, classes: int = 40, n_max: int = 24, imbalance: float = 12.0,
+                           val_per_class: int = 12, test_per_class: int = 2, seed: int = 0
+                           ) -> tuple[Path, dict[str, Path], list[int]]:
+    """An ImageNet-LT-shaped file-list dataset: many classes, JPEGs of varied sizes, long-tailed train counts
+    (the exponential profile) assigned to classes in a random order (as in ImageNet-LT, the class index is
+    not the frequency rank), balanced val and test lists. Returns ``(image_root, {split: list}, train_counts)``.
+    """
+    from ltstudy.data import lt_counts
+
+    rng = np.random.default_rng(seed)
+    counts = [int(n) for n in rng.permutation(lt_counts(n_max, classes, imbalance))]
+    images = root / "images"
+    lists: dict[str, Path] = {}
+    for split, per_class in (("train", counts), ("val", [val_per_class] * classes),
+                             ("test", [test_per_class] * classes)):
+        lines = []
+        for label, n in enumerate(per_class):
+            base = rng.integers(0, 256, 3)
+            for k in range(n):
+                rel = f"{split}/n{label:04d}/{split}_{label}_{k}.JPEG"
+                h, w = (int(v) for v in rng.integers(36, 72, 2))
+                pixels = np.clip(base[:, None, None] + rng.normal(0, 24, (3, h, w)), 0, 255).astype(np.uint8)
+                (images / rel).parent.mkdir(parents=True, exist_ok=True)
+                write_file(str(images / rel), encode_jpeg(torch.from_numpy(pixels)))
+                lines.append(f"{rel} {label}")
+        lists[split] = root / f"ImageNet_LT_{split}.txt"
+        lists[split].write_text("\n".join(lines) + "\n")
+    return images, lists, counts

@@ -36,13 +36,36 @@ from ltstudy.train.loop import Stage, TrialContext
 CHECKED_KEYS = tuple(k for k in DATA_KEYS if k != "seed" and k not in PATH_KEYS)
 
 
+def check_manifest(manifest: dict[str, Any], cfg: TrialConfig, opts: dict[str, Any]) -> None:
+    """The cache must hold this trial's data (:data:`CHECKED_KEYS`) and what its method needs from it (feature
+    maps, the number of augmented views); a preset ``feature_key`` is never trusted blindly."""
+    key, t = manifest["key"], cfg.train
+    fields = manifest.get("key_fields")
+    if not isinstance(fields, dict) or "split_version" not in fields:
+        raise ConfigError(f"feature cache {key} was written by an older ltstudy (no split version in its "
+                          "manifest); extract the backbone's features again")
+    for name in CHECKED_KEYS:
+        if name in fields and fields[name] != getattr(t, name):
+            raise ConfigError(f"feature cache {key} holds {name}={fields[name]!r}, the trial has "
+                              f"{name}={getattr(t, name)!r}; feature trials use the backbone's data split")
+    if opts.get("fmaps") and not fields.get("fmaps"):
+        raise ConfigError(f"feature cache {key} holds no feature maps, which {t.method} needs; extract with "
+                          "--fmaps (or drop feature_key to let the trial extract them)")
+    want, have = int(opts.get("augmented_views", 0)), int(fields.get("augmented_views", 0))
+    if want != have:
+        raise ConfigError(f"feature cache {key} was extracted with augmented_views={have}, the trial asks for "
+                          f"{want}; drop feature_key (with backbone set) to use a matching cache")
+
+
 def resolve_features(cfg: TrialConfig, device: torch.device | str = "cpu") -> tuple[Storage, str]:
-    """(storage, key) of the trial's feature cache, extracting it first when needed."""
+    """(storage, key) of the trial's feature cache, extracting it first when needed; checked against the
+    trial (:func:`check_manifest`)."""
     t = cfg.train
     spec = get_method(t.method)
     opts = spec.extract_options(cfg.params) if issubclass(spec, FeatureMethod) else {}
     storage = open_storage(t.feature_storage)
     if t.feature_key and cache_exists(storage, t.feature_key):
+        check_manifest(read_manifest(storage, t.feature_key), cfg, opts)
         return storage, t.feature_key
     if t.backbone is None:
         if t.feature_key:
@@ -62,6 +85,7 @@ def resolve_features(cfg: TrialConfig, device: torch.device | str = "cpu") -> tu
     if t.feature_key and t.feature_key != result.key:
         raise ConfigError(f"feature_key {t.feature_key} does not match backbone {t.backbone} "
                           f"(its key is {result.key})")
+    check_manifest(result.manifest, cfg, opts)
     return storage, result.key
 
 

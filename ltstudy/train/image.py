@@ -8,12 +8,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltstudy.config import TrialConfig, load_data
+from ltstudy.config import DATA_KEYS, PATH_KEYS, TrialConfig, load_data
 from ltstudy.data import AugmentSpec, LTData, make_loader
+from ltstudy.errors import ConfigError
 from ltstudy.methods import ImageMethod, MethodContext, get_method
 from ltstudy.metrics import accuracy_metrics
 from ltstudy.runtime import make_amp
+from ltstudy.train.checkpoint import load_checkpoint
 from ltstudy.train.loop import Stage, TrialContext
+
+
+def check_stage1(cfg: TrialConfig) -> None:
+    """An image trial that starts from a stage-1 network (``backbone``, MetaSAug's classifier-only recipe)
+    must run on that network's data, so its validation and test images are ones the network never trained
+    on. In memory every data key draws the split; file lists fix theirs (the imbalance, profile and seed
+    settings do not apply; the seed only draws the carved sets from the val list)."""
+    t = cfg.train
+    if not t.backbone:
+        return
+    state = load_checkpoint(t.backbone, torch.device("cpu"))
+    if state is None or "config" not in state:
+        raise ConfigError(f"stage-1 checkpoint not found (or not an ltstudy checkpoint): {t.backbone}")
+    own = state["config"]
+    keys = ("dataset", "image_size") if t.dataset == "filelist" else DATA_KEYS
+    for key in keys:
+        if key in PATH_KEYS:
+            continue
+        if key in own and own[key] != getattr(t, key):
+            raise ConfigError(f"{key}={getattr(t, key)!r} differs from the stage-1 network's {key}={own[key]!r} "
+                              f"({t.backbone}); a trial that starts from it must use its data split")
 
 
 def build_method(cfg: TrialConfig, data: LTData, device: torch.device, rank: int = 0,
@@ -55,6 +78,7 @@ class ImageStage(Stage):
 
     def __init__(self, cfg: TrialConfig, ctx: TrialContext, device: torch.device) -> None:
         t = cfg.train
+        check_stage1(cfg)
         self.data = data = load_data(cfg)
         torch.manual_seed(t.seed)
         method = build_method(cfg, data, device, ctx.rank, ctx.world_size)
@@ -62,8 +86,7 @@ class ImageStage(Stage):
         self.amp = make_amp(t.amp, device)
         self.cfg = t
         channels_last = device.type == "cuda" and t.channels_last
-        augment = AugmentSpec(crop_padding=t.crop_padding, flip=t.flip, cutout=t.cutout,
-                              autoaugment=t.autoaugment)
+        augment = AugmentSpec.of(t)
         self.loader = method.train_loader(
             batch_size=t.batch_size, train=True, augment=augment, sampler=t.sampler, sampler_q=t.sampler_q,
             rank=ctx.rank, world_size=ctx.world_size, channels_last=channels_last, num_workers=t.num_workers,

@@ -25,7 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ltstudy.config import TrialConfig
+from ltstudy.config import TrialConfig, lr_milestones
+from ltstudy.data import SPLIT_VERSION
+from ltstudy.errors import NonFiniteLossError
 from ltstudy.methods import Method
 from ltstudy.train.checkpoint import (
     CHECKPOINT_FILE,
@@ -39,10 +41,6 @@ from ltstudy.train.optim import make_optimizer, make_scheduler
 #: ``report(metrics, checkpoint_dir)``: called after every epoch; ``checkpoint_dir`` is None when no
 #: checkpoint was written for it
 Report = Callable[[dict[str, Any], "str | None"], None]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the trial is a failure, not a result."""
 
 
 @dataclass
@@ -67,7 +65,7 @@ class Stage:
                  num_samples: int, parameters: Iterable[nn.Parameter] | None = None) -> None:
         self.method, self.module, self.device, self.num_samples = method, module, device, num_samples
         self.optimizer = make_optimizer(module.parameters() if parameters is None else parameters, cfg.train)
-        self.scheduler = make_scheduler(self.optimizer, cfg.train)
+        self.scheduler = make_scheduler(self.optimizer, cfg.train, lr_milestones(cfg))
 
     def batches(self, epoch: int) -> Iterable[Any]:
         """Put the module in training mode and return this epoch's batches."""
@@ -143,6 +141,7 @@ def run_epochs(stage: Stage, cfg: TrialConfig, ctx: TrialContext,
         if ctx.checkpoint_dir and ctx.rank == 0:
             ckpt_dir = ctx.checkpoint_dir
             save_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE, epoch=epoch + 1, config=cfg.to_dict(),
+                            split_version=SPLIT_VERSION,
                             **stage.state())
             write_progress(Path(ckpt_dir), epoch + 1, metrics)
         if report is not None:

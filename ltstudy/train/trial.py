@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ltstudy.config import TrialConfig
+from ltstudy.config import TrialConfig, check_runnable, lr_milestones
 from ltstudy.methods import get_method
 from ltstudy.runtime import resolve_device
 from ltstudy.train.checkpoint import read_progress
@@ -25,7 +25,7 @@ def phase_epochs(cfg: TrialConfig) -> list[int]:
     """0-based epochs where the trial's schedule changes phase: the lr schedule's and the method's own."""
     spec = get_method(cfg.method)
     own = [e for e in spec.phase_epochs(cfg.params, cfg.train.epochs) if 0 < e < cfg.train.epochs]
-    return sorted(set(lr_phase_epochs(cfg.train)) | set(own))
+    return sorted(set(lr_phase_epochs(cfg.train, lr_milestones(cfg))) | set(own))
 
 
 def finished_metrics(checkpoint_dir: str, cfg: TrialConfig) -> dict[str, Any] | None:
@@ -40,6 +40,7 @@ def run_trial(cfg: TrialConfig, report: Report | None = None,
               ctx: TrialContext | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration; returns the last epoch's metrics (with test metrics)."""
     ctx = ctx or TrialContext()
+    check_runnable(cfg)
     device = resolve_device(ctx.device if ctx.device is not None else cfg.train.device)
     body = FeatureStage if get_method(cfg.method).stage == "feature" else ImageStage
     return run_epochs(body(cfg, ctx, device), cfg, ctx, report)

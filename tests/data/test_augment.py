@@ -25,6 +25,21 @@ def test_random_crop_shape_and_content():
     assert random_crop(x, padding=0, generator=_gen()) is x
 
 
+def test_reflect_crop_is_a_window_of_torchs_reflection_pad():
+    """MetaSAug's pipeline pads by reflection (the reference's transforms); the window is drawn as with zeros."""
+    x = _batch()
+    out = random_crop(x, padding=4, generator=_gen(3), mode="reflect")
+    zeros = random_crop(x, padding=4, generator=_gen(3))
+    padded = torch.nn.functional.pad(x.float(), (4, 4, 4, 4), mode="reflect").to(torch.uint8)
+    for i in range(len(x)):
+        windows = [(dy, dx) for dy in range(9) for dx in range(10 - 1) if torch.equal(out[i], padded[i, :, dy:dy + 12, dx:dx + 10])]
+        assert windows
+        dy, dx = windows[0]
+        zero_padded = torch.nn.functional.pad(x[i], (4, 4, 4, 4))
+        assert torch.equal(zeros[i], zero_padded[:, dy:dy + 12, dx:dx + 10]), "same offsets, other padding"
+    assert (out > 0).all(), "no zero pixels: the border is reflected"
+
+
 def test_flip_is_flip_where_chosen():
     x = _batch(64)
     out = random_flip(x, _gen())

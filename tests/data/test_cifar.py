@@ -35,8 +35,24 @@ def test_cifar100_layout_loads(tmp_path):
     assert train_x.shape == (2500, 3, 32, 32) and test_x.shape == (200, 3, 32, 32)
     assert names[-1] == "c99" and int(train_y.max()) == 99
     data = build_data("cifar100-lt", data_root=tmp_path, imbalance=5, val_per_class=5, seed=0)
-    assert data.num_classes == 100 and data.class_counts[0] == 20 and data.class_counts[-1] == 4
+    assert data.num_classes == 100 and data.class_counts[0] == 20 and data.class_counts[-1] == 5
     assert data.std == (0.2673, 0.2564, 0.2762)
+
+
+def test_cifar100_lt_if100_has_the_papers_counts(tmp_path):
+    """A CIFAR-100-shaped folder (500 images per class) at IF 100: 500 ... 5 as in every reference, except the
+    head class, the only one whose leftovers cannot hold the 20 validation images (480; 10,827 in all)."""
+    from ltstudy.data import lt_counts
+
+    write_cifar100(tmp_path, per_class=500)
+    data = build_data("cifar100-lt", data_root=tmp_path, imbalance=100, val_per_class=20, seed=0)
+    standard = lt_counts(500, 100, 100)
+    assert sum(standard) == 10847 and standard[0] == 500 and standard[-1] == 5
+    assert data.class_counts.tolist() == [480, *standard[1:]]
+    assert int(data.class_counts.sum()) == 10827 and int(data.class_counts[-1]) == 5
+    assert data.gave_up() == {0: 20} and data.target_counts == standard
+    assert data.realised_imbalance == 96.0
+    assert torch.bincount(data.val.labels).tolist() == [20] * 100
 
 
 def test_missing_folder_suggests_download(tmp_path):

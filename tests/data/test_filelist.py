@@ -69,3 +69,19 @@ def test_missing_val_list_and_missing_image(tree):
     loader = make_loader(data, "test", batch_size=6, device="cpu", train=False, num_workers=0)
     with pytest.raises(DataError, match=r"c1/img 0\.jpg"):
         list(loader)
+
+
+def test_carved_sets_come_from_the_val_list(tree):
+    root, lists = tree
+    kw = dict(data_root=root, train_list=lists["train"], val_list=lists["val"], test_list=lists["test"])
+    plain = build_data("filelist", **kw)
+    data = build_data("filelist", **kw, carved={"meta": 1}, seed=3)
+    meta = data.carved["meta"]
+    assert torch.bincount(meta.labels).tolist() == [1, 1, 1] and torch.bincount(data.val.labels).tolist() == [1, 1, 1]
+    assert sorted(meta.paths + data.val.paths) == sorted(plain.val.paths)
+    assert set(meta.indices.tolist()).isdisjoint(data.val.indices.tolist())
+    assert data.train.paths == plain.train.paths and data.held == {"meta": 1} and data.target_counts is None
+    again = build_data("filelist", **kw, carved={"meta": 1}, seed=3)
+    assert again.carved["meta"].paths == meta.paths, "seeded"
+    with pytest.raises(DataError, match="class 0 has 2 images in the validation list; need at least 3"):
+        build_data("filelist", **kw, carved={"meta": 2})

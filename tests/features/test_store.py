@@ -49,7 +49,7 @@ def test_round_trip_is_exact(tmp_path):
             assert torch.equal(got[3], arr.fmaps)
     m = read_manifest(st, "k1", verify_files=True)
     assert m["rows"] == {"train": 37, "val": 7, "test": 9} and m["fmap_shape"] == [3, 2, 2]
-    assert m["feature_dim"] == 5 and "feature: fixed_size_list<item: float>[5]" in m["schema"]["train"]
+    assert m["feature_dim"] == 5 and "feature: fixed_size_binary[20]" in m["schema"]["train"]
     assert not [p for p in os.listdir(tmp_path / "features") if p.startswith(".tmp")]
 
 
@@ -172,3 +172,124 @@ def test_manifest_not_json_is_damaged(tmp_path):
     with pytest.raises(DataError, match="k7/manifest.json is damaged"):
         read_manifest(st, "k7")
     json  # noqa: B018
+
+
+def _object_store_like(root: Path):
+    """The object-store commit protocol (manifest last, no rename) on a local folder."""
+    import pyarrow.fs as pafs
+
+    from ltstudy.features.store import Storage
+
+    return Storage(pafs.LocalFileSystem(), str(root / "features"), str(root), atomic_rename=False)
+
+
+def test_a_losing_object_store_writer_keeps_the_files_a_reader_may_be_fetching(tmp_path):
+    """Writer A commits, a reader reads A's manifest, writer B replaces it: A's files stay readable, and the
+    reader holding A's manifest loads them."""
+    import ltstudy.features.store as store
+
+    st = _object_store_like(tmp_path)
+    assert write_cache(st, "k8", _splits(seed=1))
+    stale = read_manifest(st, "k8")
+    real = store._write_bytes
+
+    def racing(fs, path, data):  # writer B's manifest lands right after A's
+        real(fs, path, data)
+        if path.endswith("manifest.json") and b'"token"' in bytes(data):
+            foreign = json.loads(bytes(data))
+            foreign["created_by"]["token"] = "someone-else"
+            real(fs, path, json.dumps(foreign).encode())
+
+    store._write_bytes = racing
+    try:
+        assert write_cache(st, "k8", _splits(seed=2)) is False, "A lost the race"
+    finally:
+        store._write_bytes = real
+    clear_process_cache()
+    for entry in stale["files"].values():  # the reader holding the first manifest still finds its files
+        assert (tmp_path / "features" / "k8" / entry["path"]).is_file()
+    table = store.read_split_table(st, "k8", "val", stale)
+    assert table.num_rows == 7
+
+
+def test_a_changed_manifest_is_a_lost_race_and_the_same_one_failing_is_damage(tmp_path, monkeypatch):
+    import ltstudy.features.store as store
+
+    st = _object_store_like(tmp_path)
+    write_cache(st, "k9", _splits(seed=1))
+    old = read_manifest(st, "k9")
+    write_cache(st, "k9", _splits(seed=2))  # a second writer's set, manifest replaced
+    (tmp_path / "features" / "k9" / old["files"]["train"]["path"]).unlink()  # the old set is gone
+    real = store.read_manifest
+    served = iter([old])
+    monkeypatch.setattr(store, "read_manifest", lambda s, k, verify_files=False: next(served, None)
+                        or real(s, k, verify_files))
+    clear_process_cache()
+    got = store.verified_manifest(st, "k9")  # A's files fail, the manifest changed: B's set is checked
+    assert got["created_by"]["token"] != old["created_by"]["token"]
+    monkeypatch.setattr(store, "read_manifest", real)
+    (tmp_path / "features" / "k9" / got["files"]["test"]["path"]).write_bytes(b"PAR1")
+    with pytest.raises(DataError, match="test.parquet is damaged"):
+        store.verified_manifest(st, "k9")
+
+
+@pytest.mark.parametrize("code", ["EACCES", "EEXIST"])
+def test_a_failed_rename_is_an_error_unless_a_valid_cache_won(tmp_path, monkeypatch, code):
+    import errno
+
+    import ltstudy.features.store as store
+
+    st = open_storage(str(tmp_path))
+    if code == "EEXIST":  # a damaged directory sits where the cache would go
+        (tmp_path / "features" / "k10").mkdir(parents=True)
+        (tmp_path / "features" / "k10" / "manifest.json").write_text("{}")
+
+    def refuse(src, dst):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(store.os, "rename", refuse)
+    with pytest.raises(DataError, match="cannot commit feature cache k10"):
+        write_cache(st, "k10", _splits())
+    assert not [p for p in os.listdir(tmp_path / "features") if p.startswith(".tmp")]
+
+
+def test_large_splits_load_as_one_chunk_without_a_copy_and_are_verified_once(tmp_path, monkeypatch):
+    """Above 131,072 rows pyarrow's read_table returns several chunks (a concatenating copy); the cache reads
+    one row group into one chunk that torch uses in place, and checks each file's sha256 once per process.
+    Vectors are fixed-size binary rows: Parquet decodes a nested fixed_size_list<float> element by element
+    (~100 MB/s), fixed-size binary cells at memory speed."""
+    import ltstudy.features.store as store
+
+    n = 140_000
+    arr = SplitArrays(torch.arange(n), torch.zeros(n, dtype=torch.long), torch.randn(n, 4))
+    st = open_storage(str(tmp_path))
+    write_cache(st, "k11", {"train": arr, "val": arr, "test": arr})
+    clear_process_cache()
+    table = store.read_split_table(st, "k11", "train")
+    column = table.column("feature")
+    assert column.num_chunks == 1
+    values = store._flat_numpy(column, n)
+    assert values.ctypes.data == column.chunk(0).buffers()[1].address, "no copy into numpy"
+    hashed = []
+    real = store.hashlib.sha256
+    monkeypatch.setattr(store.hashlib, "sha256", lambda data=b"": hashed.append(len(data)) or real(data))
+    clear_process_cache()
+    for _ in range(3):
+        clear_process_cache(verified=False)
+        f, _, _ = load_features(str(tmp_path), "k11", "train")
+        assert torch.equal(f, arr.features)
+    assert len(hashed) == 1, "verified once"
+    os.utime(tmp_path / "features" / "k11" / "train.parquet", ns=(1, 1))  # the file changed: verify again
+    clear_process_cache(verified=False)
+    load_features(str(tmp_path), "k11", "train")
+    assert len(hashed) == 2
+
+
+def test_no_region_is_forced_on_s3(monkeypatch):
+    import pyarrow.fs as pafs
+
+    seen = {}
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.setattr(pafs, "S3FileSystem", lambda **kw: seen.update(kw) or pafs.LocalFileSystem())
+    open_storage("s3://bucket/prefix", endpoint_override="http://127.0.0.1:9")
+    assert "region" not in seen and seen["endpoint_override"] == "127.0.0.1:9"

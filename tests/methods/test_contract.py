@@ -14,7 +14,8 @@ import math
 import pytest
 import torch
 
-from ltstudy.config import TrialConfig, load_data, resolve_config
+from ltstudy.config import TrainConfig, TrialConfig, load_data, resolve_config
+from ltstudy.data import dataset_family
 from ltstudy.methods import ImageMethod, get_method, list_methods
 from ltstudy.runtime import NO_AMP
 from ltstudy.testing.configs import RecordingParams, tiny_config
@@ -40,14 +41,28 @@ def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.endswith(("per_class", "seconds", "per_s"))}
 
 
+@pytest.mark.parametrize("dataset", ["cifar10-lt", "cifar100-lt", "filelist"])
 @pytest.mark.parametrize("name", list_methods())
-def test_builds_from_published_defaults(name):
+def test_each_dataset_family_resolves_to_its_published_recipe(name, dataset):
+    """The family's recipe (cited) is what a config of that dataset resolves to, key for key; keys the recipe
+    leaves out keep their defaults; a user value still wins over the recipe."""
     spec = get_method(name)
-    params = spec.Params()
-    cfg = resolve_config({"method": name})
-    assert cfg.params == params
-    for key, value in spec.train_defaults.items():
-        assert getattr(cfg.train, key) == (tuple(value) if isinstance(value, list) else value)
+    recipe = spec.recipe(dataset_family(dataset))
+    assert recipe.source.strip() and recipe.settings
+    cfg = resolve_config({"method": name, "dataset": dataset})
+    flat, defaults = cfg.to_dict(), {**TrainConfig().model_dump(mode="json"), **spec.Params().model_dump()}
+    for imbalance in (None, *recipe.by_imbalance):
+        values = recipe.resolved(imbalance)
+        assert set(values) <= set(TrainConfig.model_fields) | set(spec.Params.model_fields)
+        resolved = resolve_config({"method": name, "dataset": dataset,
+                                   **({"imbalance": imbalance} if imbalance else {})}).to_dict()
+        for key, value in values.items():
+            assert resolved[key] == (list(value) if isinstance(value, tuple) else value), key
+    for key, value in defaults.items():
+        if key not in recipe.settings and key not in ("method", "dataset"):
+            assert flat[key] == value, key
+    key, value = next((k, v) for k, v in recipe.settings.items() if isinstance(v, float) and v > 0)
+    assert resolve_config({"method": name, "dataset": dataset, key: value * 2}).to_dict()[key] == value * 2
 
 
 def _grads_finite(parameters) -> None:

@@ -56,6 +56,30 @@ def test_cutmix_label_equals_pasted_area_fraction():
     assert lam_a > 0.5
 
 
+def test_cutmix_box_side_is_the_ceiling_as_in_glmc():
+    # λ = 0.5: 32·√0.5 = 22.6 → side 23 (floor would be 22); the box spans centre ± 23 // 2
+    assert cutmix_box(32, 32, 0.5, 16, 16) == (5, 27, 5, 27)
+    assert cutmix_box(32, 32, 0.75, 16, 16) == (8, 24, 8, 24)  # √0.25·32 = 16 exactly
+    assert cutmix_box(32, 32, 0.99, 16, 16) == (14, 18, 14, 18)  # 3.2 → 4 (floor: 3, box 15..17)
+
+
+def test_mixup_and_cutmix_batches_take_separate_forwards():
+    """BatchNorm normalises each of the two batches with its own statistics, as in the reference."""
+    from ltstudy.methods.fsgl import FSGLNet
+    from ltstudy.models import build_backbone
+
+    torch.manual_seed(0)
+    net = FSGLNet(build_backbone("resnet32"), 4).train()
+    x1, x2 = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8) * 3 + 1
+    phi = torch.ones(6)
+    (z1, *_), (z2, *_) = net((x1, x2), (phi, phi))
+    alone = net([x2], [phi])[0][0]
+    assert torch.allclose(z2, alone, atol=1e-5)
+    together = net([torch.cat([x1, x2])], [torch.ones(12)])[0][0]
+    assert not torch.allclose(together[6:], z2, atol=1e-3), "one 2B batch would share BN statistics"
+    assert net.projection.out_features == 32 and net(x1).shape == (6, 4)
+
+
 def test_soft_ce_equals_ce_on_one_hot():
     z, y = torch.randn(5, 4), torch.tensor([0, 3, 1, 1, 2])
     assert torch.allclose(soft_ce(z, torch.nn.functional.one_hot(y, 4).float()),
@@ -98,9 +122,9 @@ def test_mix_labels_and_phi():
     batch = (torch.randn(b, 3, 8, 8), torch.randn(b, 3, 8, 8), torch.tensor([0, 1, 2]),
              torch.randn(b, 3, 8, 8), torch.randn(b, 3, 8, 8), torch.tensor([3, 3, 0]))
     torch.manual_seed(0)
-    x, phi, y, y_w = m.mix(batch)
-    assert x.shape == (2 * b, 3, 8, 8)
+    (x_mix, x_cut), (phi_mix, phi_cut), y, y_w = m.mix(batch)
+    assert x_mix.shape == x_cut.shape == (b, 3, 8, 8)
     assert torch.allclose(y.sum(1), torch.ones(2 * b))
-    assert torch.allclose(phi, y @ fsm_factors(counts, 1.0).float())
+    assert torch.allclose(torch.cat([phi_mix, phi_cut]), y @ fsm_factors(counts, 1.0).float())
     w = label_weights(counts, 1.2).float()
     assert torch.allclose(y_w, y * w)  # y^w_k = y_k w_k for the two mixed classes

@@ -170,3 +170,26 @@ def test_state_dict_carries_the_estimator():
     m2.load_state_dict(state)
     for k in ("count", "mean", "cov"):
         assert torch.equal(getattr(m2.estimator, k), getattr(est, k))
+
+
+def test_the_classifier_only_recipe_trains_the_stage1_classifier_on_a_frozen_backbone(tmp_path):
+    """The reference's ImageNet recipe: the stage-1 network's backbone stays as it was (weights and BN
+    statistics), only the classifier moves; the stage-1 network must come from the same data."""
+    from ltstudy.testing.configs import tiny_config, train_backbone
+    from ltstudy.train import TrialContext, load_checkpoint
+
+    stage1 = train_backbone(str(tmp_path / "s1"))
+    cfg = tiny_config("metasaug", train_scope="classifier", switch=0.0, num_meta=2, meta_batch=8,
+                      covariance="diag").replace(backbone=stage1)
+    metrics = run_trial(cfg, ctx=TrialContext(checkpoint_dir=str(tmp_path / "ms")))
+    assert math.isfinite(metrics["test_loss"])
+    before = load_checkpoint(stage1, torch.device("cpu"))["model"]
+    after = load_checkpoint(tmp_path / "ms", torch.device("cpu"))["model"]
+    for key, value in before.items():
+        if key.startswith("backbone."):
+            assert torch.equal(after[key], value), key
+    assert not torch.equal(after["head.weight"], before["head.weight"])
+    with pytest.raises(ConfigError, match="imbalance=10.0 differs from the stage-1 network's imbalance=20"):
+        run_trial(cfg.replace(imbalance=10))
+    with pytest.raises(ConfigError, match="set backbone=CHECKPOINT"):
+        run_trial(cfg.replace(backbone=None))

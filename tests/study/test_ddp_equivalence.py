@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ltstudy.config import load_data
+from ltstudy.config import load_data, lr_milestones
 from ltstudy.data import AugmentSpec
 from ltstudy.testing.configs import tiny_config
 from ltstudy.train.image import build_method
@@ -32,8 +32,8 @@ def _one_process_two_shards(cfg) -> tuple[dict[str, torch.Tensor], float]:
     method = build_method(cfg, data, torch.device("cpu"))
     model = method.build_model()
     optimizer = make_optimizer(model.parameters(), t)
-    scheduler = make_scheduler(optimizer, t)
-    augment = AugmentSpec(crop_padding=t.crop_padding, flip=t.flip, cutout=t.cutout, autoaugment=t.autoaugment)
+    scheduler = make_scheduler(optimizer, t, lr_milestones(cfg))
+    augment = AugmentSpec.of(t)
     loader = method.train_loader(batch_size=t.batch_size, train=True, augment=augment, sampler=t.sampler)
     for epoch in range(t.epochs):
         torch.manual_seed(t.seed * 1_000_003 + epoch)

@@ -8,9 +8,10 @@ import optuna
 import pytest
 
 from ltstudy.config import resolve_config
-from ltstudy.methods import list_methods
+from ltstudy.data import FAMILIES
+from ltstudy.methods import get_method, list_methods
 from ltstudy.study.options import StudyOptions
-from ltstudy.study.space import SpaceError, load_space, parse_space
+from ltstudy.study.space import SpaceError, default_space_path, load_space, parse_space
 from ltstudy.study.tune import _schedule_budget
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,17 +21,40 @@ SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))
 
 def test_expected_files_are_shipped():
     names = {p.stem for p in SHIPPED}
-    assert names == set(list_methods()), "every registered method ships a search space"
+    assert set(list_methods()) <= names, "every registered method ships a search space"
+    families = {p.stem.split(".", 1)[1] for p in SHIPPED if "." in p.stem}
+    assert {p.stem.split(".")[0] for p in SHIPPED} == set(list_methods()) and families <= set(FAMILIES)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_shipped_space_validates(path):
-    space = load_space(path, method=path.stem)
-    assert space.method == path.stem
+    method, _, family = path.stem.partition(".")
+    space = load_space(path, method=method)
+    assert space.method == method
+    if family:
+        assert space.fixed["dataset"] == FAMILY_PINS[family]["dataset"]
     point = space.published_point()
     assert set(point) <= set(space.tuned_names)
     resolve_config({**space.fixed, **point, "method": space.method})
     _schedule_budget(space, StudyOptions(method=space.method))  # plannable with early stopping on
+
+
+#: what a study of each family pins (MetaSAug's file-list recipe trains the classifier of a given backbone)
+FAMILY_PINS = {"cifar10": {"dataset": "cifar10-lt"}, "cifar100": {"dataset": "cifar100-lt"},
+               "imagenet": {"dataset": "filelist", "backbone": "/stage1/checkpoint.pt"}}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_PINS))
+@pytest.mark.parametrize("method", list_methods())
+def test_the_first_trial_of_a_study_is_the_familys_published_recipe(method, family):
+    """The space a study of this dataset picks holds the family's recipe, and its first trial is that recipe."""
+    pins = FAMILY_PINS[family]
+    space = load_space(default_space_path(method, pins["dataset"]), method).with_overrides(pins)
+    first = resolve_config({**space.fixed, **space.published_point(), "method": method}).to_dict()
+    recipe = get_method(method).recipe(family).resolved(100.0)
+    for key, value in recipe.items():
+        assert first[key] == (list(value) if isinstance(value, tuple) else value), key
+    assert space.max_epochs() >= first["epochs"]
 
 
 def test_published_point_is_method_defaults():
