@@ -15,6 +15,7 @@ define a dataset (:data:`DATA_KEYS`) and which keys are paths (:data:`PATH_KEYS`
 from __future__ import annotations
 
 import difflib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -296,9 +297,28 @@ def data_location(train: TrainConfig) -> dict[str, Any]:
     return {k: getattr(train, k) for k in dict.fromkeys(keys) if getattr(train, k) is not None}
 
 
+#: datasets decoded in this process, by what defines them (a study's trials reuse their process)
+_LOADED: OrderedDict[tuple, LTData] = OrderedDict()
+_LOADED_MAX = 2
+
+
 def load_data(cfg: TrialConfig) -> LTData:
-    """The trial's dataset: the split :data:`DATA_KEYS` define, with the method's carved sets."""
+    """The trial's dataset: the split :data:`DATA_KEYS` define, with the method's carved sets.
+
+    Decoded once per process and kept (the two most recent), keyed by every setting that defines it, so
+    the trials of a study that run one after another in a reused Ray actor do not read and decode their
+    dataset again. Nothing changes a dataset once built: loaders and methods only read it.
+    """
     t = cfg.train
     keys = (*DATA_KEYS, *DATA_LOCATION_KEYS)
     settings = {k: getattr(t, k) for k in keys if k not in ("dataset", "num_workers")}
-    return build_data(t.dataset, **settings, carved=carved_sets(cfg))
+    carved = carved_sets(cfg)
+    key = (t.dataset, repr(sorted(settings.items())), repr(sorted(carved.items())))
+    if key in _LOADED:
+        _LOADED.move_to_end(key)
+        return _LOADED[key]
+    data = build_data(t.dataset, **settings, carved=carved)
+    _LOADED[key] = data
+    while len(_LOADED) > _LOADED_MAX:
+        _LOADED.popitem(last=False)
+    return data

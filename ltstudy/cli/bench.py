@@ -19,13 +19,15 @@ def bench_train(
     steps: int = typer.Option(30, help="timed steps per repeat"),
     repeats: int = typer.Option(5, help="repeats; the median is reported"),
     device: str = typer.Option("auto"),
+    compile: bool = typer.Option(False, "--compile", help="the network under torch.compile"),
 ) -> None:
     """Training and evaluation images/s and peak memory on the current device."""
     from ltstudy.experiments.bench_train import bench_train as run
 
     result = run(method=method, model=model, batch_size=batch_size, steps=steps, repeats=repeats,
-                 device=device)
-    table = Table(title=f"bench train: {method} / {model}, batch {batch_size} on {result['device']}")
+                 device=device, compile=compile)
+    table = Table(title=f"bench train: {method} / {model}, batch {batch_size} on {result['device']}"
+                        + (", torch.compile" if compile else ""))
     for col in ("train img/s", "eval img/s", "peak memory MiB"):
         table.add_column(col, justify="right")
     table.add_row(f"{result['train_images_per_s']:.0f}", f"{result['eval_images_per_s']:.0f}",
@@ -105,17 +107,53 @@ def bench_features_cmd(
 
 @bench_app.command("study")
 def bench_study_cmd(
-    trials: int = typer.Option(3, help="trials per configuration"),
-    epochs: int = typer.Option(2),
+    trials: int = typer.Option(8, help="trials per study"),
+    epochs: int = typer.Option(2, help="epochs per trial"),
+    workers: str = typer.Option("1,2", help="workers per trial to compare, comma-separated"),
+    cpus: int | None = typer.Option(None, help="cores the studies fill (default: all of this machine's)"),
+    gpu: bool = typer.Option(False, "--gpu", help="pack 1, 2, 4, 8 trials onto each GPU instead"),
+    overrides: list[str] | None = OVERRIDES,
 ) -> None:
-    """Per-trial overhead (trial wall time minus time in run_trial), 1 and 2 workers; trials/hour."""
-    from ltstudy.experiments.bench_study import bench_study
+    """What a study costs: real `ltstudy tune` runs timed from start to exit; the machine's share used."""
+    from ltstudy.experiments.bench_study import bench_gpu_packing, bench_study
+    from ltstudy.study.startup import STAGES
 
-    rows = bench_study(trials=trials, epochs=epochs)
-    table = Table(title="bench study (medians)")
-    for col in ("workers", "trials", "trial wall s", "in run_trial s", "overhead s", "trials/hour"):
+    extra = overrides or []
+    if gpu:
+        rows, advice = bench_gpu_packing(epochs=epochs, overrides=extra)
+        table = Table(title="bench study --gpu: trials sharing each GPU (process start to exit)")
+        for col in ("trials per GPU", "trials", "wall s", "aggregate train img/s", "trials/hour per GPU",
+                    "share used"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            if "error" in r:
+                table.add_row(str(r["per_gpu"]), "-", "-", "-", "-", r["error"])
+                continue
+            table.add_row(str(r["per_gpu"]), str(r["trials"]), f"{r['wall_s']:.1f}", f"{r['images_per_s']:.0f}",
+                          f"{r['trials_per_hour_per_gpu']:.0f}", f"{r['share']:.2f}")
+        console.print(table)
+        console.print(f"recommendation: {advice}", highlight=False)
+        return
+    try:
+        counts = tuple(int(w) for w in workers.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--workers takes numbers like 1,2; got {workers!r}") from None
+    rows = bench_study(trials=trials, epochs=epochs, workers=counts, cpus=cpus, overrides=extra)
+    table = Table(title=f"bench study: {trials} trials x {epochs} epochs (process start to exit)")
+    for col in ("trials", "wall s", "in run_trial s", "share used", "trials/hour", "reused", "start-up s"):
         table.add_column(col, justify="right")
+    table.add_column("configuration")
     for r in rows:
-        table.add_row(str(r["workers"]), str(r["trials"]), f"{r['wall_s']:.1f}", f"{r['run_trial_s']:.1f}",
-                      f"{r['overhead_s']:.1f}", f"{r['trials_per_hour']:.0f}")
+        table.add_row(f"{r['completed']}/{r['trials']}", f"{r['wall_s']:.1f}", f"{r['in_trial_s']:.1f}",
+                      f"{r['share']:.2f}", f"{r['trials_per_hour']:.0f}", str(r["reused"]),
+                      f"{r['startup'].get('startup_s', float('nan')):.1f}", r["config"])
     console.print(table)
+    stages = Table(title="start-up of a trial, stage by stage (medians, s)")
+    stages.add_column("configuration")
+    for key, (name, _) in STAGES.items():
+        if any(key in r["startup"] for r in rows):
+            stages.add_column(name, justify="right")
+    for r in rows:
+        stages.add_row(r["config"], *[f"{r['startup'][k]:.2f}" if k in r["startup"] else "-"
+                                     for k in STAGES if any(k in x["startup"] for x in rows)])
+    console.print(stages)

@@ -65,6 +65,8 @@ def tune(
     time_budget: str | None = typer.Option(None, help="stop starting trials after this long (90m, 2h)"),
     confirm: int = typer.Option(0, help="re-run the top K configurations over more seeds before export"),
     confirm_seeds: int = typer.Option(3, help="seeds per confirmed configuration"),
+    checkpoint_every: int = typer.Option(5, help="epochs between trial checkpoints (also written at the "
+                                                 "end and at ASHA's rungs)"),
     storage: str | None = typer.Option(None, help="results/checkpoints URI or shared folder "
                                           "(default ./ltstudy_results)"),
     tracking_uri: str | None = TRACKING,
@@ -108,6 +110,7 @@ def tune(
     opts = StudyOptions(**{"method": "", **given}, max_concurrent=max_concurrent, storage=storage,
                         tracking_uri=tracking_uri, study_name=study_name, address=address, resume=resume,
                         time_budget=parse_duration(time_budget), confirm=confirm, confirm_seeds=confirm_seeds,
+                        checkpoint_every=checkpoint_every,
                         verbose=verbose, given=frozenset(given))
     summary = run_study(opts, echo=_echo_confirmation, say=lambda line: console.print(f"warning: {line}"),
                         console=console)

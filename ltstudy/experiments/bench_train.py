@@ -41,8 +41,13 @@ def _timed(loop: Any, steps: int, batch: int, device: torch.device) -> float:
 
 
 def bench_train(method: str = "ce", model: str = "resnet32", batch_size: int = 128, steps: int = 30,
-                repeats: int = 5, device: str = "auto", **overrides: Any) -> dict[str, Any]:
-    """Median train and eval images/s and peak memory of ``method`` on synthetic CIFAR-sized data."""
+                repeats: int = 5, device: str = "auto", compile: bool = False, **overrides: Any) -> dict[str, Any]:
+    """Median train and eval images/s and peak memory of ``method`` on synthetic CIFAR-sized data.
+
+    ``compile``: the network under ``torch.compile`` (default mode; the warm-up then includes the
+    compilation). It is a measurement only: trials do not compile, because on the 2-core CPU it made
+    ResNet-32 no faster (README, "Study throughput"), and no GPU was lent to measure it there.
+    """
     dev = resolve_device(device)
     cfg = resolve_config({"method": method, "model": model, "dataset": "synthetic", "image_size": 32,
                           "batch_size": batch_size, "device": str(dev), **overrides})
@@ -53,6 +58,8 @@ def bench_train(method: str = "ce", model: str = "resnet32", batch_size: int = 1
     # time the last phase of the schedule: deferred phases (DRW, MetaSAug's meta step) are the costly ones
     meth.on_epoch_start(t.epochs - 1)
     net = prepare_model(meth.build_model(), t, dev, 1)
+    if compile:
+        net = torch.compile(net)
     opt = make_optimizer(net.parameters(), t)
     amp = make_amp(t.amp, dev)
     cl = dev.type == "cuda" and t.channels_last

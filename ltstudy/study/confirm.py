@@ -73,7 +73,7 @@ def confirm_top(plan: Any, tracker: StudyTracker, trainable: Any, k: int, seeds:
         search = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrency)
         ray.tune.Tuner(
             trainable, param_space=dict(points[0]),
-            tune_config=ray.tune.TuneConfig(search_alg=search, num_samples=len(points)),
+            tune_config=ray.tune.TuneConfig(search_alg=search, num_samples=len(points), reuse_actors=True),
             run_config=ray.tune.RunConfig(
                 name=f"{plan.study}-confirm-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=plan.storage,
                 callbacks=[callback, PlacementGroupReaper()], verbose=o.verbose,
@@ -125,7 +125,7 @@ def confirm_study(study: str, k: int, seeds: int, tracking_uri: str, address: st
         place = place_study(max_concurrent, TrialShape(o.workers, o.cpus_per_worker, o.gpus_per_worker), storage,
                             tracking_uri, space.fixed)
         trainable = make_trainable(Resources(o.workers, o.cpus_per_worker, o.gpus_per_worker, o.retries,
-                                             storage, place.driver, place.backend))
+                                             storage, place.driver, place.backend, o.checkpoint_every))
         ranking = confirm_top(plan, tracker, trainable, k, seeds, place.max_concurrent, echo)
     finally:
         if started:

@@ -18,7 +18,7 @@ from ltstudy.errors import ConfigError
 OPTIONS_FILE = "ltstudy_study.json"
 #: options that belong to one run of a study, not to the study: they may change on --resume
 PER_RUN = ("max_concurrent", "storage", "tracking_uri", "study_name", "address", "resume", "time_budget",
-           "verbose", "confirm", "confirm_seeds", "given")
+           "verbose", "confirm", "confirm_seeds", "checkpoint_every", "given")
 #: how the CLI spells an option, for messages
 FLAG = {"num_trials": "--num-trials", "space_path": "--space", "overrides": "KEY=VALUE settings"}
 
@@ -49,6 +49,7 @@ class StudyOptions:
     time_budget: float | None = None  # seconds
     confirm: int = 0  # re-run the top K configurations over `confirm_seeds` more seeds
     confirm_seeds: int = 3
+    checkpoint_every: int = 5  # epochs between trial checkpoints; also at the end and at ASHA's rungs
     verbose: int = 0  # 0: ltstudy's progress lines only; 1, 2: also Ray's tables and the workers' logs
     #: the options the user gave explicitly (the CLI fills it); None: those set away from their defaults
     given: frozenset[str] | None = None
@@ -74,6 +75,8 @@ class StudyOptions:
             raise ConfigError(f"--reduction-factor must be > 1, got {self.reduction_factor:g}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ConfigError("--time-budget must be positive")
+        if self.checkpoint_every < 1:
+            raise ConfigError("--checkpoint-every must be at least 1 (epochs)")
         if self.confirm < 0 or self.confirm_seeds < 1:
             raise ConfigError("--confirm must be >= 0 and --confirm-seeds >= 1")
 

@@ -9,10 +9,19 @@ memory — are properties of the configuration, not accidents: they are reported
 and the trial ends without raising, so Tune's and Train's retries (meant for lost workers and nodes) do
 not re-run them. A trial restored from its final checkpoint (it finished, but the driver died before
 Tune's state caught up) replays its final result instead of loading its data again.
+
+Throughput: Tune reuses a trial's process for the next trial (``reuse_actors``), so torch, ltstudy and the
+decoded dataset (``config.load_data`` keeps it per process) are loaded once per process, not per trial.
+Checkpoints are written every ``checkpoint_every`` epochs, at the scheduler's rung epochs and at the end
+(not after every epoch); a multi-worker trial uploads them in the background (Ray Train's ``ASYNC`` mode).
+The first report of every trial carries when its process began importing ltstudy and finished importing
+the trial code, when the trial function was entered and when its data and model were ready (``startup``),
+from which the driver works out the start-up cost (:mod:`ltstudy.study.startup`).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -26,6 +35,7 @@ import ray.tune
 import torch
 from ray.train import Checkpoint
 
+from ltstudy import IMPORT_STARTED
 from ltstudy.config import resolve_config
 from ltstudy.errors import LtstudyError
 from ltstudy.study.cluster import storage_problem_here
@@ -36,6 +46,21 @@ DETERMINISTIC = (NonFiniteLossError, LtstudyError, torch.cuda.OutOfMemoryError)
 
 #: rank 0 of a multi-worker trial reports its workers' placement group under this key (see callbacks)
 PLACEMENT_GROUP_KEY = "train_placement_group"
+#: the first report of a trial carries its start-up time stamps under this key (see callbacks.StartupCallback)
+STARTUP_KEY = "startup"
+
+
+#: when this process began importing ltstudy and finished importing the trial code, and how many trials it
+#: has run (Tune reuses trial processes)
+_IMPORTS = {"import_started": IMPORT_STARTED, "imported": time.time()}
+_TRIALS_RUN = 0
+
+
+def _next_trial() -> int:
+    """Counts this process's trials; returns how many it has run, this one included."""
+    global _TRIALS_RUN
+    _TRIALS_RUN += 1
+    return _TRIALS_RUN
 
 
 @dataclass(frozen=True)
@@ -50,6 +75,12 @@ class Resources:
     storage: str = ""
     driver: dict[str, float] = field(default_factory=lambda: {"cpu": 0.01})
     backend: str = ""  # default: nccl on GPUs, gloo on the CPU
+    checkpoint_every: int = 5  # epochs between trial checkpoints (the last epoch always has one)
+    checkpoint_epochs: tuple[int, ...] = ()  # further epochs that get one: the scheduler's rungs
+
+    def context(self, **kw: Any) -> TrialContext:
+        return TrialContext(checkpoint_every=self.checkpoint_every,
+                            checkpoint_epochs=frozenset(self.checkpoint_epochs), **kw)
 
     def tune_resources(self) -> dict[str, float]:
         """What the Tune trial itself holds: the whole worker for one worker, the driver's share else."""
@@ -76,20 +107,49 @@ def _local_copy(ckpt: Checkpoint | None) -> str | None:
     return ckpt.to_directory() if ckpt is not None else None
 
 
-def _reporter(cfg: Any, send: Any, checkpoints: bool = True, group: Any = None) -> Any:
-    """The ``report`` callback of ``run_trial``: adds the keys the study needs, then ``send``s."""
-    started = time.perf_counter()
+def _reporter(cfg: Any, send: Any, ctx: TrialContext, checkpoints: bool = True, group: Any = None,
+              origin: dict[str, Any] | None = None, upload: dict[str, Any] | None = None) -> Any:
+    """The ``report`` callback of ``run_trial``: adds the keys the study needs, then ``send``s.
+
+    ``origin``: start-up stamps of the process that launched this one (a multi-worker trial's driver);
+    ``upload``: extra ``send`` arguments for a checkpoint, which then moves to a folder of its own first
+    (Ray Train uploads it in the background while training goes on, and deletes it after).
+    """
+    started, entered = time.perf_counter(), time.time()
+    trials = _next_trial()
     node = _node_id()
+    last: list[float] = []
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        now = time.time()
         metrics.update(epochs_total=cfg.train.epochs, node_id=node,
-                       time_in_run_trial_s=time.perf_counter() - started)
+                       time_in_run_trial_s=time.perf_counter() - started,
+                       epoch_wall_s=now - (last[-1] if last else (ctx.ready_at or entered)))
+        if not last:
+            metrics[STARTUP_KEY] = {**_IMPORTS, "entered": entered, "ready": ctx.ready_at,
+                                    "process_trials": trials, **(origin or {})}
+        last.append(now)
         if group is not None:
             metrics[PLACEMENT_GROUP_KEY] = group.id.hex()
-        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir and checkpoints else None
-        send(metrics, checkpoint=ckpt)
+        if not (checkpoint_dir and checkpoints):
+            send(metrics, checkpoint=None, **(upload or {}))
+            return
+        if upload:
+            own = tempfile.mkdtemp(prefix="ltstudy-upload-")
+            for name in os.listdir(checkpoint_dir):
+                os.replace(os.path.join(checkpoint_dir, name), os.path.join(own, name))
+            checkpoint_dir = own
+        send(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir), **(upload or {}))
 
     return report
+
+
+def _release() -> None:
+    """After a trial, in a process the next trial may reuse: give cached GPU memory back to the GPU's
+    other tenants (several trials can share one GPU)."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _run_or_replay(cfg: Any, report: Any, ctx: TrialContext) -> None:
@@ -101,44 +161,50 @@ def _run_or_replay(cfg: Any, report: Any, ctx: TrialContext) -> None:
         run_trial(cfg, report, ctx)
 
 
-def single_worker_trial(config: dict[str, Any]) -> None:
-    """One-worker trial: train here, report each epoch to Tune with a Tune checkpoint."""
-    cfg = resolve_config(dict(config))
-    problem = storage_problem_here()  # a node without the shared storage: fail now, not after an epoch
-    if problem:
-        ray.tune.report(_failure_result(RuntimeError(problem), cfg))
-        return
-    work = tempfile.mkdtemp(prefix="ltstudy-ckpt-")
-    resume = _local_copy(ray.tune.get_checkpoint())
-    report = _reporter(cfg, ray.tune.report)
+def make_single_worker_trial(res: Resources):
+    """One-worker trial: train in the trial's process, report each epoch to Tune."""
 
-    try:
-        _run_or_replay(cfg, report, TrialContext(checkpoint_dir=work, resume_from=resume))
-    except DETERMINISTIC as exc:
-        ray.tune.report(_failure_result(exc, cfg))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if resume:
-            shutil.rmtree(resume, ignore_errors=True)
+    def single_worker_trial(config: dict[str, Any]) -> None:
+        cfg = resolve_config(dict(config))
+        problem = storage_problem_here()  # a node without the shared storage: fail now, not after an epoch
+        if problem:
+            ray.tune.report(_failure_result(RuntimeError(problem), cfg))
+            return
+        work = tempfile.mkdtemp(prefix="ltstudy-ckpt-")
+        resume = _local_copy(ray.tune.get_checkpoint())
+        ctx = res.context(checkpoint_dir=work, resume_from=resume)
+        try:
+            _run_or_replay(cfg, _reporter(cfg, ray.tune.report, ctx), ctx)
+        except DETERMINISTIC as exc:
+            ray.tune.report(_failure_result(exc, cfg))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            if resume:
+                shutil.rmtree(resume, ignore_errors=True)
+            _release()
+
+    return single_worker_trial
 
 
 def train_worker(loop: dict[str, Any]) -> None:
     """Runs on every DDP rank; rank 0 writes checkpoints, every rank reports (a collective)."""
     import ray.train.torch
+    from ray.train import CheckpointUploadMode
 
     cfg = resolve_config(dict(loop["config"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     work = tempfile.mkdtemp(prefix=f"ltstudy-ckpt-r{rank}-")
     resume = _local_copy(ray.train.get_checkpoint())
-    # rank 0 also names the workers' placement group, for PlacementGroupReaper
-    report = _reporter(cfg, ray.train.report, checkpoints=rank == 0,
-                       group=ray.util.get_current_placement_group())
-
     # an explicit device=cpu wins over the GPU Train assigned (logical GPUs on CPU-only test clusters)
     device = "cpu" if cfg.train.device == "cpu" else ray.train.torch.get_device()
-    tctx = TrialContext(device=device, rank=rank, world_size=world,
-                        checkpoint_dir=work, resume_from=resume)
+    tctx = TrialContext(device=device, rank=rank, world_size=world, checkpoint_dir=work, resume_from=resume,
+                        checkpoint_every=loop.get("checkpoint_every", 1),
+                        checkpoint_epochs=frozenset(loop.get("checkpoint_epochs", ())))
+    # rank 0 also names the workers' placement group, for PlacementGroupReaper
+    report = _reporter(cfg, ray.train.report, tctx, checkpoints=rank == 0,
+                       group=ray.util.get_current_placement_group(), origin=loop.get("origin"),
+                       upload={"checkpoint_upload_mode": CheckpointUploadMode.ASYNC})
     try:
         _run_or_replay(cfg, report, tctx)
     except DETERMINISTIC as exc:
@@ -149,7 +215,6 @@ def train_worker(loop: dict[str, Any]) -> None:
             shutil.rmtree(resume, ignore_errors=True)
 
 
-
 def make_multi_worker_trial(res: Resources):
     """The Tune trial as a Train driver: a deterministic run name makes a restarted trial resume."""
 
@@ -158,10 +223,14 @@ def make_multi_worker_trial(res: Resources):
         from ray.tune.integration.ray_train import TuneReportCallback
 
         trial_id = ray.tune.get_context().get_trial_id()
+        origin = {"driver_import_started": _IMPORTS["import_started"], "driver_entered": time.time(),
+                  "driver_trials": _next_trial()}
         per_worker = {"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {})}
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"config": dict(config)},
+            train_loop_config={"config": dict(config), "origin": origin,
+                               "checkpoint_every": res.checkpoint_every,
+                               "checkpoint_epochs": list(res.checkpoint_epochs)},
             torch_config=TorchConfig(backend=res.backend or ("nccl" if res.gpus else "gloo")),
             scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.gpus > 0,
                                                    resources_per_worker=per_worker),
@@ -171,14 +240,17 @@ def make_multi_worker_trial(res: Resources):
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             ),
         )
-        trainer.fit()
+        try:
+            trainer.fit()
+        finally:
+            _release()
 
     return multi_worker_trial
 
 
 def make_trainable(res: Resources):
     """The function Tune runs per trial, with the resources it must hold."""
-    fn = single_worker_trial if res.workers == 1 else make_multi_worker_trial(res)
+    fn = make_single_worker_trial(res) if res.workers == 1 else make_multi_worker_trial(res)
     return ray.tune.with_resources(fn, res.tune_resources())
 
 

@@ -19,6 +19,7 @@ by ``Trial`` objects (not ids) and pause trials, so making them resume exactly w
 from __future__ import annotations
 
 import io
+import math
 import pickle
 from typing import Any
 
@@ -80,6 +81,13 @@ class StudyASHA(AsyncHyperBandScheduler):
         # Tune unpickles the scheduler of a restored study from tuner.pkl, written before any result
         self.__dict__.update(state)
         self._load()
+
+
+def rung_epochs(scheduler: StudyASHA | None) -> tuple[int, ...]:
+    """The epochs at which ``scheduler`` decides (ASHA decides at the first result at or past a rung)."""
+    if scheduler is None:
+        return ()
+    return tuple(sorted({math.ceil(m) for m, _ in scheduler.rungs}))
 
 
 def first_rung(phases: list[int], grace: int | str) -> int:

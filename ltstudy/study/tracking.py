@@ -48,8 +48,8 @@ OPTUNA_STORAGE_TAG = "ltstudy.optuna_storage"  # the journal file / RDB URL hold
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 CONFIG_ARTIFACT = "config.yaml"
 PER_CLASS_PLOT = "per_class_accuracy.png"
-_METRIC_PREFIXES = ("train_", "val_", "test_")
-_METRIC_EXTRA = ("lr", "epoch_seconds", "time_in_run_trial_s")
+_METRIC_PREFIXES = ("train_", "val_", "test_", "startup_")
+_METRIC_EXTRA = ("lr", "epoch_seconds", "epoch_wall_s", "time_in_run_trial_s", "reused_process")
 
 
 class TrackingError(LtstudyError):

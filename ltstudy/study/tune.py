@@ -58,6 +58,7 @@ class StudyPlan:
     max_t: int  # the trials' epochs: the budget early stopping works within
     grace: int  # ASHA's first rung
     phases: list[int] = field(default_factory=list)  # the latest schedule phase start per corner config
+    rungs: tuple[int, ...] = ()  # ASHA's rung epochs: trials write a checkpoint there
     notes: list[str] = field(default_factory=list)  # one-line warnings for the user
 
     @property
@@ -197,7 +198,7 @@ def plan_study(o: StudyOptions) -> StudyPlan:
     from ltstudy.methods import get_method
     from ltstudy.study.checks import check_address, check_data
     from ltstudy.study.cluster import TrialShape, check_trial_shape, optuna_location
-    from ltstudy.study.schedulers import first_rung, make_scheduler
+    from ltstudy.study.schedulers import first_rung, make_scheduler, rung_epochs
     from ltstudy.study.search import make_sampler, sampler_warning, study_seed
 
     if o.resume and not o.study_name:
@@ -234,7 +235,8 @@ def plan_study(o: StudyOptions) -> StudyPlan:
         notes.append(warning)
     epochs, phases = _schedule_budget(space, o)
     grace = first_rung(phases, o.grace_period)
-    make_scheduler(o.scheduler, space.metric, space.mode, epochs, grace, o.reduction_factor, state_dir=".")
+    scheduler = make_scheduler(o.scheduler, space.metric, space.mode, epochs, grace, o.reduction_factor,
+                               state_dir=".")
     if o.scheduler != "none" and space.multi_objective:
         notes.append(f"multi-objective study: early stopping decides on the first objective, {space.metric}")
     study = o.study_name or f"{o.method}-{space.fixed.get('dataset', 'cifar10-lt')}-" \
@@ -257,7 +259,7 @@ def plan_study(o: StudyOptions) -> StudyPlan:
         check_data(published)
     seed = saved["seed"] if saved is not None else (o.seed if o.seed is not None else study_seed(study))
     return StudyPlan(o, space, space_yaml, study, storage, experiment_path, optuna_storage, uri,
-                     not o.resume, seed, epochs, grace, phases, notes)
+                     not o.resume, seed, epochs, grace, phases, notes, rung_epochs(scheduler))
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -289,8 +291,10 @@ def _build_tuner(plan: StudyPlan, trainable: Any, callbacks: list[Any], concurre
                                o.reduction_factor, state_dir=plan.experiment_path)
     return Tuner(
         trainable,
+        # reuse_actors: the next trial runs in a finished trial's process, with torch, ltstudy and the
+        # decoded dataset already loaded (the function trainable's reset waits for the old trial to end)
         tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=o.num_trials,
-                                        time_budget_s=o.time_budget),
+                                        time_budget_s=o.time_budget, reuse_actors=True),
         run_config=ray.tune.RunConfig(
             name=plan.study, storage_path=plan.storage, callbacks=callbacks, verbose=o.verbose,
             failure_config=ray.tune.FailureConfig(max_failures=o.retries),
@@ -377,6 +381,11 @@ def _header(plan: StudyPlan, experiment_id: str, parent: str, concurrency: int) 
     ]
 
 
+def _trial_label(links: Any, trial: Any) -> str:
+    number = links.number(trial.trial_id)
+    return f"trial {number}" if number is not None else f"trial {trial.trial_id}"
+
+
 def _drop_stale_optuna_study(plan: StudyPlan) -> None:
     """A fresh start under a name whose earlier start never reached Tune: its Optuna study is stale."""
     import optuna
@@ -445,6 +454,7 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
     from ltstudy.study.runner import Resources, make_trainable, ray_init
     from ltstudy.study.search import open_optuna_storage
     from ltstudy.study.selection import Objectives
+    from ltstudy.study.startup import StartupCallback
     from ltstudy.study.tracking import study_trials
 
     tic = time.time()
@@ -502,8 +512,11 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
                 if not plan.fresh:
                     board.seed([t["status"] for t in study_trials(tracker.mlc, tracker.experiment_id, parent)])
                 callbacks.append(ProgressCallback(board, plan.space.params, links, plan.space.metrics))
+            callbacks.insert(0, StartupCallback(o.workers, board.say if board is not None else say,
+                                                lambda trial: _trial_label(links, trial)))
             trainable = make_trainable(Resources(o.workers, o.cpus_per_worker, o.gpus_per_worker, o.retries,
-                                                 plan.storage, place.driver, place.backend))
+                                                 plan.storage, place.driver, place.backend, o.checkpoint_every,
+                                                 plan.rungs))
             tuner = _build_tuner(plan, trainable, callbacks, place.max_concurrent)
             annotate_study(links.storage, plan.study, list(plan.space.metrics), {
                 "mlflow_tracking_uri": plan.tracking_uri, "mlflow_experiment_id": tracker.experiment_id,

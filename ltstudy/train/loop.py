@@ -50,8 +50,16 @@ class TrialContext:
     device: torch.device | str | None = None
     rank: int = 0
     world_size: int = 1
-    checkpoint_dir: str | None = None  # write a checkpoint here after every epoch (rank 0)
+    checkpoint_dir: str | None = None  # write checkpoints here (rank 0)
     resume_from: str | None = None  # a checkpoint file, or a directory holding one
+    checkpoint_every: int = 1  # epochs between checkpoints; the last epoch always has one
+    checkpoint_epochs: frozenset[int] = frozenset()  # further epochs that get one (a scheduler's rungs)
+    ready_at: float | None = None  # wall time the trial body was built (data loaded, model built)
+
+    def checkpoint_due(self, epoch: int, epochs: int) -> bool:
+        """Whether the (1-based) ``epoch`` of ``epochs`` is written to ``checkpoint_dir``."""
+        return bool(self.checkpoint_dir) and self.rank == 0 and (
+            epoch == epochs or epoch % max(self.checkpoint_every, 1) == 0 or epoch in self.checkpoint_epochs)
 
 
 class Stage:
@@ -138,7 +146,7 @@ def run_epochs(stage: Stage, cfg: TrialConfig, ctx: TrialContext,
             test, test_per_class = stage.evaluate("test")
             metrics.update({f"test_{k}": v for k, v in test.items()}, test_per_class=test_per_class)
         ckpt_dir = None
-        if ctx.checkpoint_dir and ctx.rank == 0:
+        if ctx.checkpoint_due(epoch + 1, t.epochs):
             ckpt_dir = ctx.checkpoint_dir
             save_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE, epoch=epoch + 1, config=cfg.to_dict(),
                             split_version=SPLIT_VERSION,

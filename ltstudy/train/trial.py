@@ -9,6 +9,7 @@ last epoch, and only reported.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from ltstudy.config import TrialConfig, check_runnable, lr_milestones
@@ -43,4 +44,6 @@ def run_trial(cfg: TrialConfig, report: Report | None = None,
     check_runnable(cfg)
     device = resolve_device(ctx.device if ctx.device is not None else cfg.train.device)
     body = FeatureStage if get_method(cfg.method).stage == "feature" else ImageStage
-    return run_epochs(body(cfg, ctx, device), cfg, ctx, report)
+    stage = body(cfg, ctx, device)
+    ctx.ready_at = time.time()
+    return run_epochs(stage, cfg, ctx, report)

@@ -38,12 +38,12 @@ def test_trial_without_the_storage_fails_at_its_start(ray_local, tmp_path):
     import ray.tune
     from ray.train._internal.session import get_session
 
-    from ltstudy.study.runner import single_worker_trial
+    from ltstudy.study.runner import Resources, make_single_worker_trial
 
     def on_a_node_without_the_mount(config):
         storage = get_session().storage  # Tune's marker, as a node without the shared mount sees it: absent
         Path(storage.experiment_fs_path, ".validate_storage_marker").unlink()
-        single_worker_trial(config)
+        make_single_worker_trial(Resources())(config)
 
     config = resolve_config({**TINY, "method": "ce", "epochs": 2}).to_dict()
     grid = ray.tune.Tuner(on_a_node_without_the_mount, param_space=config, run_config=ray.tune.RunConfig(
