@@ -461,8 +461,9 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
     _quiet(o.verbose)
     plan = plan_study(o)
     o = plan.opts
-    for note in plan.notes:
-        (say or print)(note)
+    if console is None:  # else after the header
+        for note in plan.notes:
+            (say or print)(note)
     obj = Objectives(plan.space.metrics, plan.space.modes)
     if plan.fresh and "backbone" not in plan.space.fixed:  # with download: fetched once, here, before Ray
         values = {**plan.space.fixed, **plan.space.published_point(), "method": plan.space.method}
@@ -505,7 +506,7 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
             callback._datasets[data_key(cfg)] = record
             callbacks: list[Any] = [callback, PlacementGroupReaper()]
             if console is not None:
-                for line in _header(plan, tracker.experiment_id, parent, place.max_concurrent):
+                for line in [*_header(plan, tracker.experiment_id, parent, place.max_concurrent), *plan.notes]:
                     console.print(line, soft_wrap=True, highlight=False, markup=False)
                 board = ProgressBoard(console, plan.space.metric, plan.space.mode, o.num_trials,
                                       place.max_concurrent)
