@@ -62,6 +62,7 @@ def confirm_top(plan: Any, tracker: StudyTracker, trainable: Any, k: int, seeds:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from ltstudy.study.callbacks import MLflowTrialCallback, PlacementGroupReaper
+    from ltstudy.study.runner import reuse_actors
 
     o: StudyOptions = plan.opts
     obj = Objectives(tuple(plan.space.metrics), tuple(plan.space.modes))
@@ -73,7 +74,8 @@ def confirm_top(plan: Any, tracker: StudyTracker, trainable: Any, k: int, seeds:
         search = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrency)
         ray.tune.Tuner(
             trainable, param_space=dict(points[0]),
-            tune_config=ray.tune.TuneConfig(search_alg=search, num_samples=len(points), reuse_actors=True),
+            tune_config=ray.tune.TuneConfig(search_alg=search, num_samples=len(points),
+                                            reuse_actors=reuse_actors(plan.opts.workers)),
             run_config=ray.tune.RunConfig(
                 name=f"{plan.study}-confirm-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=plan.storage,
                 callbacks=[callback, PlacementGroupReaper()], verbose=o.verbose,

@@ -10,8 +10,9 @@ and the trial ends without raising, so Tune's and Train's retries (meant for los
 not re-run them. A trial restored from its final checkpoint (it finished, but the driver died before
 Tune's state caught up) replays its final result instead of loading its data again.
 
-Throughput: Tune reuses a trial's process for the next trial (``reuse_actors``), so torch, ltstudy and the
-decoded dataset (``config.load_data`` keeps it per process) are loaded once per process, not per trial.
+Throughput: Tune reuses a one-worker trial's process for the next trial (:func:`reuse_actors`), so torch,
+ltstudy and the decoded dataset (``config.load_data`` keeps it per process) are loaded once per process,
+not per trial.
 Checkpoints are written every ``checkpoint_every`` epochs, at the scheduler's rung epochs and at the end
 (not after every epoch); a multi-worker trial uploads them in the background (Ray Train's ``ASYNC`` mode).
 The first report of every trial carries when its process began importing ltstudy and finished importing
@@ -246,6 +247,14 @@ def make_multi_worker_trial(res: Resources):
             _release()
 
     return multi_worker_trial
+
+
+def reuse_actors(workers: int) -> bool:
+    """Whether Tune runs the next trial in a finished trial's actor: for one-worker trials, which train in
+    that process. A multi-worker trial's actor only drives Ray Train, whose workers are new for every trial
+    anyway; and a trial that ASHA stops is ended by resetting its actor, which cannot stop a ``fit()`` of
+    Ray Train still running in it (the next trial then waits behind it)."""
+    return workers == 1
 
 
 def make_trainable(res: Resources):

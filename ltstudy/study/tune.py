@@ -268,6 +268,7 @@ def _build_tuner(plan: StudyPlan, trainable: Any, callbacks: list[Any], concurre
     from ray.tune import Tuner
 
     from ltstudy.study.cluster import StudyConcurrency
+    from ltstudy.study.runner import reuse_actors
     from ltstudy.study.schedulers import make_scheduler
     from ltstudy.study.search import make_searcher
 
@@ -291,10 +292,8 @@ def _build_tuner(plan: StudyPlan, trainable: Any, callbacks: list[Any], concurre
                                o.reduction_factor, state_dir=plan.experiment_path)
     return Tuner(
         trainable,
-        # reuse_actors: the next trial runs in a finished trial's process, with torch, ltstudy and the
-        # decoded dataset already loaded (the function trainable's reset waits for the old trial to end)
         tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=o.num_trials,
-                                        time_budget_s=o.time_budget, reuse_actors=True),
+                                        time_budget_s=o.time_budget, reuse_actors=reuse_actors(o.workers)),
         run_config=ray.tune.RunConfig(
             name=plan.study, storage_path=plan.storage, callbacks=callbacks, verbose=o.verbose,
             failure_config=ray.tune.FailureConfig(max_failures=o.retries),
