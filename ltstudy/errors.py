@@ -29,6 +29,13 @@ class StudyFailed(LtstudyError):
     exit_code = 1
 
 
+class TrackingWriteError(LtstudyError):
+    """Records the tracking store never took (it stayed out of reach, or rejected them): the command ran,
+    but its MLflow record is incomplete."""
+
+    exit_code = 1
+
+
 class StudyInterrupted(LtstudyError):
     """A study stopped by Ctrl-C or SIGTERM; its state is saved and ``--resume`` continues it."""
 

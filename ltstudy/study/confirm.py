@@ -12,6 +12,7 @@ children of the study run tagged ``ltstudy.role=confirmation`` and ``ltstudy.con
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -72,15 +73,21 @@ def confirm_top(plan: Any, tracker: StudyTracker, trainable: Any, k: int, seeds:
                                        git_commit(), echo, objectives=obj.metrics, role="confirmation")
         # the generator overlays each point on the param space's keys, so the space holds them all
         search = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrency)
-        ray.tune.Tuner(
-            trainable, param_space=dict(points[0]),
-            tune_config=ray.tune.TuneConfig(search_alg=search, num_samples=len(points),
-                                            reuse_actors=reuse_actors(plan.opts.workers)),
-            run_config=ray.tune.RunConfig(
-                name=f"{plan.study}-confirm-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=plan.storage,
-                callbacks=[callback, PlacementGroupReaper()], verbose=o.verbose,
-                failure_config=ray.tune.FailureConfig(max_failures=o.retries)),
-        ).fit()
+        try:
+            ray.tune.Tuner(
+                trainable, param_space=dict(points[0]),
+                tune_config=ray.tune.TuneConfig(search_alg=search, num_samples=len(points),
+                                                reuse_actors=reuse_actors(plan.opts.workers)),
+                run_config=ray.tune.RunConfig(
+                    name=f"{plan.study}-confirm-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=plan.storage,
+                    callbacks=[callback, PlacementGroupReaper()], verbose=o.verbose,
+                    failure_config=ray.tune.FailureConfig(max_failures=o.retries)),
+            ).fit()
+        except BaseException:
+            if lost := callback.close(raise_errors=False):
+                print(f"error: {lost}", file=sys.stderr)  # the error that stopped the runs follows
+            raise
+        callback.close()  # every confirmation record written before the ranking reads them
     runs = study_trials(tracker.mlc, tracker.experiment_id, tracker.parent_run_id, "confirmation")
     ranking = confirmed_ranking(runs, obj)
     if ranking:

@@ -125,14 +125,23 @@ def params_as_strings(flat: dict[str, Any]) -> dict[str, str]:
     return {k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v) for k, v in flat.items()}
 
 
-def log_batch(mlc, run_id: str, metrics=(), params=None, tags=None) -> None:
+def log_batch(mlc, run_id: str, metrics=(), params=None, tags=None) -> int:
+    """Metrics, params and tags in as few ``log_batch`` calls as MLflow allows (100 params, 100 tags and
+    1000 metrics a call, 1000 entities in all); returns the number of calls."""
     from mlflow.entities import Param, RunTag
 
     params = [Param(k, v) for k, v in (params or {}).items()]
     tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
     metrics = list(metrics)
-    for i in range(0, max(len(metrics), len(params), len(tags), 1), 100):
-        mlc.log_batch(run_id, metrics=metrics[i:i + 100], params=params[i:i + 100], tags=tags[i:i + 100])
+    calls = 0
+    while params or tags or metrics:
+        p, params = params[:100], params[100:]
+        t, tags = tags[:100], tags[100:]
+        room = 1000 - len(p) - len(t)
+        m, metrics = metrics[:room], metrics[room:]
+        mlc.log_batch(run_id, metrics=m, params=p, tags=t)
+        calls += 1
+    return calls
 
 
 def trial_outcome(result: dict[str, Any] | None, errored: bool,

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ltstudy.config import PATH_KEYS
-from ltstudy.errors import ConfigError, StudyInterrupted
+from ltstudy.errors import ConfigError, StudyInterrupted, TrackingWriteError
 from ltstudy.study.options import StudyOptions, read_saved, write_saved
 from ltstudy.study.space import SearchSpace, default_space_path, space_from_text
 from ltstudy.study.tracking import (
@@ -492,7 +493,7 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
         raise
     interrupted = None
     confirmed: list[dict[str, Any]] = []
-    board = None
+    board = callback = None
     try:
         with _interrupts() as caught:
             if "://" not in plan.optuna_storage:
@@ -533,6 +534,8 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
     except KeyboardInterrupt:
         interrupted = "SIGINT"
     except BaseException:
+        if callback is not None and (lost := callback.close(raise_errors=False)):
+            print(f"error: {lost}", file=sys.stderr)  # the study's own error follows
         tracker.mlc.set_terminated(parent, "FAILED")
         raise
     finally:
@@ -542,10 +545,19 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
             import ray
 
             ray.shutdown()
+    # every trial record written before the study run is summarised or marked interrupted; records of a
+    # trial still running when the study stopped come back with --resume (it re-runs their epochs)
+    try:
+        lost = callback.close(raise_errors=not interrupted) if callback is not None else None
+    except TrackingWriteError:  # the study ran, but its record is incomplete: no summary over it
+        with contextlib.suppress(Exception):
+            tracker.mlc.set_terminated(parent, "FAILED")
+        raise
     if interrupted:
         stopped = tracker.interrupted(interrupted)
         raise StudyInterrupted(f"{interrupted}: study {plan.study} stopped, {stopped} running trial(s) "
-                               f"killed, its state saved; resume with: {plan.resume_command()}")
+                               f"killed, its state saved{f' ({lost})' if lost else ''}; resume with: "
+                               f"{plan.resume_command()}")
     try:
         ot_study = optuna.load_study(study_name=plan.study, storage=open_optuna_storage(plan.optuna_storage))
     except KeyError:  # no trial was ever asked for
