@@ -49,6 +49,8 @@ DETERMINISTIC = (NonFiniteLossError, LtstudyError, torch.cuda.OutOfMemoryError)
 PLACEMENT_GROUP_KEY = "train_placement_group"
 #: the first report of a trial carries its start-up time stamps under this key (see callbacks.StartupCallback)
 STARTUP_KEY = "startup"
+#: how long a reused trial process waits for the previous trial's thread to end (see single_worker_trial)
+REUSE_WAIT_S = 300
 
 
 #: when this process began importing ltstudy and finished importing the trial code, and how many trials it
@@ -166,6 +168,11 @@ def make_single_worker_trial(res: Resources):
     """One-worker trial: train in the trial's process, report each epoch to Tune."""
 
     def single_worker_trial(config: dict[str, Any]) -> None:
+        # Tune hands this process the next trial once this trial's thread has ended (after its last
+        # report: clean-up, a stopped trial's exit); it gives up after TUNE_FUNCTION_THREAD_TIMEOUT_S
+        # (default 2 s, read in this process) and then fails the next trial. On a loaded machine the
+        # clean-up alone can take longer, so wait as long as a thread that is ending can need.
+        os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(REUSE_WAIT_S))
         cfg = resolve_config(dict(config))
         problem = storage_problem_here()  # a node without the shared storage: fail now, not after an epoch
         if problem:
