@@ -461,7 +461,7 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
     _quiet(o.verbose)
     plan = plan_study(o)
     o = plan.opts
-    if console is None:  # else after the header
+    if console is None:  # else with the summary, under its table: the progress stays one line per event
         for note in plan.notes:
             (say or print)(note)
     obj = Objectives(plan.space.metrics, plan.space.modes)
@@ -506,7 +506,7 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
             callback._datasets[data_key(cfg)] = record
             callbacks: list[Any] = [callback, PlacementGroupReaper()]
             if console is not None:
-                for line in [*_header(plan, tracker.experiment_id, parent, place.max_concurrent), *plan.notes]:
+                for line in _header(plan, tracker.experiment_id, parent, place.max_concurrent):
                     console.print(line, soft_wrap=True, highlight=False, markup=False)
                 board = ProgressBoard(console, plan.space.metric, plan.space.mode, o.num_trials,
                                       place.max_concurrent)
@@ -567,7 +567,7 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
     counts: dict[str, int] = {}
     for t in trials:
         counts[t["status"]] = counts.get(t["status"], 0) + 1
-    notes = []
+    notes = list(plan.notes) if console is not None else []
     if o.time_budget and time.time() - tic >= o.time_budget and len(trials) < o.num_trials:
         notes.append(f"the time budget ({o.time_budget:.0f} s) ended the study after {len(trials)} of "
                      f"{o.num_trials} trials")
