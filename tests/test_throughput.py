@@ -35,6 +35,20 @@ def test_rung_epochs_are_where_asha_decides(tmp_path):
     assert rung_epochs(None) == ()
 
 
+def test_a_plan_knows_its_rung_epochs_and_its_notes(tmp_path):
+    from ltstudy.study.tune import StudyOptions, plan_study
+    from ltstudy.testing.configs import TINY
+
+    plan = plan_study(StudyOptions(method="ce", num_trials=4, storage=str(tmp_path / "storage"),
+                                   tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                   overrides={**TINY, "epochs": 8}))
+    assert plan.rungs == rung_epochs(make_scheduler("asha", plan.space.metric, plan.space.mode, plan.max_t,
+                                                    plan.grace, 2, state_dir=str(tmp_path)))
+    assert plan.grace in plan.rungs and all(isinstance(e, int) for e in plan.rungs)
+    assert plan.notes and all(isinstance(n, str) for n in plan.notes)  # 4 TPE trials: close to random
+    assert not list(tmp_path.iterdir())  # planning writes nothing
+
+
 def test_the_dataset_is_decoded_once_per_process_per_definition():
     a = tiny_config("ce", seed=1)
     assert load_data(a) is load_data(tiny_config("ldam_drw", seed=1, lr=0.5))  # nor method nor lr define it

@@ -260,7 +260,7 @@ def plan_study(o: StudyOptions) -> StudyPlan:
         check_data(published)
     seed = saved["seed"] if saved is not None else (o.seed if o.seed is not None else study_seed(study))
     return StudyPlan(o, space, space_yaml, study, storage, experiment_path, optuna_storage, uri,
-                     not o.resume, seed, epochs, grace, phases, notes, rung_epochs(scheduler))
+                     not o.resume, seed, epochs, grace, phases, rungs=rung_epochs(scheduler), notes=notes)
 
 
 # ------------------------------------------------------------------------------------------------ run

@@ -100,7 +100,7 @@ def two_studies(ray_local, tmp_path_factory):
 
 
 def _summary_start(lines: list[str], name: str) -> int:
-    return next(i for i, line in enumerate(lines) if f"study {name}: best by" in line)
+    return next(i for i, line in enumerate(lines) if re.search(rf"study {name}: (max|min) ", line))
 
 
 def test_readme_command_prints_a_few_plain_lines(two_studies):
