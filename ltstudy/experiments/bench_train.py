@@ -45,8 +45,8 @@ def bench_train(method: str = "ce", model: str = "resnet32", batch_size: int = 1
     """Median train and eval images/s and peak memory of ``method`` on synthetic CIFAR-sized data.
 
     ``compile``: the network under ``torch.compile`` (default mode; the warm-up then includes the
-    compilation). It is a measurement only: trials do not compile, because on the 2-core CPU it made
-    ResNet-32 no faster (README, "Study throughput"), and no GPU was lent to measure it there.
+    compilation). A measurement only, so far: trials do not compile (README, "Benchmarks", has the figures
+    and why).
     """
     dev = resolve_device(device)
     cfg = resolve_config({"method": method, "model": model, "dataset": "synthetic", "image_size": 32,

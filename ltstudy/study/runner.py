@@ -59,6 +59,14 @@ _IMPORTS = {"import_started": IMPORT_STARTED, "imported": time.time()}
 _TRIALS_RUN = 0
 
 
+def _driver_stamps() -> dict[str, Any]:
+    """A multi-worker trial's Train driver: its process's stamps. A module-level function, so that it runs
+    with the trial process's globals (the trial function is a closure, which cloudpickle ships by value,
+    together with the driver's copies of the globals it names)."""
+    return {"driver_import_started": _IMPORTS["import_started"], "driver_entered": time.time(),
+            "driver_trials": _next_trial()}
+
+
 def _next_trial() -> int:
     """Counts this process's trials; returns how many it has run, this one included."""
     global _TRIALS_RUN
@@ -231,8 +239,7 @@ def make_multi_worker_trial(res: Resources):
         from ray.tune.integration.ray_train import TuneReportCallback
 
         trial_id = ray.tune.get_context().get_trial_id()
-        origin = {"driver_import_started": _IMPORTS["import_started"], "driver_entered": time.time(),
-                  "driver_trials": _next_trial()}
+        origin = _driver_stamps()
         per_worker = {"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {})}
         trainer = TorchTrainer(
             train_worker,

@@ -3,11 +3,13 @@ final checkpoint although they write one only every few epochs."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ltstudy.study import runner
 from ltstudy.study.tracking import CHECKPOINT_TAG, find_study, study_trials
 from ltstudy.study.tune import StudyOptions, run_study
 
@@ -37,8 +39,11 @@ def test_sequential_trials_reuse_one_process_and_record_their_startup(ray_local,
     assert reused == [0.0, 0.0]
 
 
-def test_a_multi_worker_study_says_what_its_workers_cost_to_start(ray_local, tmp_path):
+def test_a_multi_worker_study_says_what_its_workers_cost_to_start(ray_local, tmp_path, monkeypatch):
     said: list[str] = []
+    # this process "imported ltstudy" a day ago: a trial must report its own process's stamps, not the
+    # copies a pickled closure would carry from here
+    monkeypatch.setitem(runner._IMPORTS, "import_started", time.time() - 86400)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     summary = run_study(StudyOptions(
         method="ce", num_trials=1, max_concurrent=1, workers=2, cpus_per_worker=1.0, scheduler="none",
@@ -53,5 +58,6 @@ def test_a_multi_worker_study_says_what_its_workers_cost_to_start(ray_local, tmp
     (t,) = study_trials(mlc, exp.experiment_id, parent.info.run_id)
     run = mlc.get_run(t["run_id"])
     assert run.data.metrics["startup_worker_setup_s"] >= 0 and run.data.metrics["startup_s"] > 0
+    assert run.data.metrics["startup_driver_s"] < 3600
     # checkpoints were uploaded in the background (Ray Train's ASYNC mode) and the last one is complete
     assert (Path(run.data.tags[CHECKPOINT_TAG]) / "checkpoint.pt").is_file()
