@@ -172,6 +172,19 @@ def _run_or_replay(cfg: Any, report: Any, ctx: TrialContext) -> None:
         run_trial(cfg, report, ctx)
 
 
+def _train_here(cfg: Any, report: Any, ctx: TrialContext, send: Any) -> None:
+    """Train (or replay) in this process; a deterministic failure is ``send``-reported as the trial's
+    result; the trial's local checkpoint folders are removed after."""
+    try:
+        _run_or_replay(cfg, report, ctx)
+    except DETERMINISTIC as exc:
+        send(_failure_result(exc, cfg))
+    finally:
+        shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
+        if ctx.resume_from:
+            shutil.rmtree(ctx.resume_from, ignore_errors=True)
+
+
 def make_single_worker_trial(res: Resources):
     """One-worker trial: train in the trial's process, report each epoch to Tune."""
 
@@ -190,13 +203,8 @@ def make_single_worker_trial(res: Resources):
         resume = _local_copy(ray.tune.get_checkpoint())
         ctx = res.context(checkpoint_dir=work, resume_from=resume)
         try:
-            _run_or_replay(cfg, _reporter(cfg, ray.tune.report, ctx), ctx)
-        except DETERMINISTIC as exc:
-            ray.tune.report(_failure_result(exc, cfg))
+            _train_here(cfg, _reporter(cfg, ray.tune.report, ctx), ctx, ray.tune.report)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
-            if resume:
-                shutil.rmtree(resume, ignore_errors=True)
             _release()
 
     return single_worker_trial
@@ -221,14 +229,7 @@ def train_worker(loop: dict[str, Any]) -> None:
     report = _reporter(cfg, ray.train.report, tctx, checkpoints=rank == 0,
                        group=ray.util.get_current_placement_group(), origin=loop.get("origin"),
                        upload={"checkpoint_upload_mode": CheckpointUploadMode.ASYNC})
-    try:
-        _run_or_replay(cfg, report, tctx)
-    except DETERMINISTIC as exc:
-        ray.train.report(_failure_result(exc, cfg))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if resume:
-            shutil.rmtree(resume, ignore_errors=True)
+    _train_here(cfg, report, tctx, ray.train.report)
 
 
 def make_multi_worker_trial(res: Resources):
