@@ -194,6 +194,14 @@ def build_data(
     raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
+def _split(data: LTData, split: str) -> Split:
+    if split in SPLITS:
+        return getattr(data, split)
+    if split in data.carved:
+        return data.carved[split]
+    raise ConfigError(f"unknown split {split!r}; choose one of {', '.join([*SPLITS, *data.carved])}")
+
+
 def make_loader(
     data: LTData,
     split: str,
@@ -212,31 +220,15 @@ def make_loader(
     drop_last: bool = False,
     views: int = 1,
 ) -> TensorLoader | FileListLoader:
-    """A loader over one split: TensorLoader for in-memory data, FileListLoader for file lists.
+    """A loader over one split (``train``, ``val``, ``test`` or a carved set such as ``meta``): a
+    :class:`TensorLoader` for in-memory data, a :class:`FileListLoader` for file lists.
 
-    Args:
-        data: The dataset.
-        split: ``"train"``, ``"val"``, ``"test"`` or the name of a carved set (``"meta"``).
-        batch_size: Global batch size (split across ``world_size`` ranks).
-        device: Where batches are produced.
-        train: Shuffle / re-sample and augment (call ``set_epoch`` before each epoch).
-        augment: Batch augmentation (train only).
-        sampler: ``"instance"``, ``"class_balanced"``, ``"sqrt"`` or ``"power"`` (train only).
-        sampler_q: Exponent of the ``"power"`` sampler.
-        seed: Seed of the order and augmentation.
-        rank: This process's rank.
-        world_size: Number of data-parallel ranks.
-        channels_last: Produce channels-last batches.
-        num_workers: DataLoader workers of file-list data (default min(4, cpu count)).
-        drop_last: Drop the last partial global batch.
-        views: Independently augmented views of every image (training): batches are ``(x_1, ..., x_V, y)``.
+    ``batch_size`` is global (split across ``world_size`` ranks); ``train`` shuffles or re-samples
+    (``sampler``: instance, class_balanced, sqrt, power with ``sampler_q``) and augments (call ``set_epoch``
+    before each epoch); ``num_workers``: DataLoader workers of file-list data (default min(4, cpu count));
+    ``views``: independently augmented views of every image, batches are ``(x_1, ..., x_V, y)``.
     """
-    if split in SPLITS:
-        part: Split = getattr(data, split)
-    elif split in data.carved:
-        part = data.carved[split]
-    else:
-        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join([*SPLITS, *data.carved])}")
+    part = _split(data, split)
     weights = None
     if train:
         counts = torch.bincount(part.labels, minlength=data.num_classes)

@@ -44,6 +44,20 @@ class SplitIndices:
     held: dict[str, int] = field(default_factory=dict)
 
 
+def _class_pools(labels: np.ndarray, num_classes: int, seed: int, val_per_class: int,
+                 carved: dict[str, int]) -> list[np.ndarray]:
+    """Each class's indices, shuffled; a class without an image left for training is one line."""
+    held = val_per_class + sum(carved.values())
+    rng = np.random.default_rng(seed)
+    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+    for c, idx in enumerate(pools):
+        if idx.size < held + 1:
+            extra = "".join(f" + {n} {name}" for name, n in carved.items())
+            raise DataError(f"class {c} has {idx.size} training images; need at least {held + 1} "
+                            f"({val_per_class} for validation{extra} plus one for training)")
+    return pools
+
+
 def make_lt_splits(
     labels: np.ndarray,
     num_classes: int,
@@ -73,9 +87,6 @@ def make_lt_splits(
         carved: Extra balanced sets, images per class by name.
         n_max: Head count of the profile; default: the images of class 0 (the head class; the class index
             is the frequency rank in every CIFAR-LT reference).
-
-    Returns:
-        The split and how it was drawn.
     """
     labels = np.asarray(labels)
     carved = dict(sorted((carved or {}).items()))
@@ -84,15 +95,7 @@ def make_lt_splits(
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"labels must lie in [0, {num_classes}), found {labels.min()}..{labels.max()}")
     held = val_per_class + sum(carved.values())
-    rng = np.random.default_rng(seed)
-    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
-    for c, idx in enumerate(pools):
-        if idx.size < held + 1:
-            extra = "".join(f" + {n} {name}" for name, n in carved.items())
-            raise DataError(
-                f"class {c} has {idx.size} training images; need at least {held + 1} "
-                f"({val_per_class} for validation{extra} plus one for training)"
-            )
+    pools = _class_pools(labels, num_classes, seed, val_per_class, carved)
     head = int(pools[0].size) if n_max is None else int(n_max)
     target = lt_counts(head, num_classes, imbalance, profile)
     if min(target) < 1:

@@ -194,6 +194,24 @@ def resolve_key(checkpoint: str | Path, overrides: dict[str, Any] | None = None,
     return cache_key(fields), fields, cfg, ckpt
 
 
+def _with_views(model: Classifier, data: LTData, plain: SplitArrays, t: TrainConfig, dev: torch.device,
+                views: int, batch_size: int, fmaps: bool) -> SplitArrays:
+    """The training split with ``views`` augmented views of every image after the plain one."""
+    gen = torch.Generator(device=dev).manual_seed(t.seed * 7919 + 1)
+    spec = _augment_spec(t)
+    feats, maps = [plain.features], [plain.fmaps] if plain.fmaps is not None else None
+    for _v in range(views):
+        f, m = compute_features(model, data, "train", dev, batch_size=batch_size, fmaps=fmaps, augment=spec,
+                                generator=gen)
+        feats.append(f)
+        if maps is not None:
+            maps.append(m)
+    n = len(data.train)
+    return SplitArrays(plain.index.repeat(views + 1), plain.labels.repeat(views + 1), torch.cat(feats),
+                       torch.cat(maps) if maps is not None else None,
+                       torch.arange(views + 1).repeat_interleave(n))
+
+
 def extract_features(checkpoint: str | Path, *, storage: str | Storage | None = None,
                      overrides: dict[str, Any] | None = None, fmaps: bool = False,
                      augmented_views: int = 0, device: str | torch.device = "auto",
@@ -224,37 +242,17 @@ def extract_features(checkpoint: str | Path, *, storage: str | Storage | None = 
         part = getattr(data, split)
         feats, maps = compute_features(model, data, split, dev, batch_size=batch_size,
                                        fmaps=fmaps and split == "train")
-        arrays = SplitArrays(part.indices.clone(), part.labels.clone(), feats, maps)
-        if split == "train" and augmented_views:
-            gen = torch.Generator(device=dev).manual_seed(t.seed * 7919 + 1)
-            spec = _augment_spec(t)
-            extra_f, extra_m = [arrays.features], [arrays.fmaps] if maps is not None else None
-            for _v in range(augmented_views):
-                f, m = compute_features(model, data, split, dev, batch_size=batch_size, fmaps=fmaps,
-                                        augment=spec, generator=gen)
-                extra_f.append(f)
-                if extra_m is not None:
-                    extra_m.append(m)
-            n = len(part)
-            arrays = SplitArrays(
-                part.indices.repeat(augmented_views + 1), part.labels.repeat(augmented_views + 1),
-                torch.cat(extra_f), torch.cat(extra_m) if extra_m is not None else None,
-                torch.arange(augmented_views + 1).repeat_interleave(n),
-            )
-        splits[split] = arrays
+        splits[split] = SplitArrays(part.indices.clone(), part.labels.clone(), feats, maps)
+    if augmented_views:
+        splits["train"] = _with_views(model, data, splits["train"], t, dev, augmented_views, batch_size, fmaps)
     head_state = {"type": head, "num_classes": data.num_classes, "in_features": model.feature_dim,
                   "state_dict": {k: v.detach().cpu() for k, v in model.head.state_dict().items()}}
     info = {
         "source_checkpoint": {"path": ckpt["path"], "sha256": fields["checkpoint_sha256"],
                               "epoch": int(ckpt.get("epoch", 0) or 0)},
-        "key_fields": fields,
-        "dataset": data.name,
-        "num_classes": data.num_classes,
-        "class_counts": [int(c) for c in data.class_counts.tolist()],
-        "class_names": list(data.class_names),
-        "model": t.model,
-        "head_type": head,
-        "augmented_views": int(augmented_views),
+        "key_fields": fields, "dataset": data.name, "num_classes": data.num_classes,
+        "class_counts": [int(c) for c in data.class_counts.tolist()], "class_names": list(data.class_names),
+        "model": t.model, "head_type": head, "augmented_views": int(augmented_views),
         "backbone_config": {k: v for k, v in ckpt["config"].items() if k not in _NOT_CONTENT},
     }
     write_cache(st, key, splits, head=head_state, info=info)  # False: a concurrent writer won

@@ -234,6 +234,33 @@ def _manifest_ok(storage: Storage, key: str) -> bool:
         return False
 
 
+def _write_files(storage: Storage, workdir: str, prefix: str, splits: dict[str, SplitArrays],
+                 head: dict[str, Any] | None) -> dict[str, Any]:
+    """Write the splits' Parquet files (and the head) under ``workdir``; the manifest entries describing them."""
+    out: dict[str, Any] = {"rows": {}, "schema": {}, "files": {}, "head": None, "feature_dim": None,
+                           "fmap_shape": None}
+
+    def put(name: str, data: bytes | pa.Buffer) -> dict[str, Any]:
+        rel = posixpath.join(prefix, name) if prefix else name
+        _write_bytes(storage.fs, posixpath.join(workdir, rel), data)
+        return {"path": rel, "bytes": len(data) if isinstance(data, bytes) else data.size,
+                "sha256": hashlib.sha256(data).hexdigest()}
+
+    for split, arr in splits.items():
+        table = make_table(arr.index, arr.labels, arr.features, arr.fmaps, arr.views)
+        out["files"][split] = put(f"{split}.parquet", _table_bytes(table))
+        out["schema"][split] = table.schema.to_string(show_schema_metadata=False)
+        out["rows"][split] = table.num_rows
+        out["feature_dim"] = int(arr.features.shape[1])
+        if arr.fmaps is not None:
+            out["fmap_shape"] = list(arr.fmaps.shape[1:])
+    if head is not None:
+        bio = io.BytesIO()
+        torch.save({k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in head.items()}, bio)
+        out["head"] = put(HEAD_FILE, bio.getvalue())
+    return out
+
+
 def write_cache(storage: Storage, key: str, splits: dict[str, SplitArrays], *,
                 head: dict[str, Any] | None = None, info: dict[str, Any] | None = None) -> bool:
     """Write a complete cache for ``key``. Returns False when another writer committed first."""
@@ -243,40 +270,9 @@ def write_cache(storage: Storage, key: str, splits: dict[str, SplitArrays], *,
     else:
         workdir, prefix = storage.path(key), f"data-{token}"
     storage.fs.create_dir(posixpath.join(workdir, prefix) if prefix else workdir, recursive=True)
-    files: dict[str, dict[str, Any]] = {}
-    schemas: dict[str, str] = {}
-    rows: dict[str, int] = {}
-    fmap_shape = None
-    feature_dim = None
-    for split, arr in splits.items():
-        table = make_table(arr.index, arr.labels, arr.features, arr.fmaps, arr.views)
-        buf = _table_bytes(table)
-        rel = posixpath.join(prefix, f"{split}.parquet") if prefix else f"{split}.parquet"
-        _write_bytes(storage.fs, posixpath.join(workdir, rel), buf)
-        files[split] = {"path": rel, "bytes": buf.size, "sha256": hashlib.sha256(buf).hexdigest()}
-        schemas[split] = table.schema.to_string(show_schema_metadata=False)
-        rows[split] = table.num_rows
-        feature_dim = int(arr.features.shape[1])
-        if arr.fmaps is not None:
-            fmap_shape = list(arr.fmaps.shape[1:])
-    head_entry = None
-    if head is not None:
-        bio = io.BytesIO()
-        torch.save({k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in head.items()}, bio)
-        data = bio.getvalue()
-        rel = posixpath.join(prefix, HEAD_FILE) if prefix else HEAD_FILE
-        _write_bytes(storage.fs, posixpath.join(workdir, rel), data)
-        head_entry = {"path": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     manifest = {
-        "format": FORMAT,
-        "key": key,
-        "extractor_version": EXTRACTOR_VERSION,
-        "rows": rows,
-        "schema": schemas,
-        "files": files,
-        "head": head_entry,
-        "feature_dim": feature_dim,
-        "fmap_shape": fmap_shape,
+        "format": FORMAT, "key": key, "extractor_version": EXTRACTOR_VERSION,
+        **_write_files(storage, workdir, prefix, splits, head),
         "created_by": {"host": socket.gethostname(), "pid": os.getpid(),
                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": token},
         **(info or {}),
@@ -284,18 +280,7 @@ def write_cache(storage: Storage, key: str, splits: dict[str, SplitArrays], *,
     _write_bytes(storage.fs, posixpath.join(workdir, MANIFEST),
                  json.dumps(manifest, indent=1, sort_keys=True).encode())
     if storage.atomic_rename:
-        final = storage.path(key)
-        try:
-            os.rename(workdir, final) if isinstance(storage.fs, pafs.LocalFileSystem) \
-                else storage.fs.move(workdir, final)
-        except OSError as exc:
-            _delete_dir(storage.fs, workdir)  # never visible to a reader
-            taken = exc.errno in (errno.EEXIST, errno.ENOTEMPTY) or _exists(storage.fs, final)
-            if taken and _manifest_ok(storage, key):
-                return False  # rename refuses a non-empty target: another writer committed first
-            why = "a damaged cache is in the way" if taken else exc.strerror or str(exc)
-            raise DataError(f"cannot commit feature cache {key} to {final}: {why}; {REBUILD_HINT}") from None
-        return True
+        return _commit_by_rename(storage, key, workdir)
     # object store: manifest-last; a concurrent writer's manifest may have replaced ours. Our files stay:
     # a reader may have read our manifest just before and be fetching them.
     try:
@@ -303,6 +288,22 @@ def write_cache(storage: Storage, key: str, splits: dict[str, SplitArrays], *,
     except (OSError, ValueError):
         current = {}
     return current.get("created_by", {}).get("token") == token
+
+
+def _commit_by_rename(storage: Storage, key: str, workdir: str) -> bool:
+    """Local / NFS: the finished folder renamed into place; False when another writer committed first."""
+    final = storage.path(key)
+    try:
+        os.rename(workdir, final) if isinstance(storage.fs, pafs.LocalFileSystem) \
+            else storage.fs.move(workdir, final)
+    except OSError as exc:
+        _delete_dir(storage.fs, workdir)  # never visible to a reader
+        taken = exc.errno in (errno.EEXIST, errno.ENOTEMPTY) or _exists(storage.fs, final)
+        if taken and _manifest_ok(storage, key):
+            return False  # rename refuses a non-empty target: another writer committed first
+        why = "a damaged cache is in the way" if taken else exc.strerror or str(exc)
+        raise DataError(f"cannot commit feature cache {key} to {final}: {why}; {REBUILD_HINT}") from None
+    return True
 
 
 def remove_cache(storage: Storage, key: str) -> None:
