@@ -63,7 +63,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def synthetic_backbone(tmp_path_factory) -> str:
     """A ResNet-32 trained one epoch with CE on the synthetic dataset (32 px, 10 classes)."""
-    from ltstudy.testing.configs import train_backbone
+    from support.configs import train_backbone
 
     return train_backbone(str(tmp_path_factory.mktemp("synthetic_backbone")), image_size=32,
                           synthetic_classes=10, imbalance=100, val_per_class=20, batch_size=32,
@@ -73,7 +73,7 @@ def synthetic_backbone(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> str:
     """A ResNet-32 trained one epoch with CE on ``ltstudy.testing.configs.TINY`` data (8 px, 4 classes)."""
-    from ltstudy.testing.configs import train_backbone
+    from support.configs import train_backbone
 
     return train_backbone(str(tmp_path_factory.mktemp("tiny_backbone")))
 

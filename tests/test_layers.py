@@ -1,8 +1,8 @@
-"""The package's layers: every import (module level or inside a function) points downward, no cycles.
+"""The package's layers: every import (module level or inside a function) points downward, no cycles;
+inside ``study/`` the sub-packages keep their chain; no function is longer than a screen.
 
-The layers, lowest first, are the table below; README "Development" draws the same picture. A module may
-import modules of its own layer (its own package) and of lower layers. ``ltstudy.testing`` sits on top: it
-is for tests, and nothing in the package imports it.
+The layers, lowest first, are the table below; docs/development.md draws the same picture. A module may
+import modules of its own layer (its own package) and of lower layers.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ LAYERS: list[tuple[str, ...]] = [
     ("ltstudy.study",),
     ("ltstudy.experiments",),
     ("ltstudy.cli",),
-    ("ltstudy.testing",),
 ]
 #: inner layers stay pure torch: Ray and MLflow belong to ``study`` and above
 NO_RAY_OR_MLFLOW_BELOW = "ltstudy.study"
@@ -131,3 +130,89 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     found = [target for target, _ in imports(probe, root=tmp_path / "ltstudy")]
     assert "ltstudy.train" in found and "ltstudy.data.loader" in found
     assert layer_of("ltstudy.train") > layer_of(module_name(probe, root=tmp_path / "ltstudy"))
+
+
+#: inside ``ltstudy.study``: the sub-packages' chain (each imports only those before it) and the one that
+#: stands beside it; ``_compat`` and ``storage`` import nothing of the study, so every module may use them
+STUDY_CHAIN = ("search", "tracking", "results")
+STUDY_BESIDE = ("cluster",)
+STUDY_LEAVES = ("ltstudy.study._compat", "ltstudy.study.storage")
+
+
+def study_room(module: str) -> str | None:
+    """``search`` / ``tracking`` / ``results`` / ``cluster`` for a study sub-package's module, ``leaf`` for
+    the leaves, ``root`` for the main line, None outside the study."""
+    if module in STUDY_LEAVES or module == "ltstudy.study":  # the package itself holds only its docstring
+        return "leaf"
+    parts = module.split(".")
+    if parts[:2] != ["ltstudy", "study"]:
+        return None
+    if len(parts) > 2 and parts[2] in (*STUDY_CHAIN, *STUDY_BESIDE):
+        return parts[2]
+    return "root"
+
+
+def study_import_allowed(me: str, target: str) -> bool:
+    mine, theirs = study_room(me), study_room(target)
+    if theirs is None or mine in (None, "root") or mine == theirs:
+        return True
+    if theirs == "leaf":
+        return True
+    if mine == "leaf" or theirs == "root" or mine in STUDY_BESIDE or theirs in STUDY_BESIDE:
+        return False
+    return STUDY_CHAIN.index(theirs) < STUDY_CHAIN.index(mine)
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if study_room(m) not in (None, "root")))
+def test_study_subpackages_keep_their_chain(module):
+    """search -> tracking -> results, cluster beside; no sub-package imports the main line at the root."""
+    for target, line in imports(MODULES[module]):
+        if target in MODULES and target != module:
+            assert study_import_allowed(module, target), (
+                f"{MODULES[module].relative_to(ROOT.parent)}:{line} imports {target} "
+                f"({study_room(module)} -> {study_room(target)}; see ltstudy/study/__init__.py)")
+
+
+def test_the_study_rule_can_fail():
+    assert not study_import_allowed("ltstudy.study.search.space", "ltstudy.study.tracking.store")
+    assert not study_import_allowed("ltstudy.study.tracking.store", "ltstudy.study.run")
+    assert not study_import_allowed("ltstudy.study.cluster.shape", "ltstudy.study.search.space")
+    assert not study_import_allowed("ltstudy.study._compat", "ltstudy.study.search.space")
+    assert study_import_allowed("ltstudy.study.results.export", "ltstudy.study.tracking.records")
+    assert study_import_allowed("ltstudy.study.search.schedulers", "ltstudy.study._compat")
+    assert study_import_allowed("ltstudy.study.run", "ltstudy.study.results.summary")
+
+
+#: the longest function a reader should have to hold in their head (a typer command's signature excepted:
+#: its options are declarations, counted from the first line of its body)
+MAX_FUNCTION_LINES = 60
+#: the longest module of the study (one concern per module; split it when it grows past this)
+MAX_MODULE_LINES = 400
+
+
+def function_lengths(path: Path) -> list[tuple[int, str, int]]:
+    """(lines, name, first line) of every function in a file."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            command = any(isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "command"
+                          for d in node.decorator_list)
+            start = node.body[0].lineno if command else node.lineno
+            out.append((node.end_lineno - start + 1, node.name, node.lineno))
+    return out
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_functions_and_modules_stay_short(module):
+    path = MODULES[module]
+    lines = len(path.read_text().splitlines())
+    if study_room(module) is not None:
+        assert lines <= MAX_MODULE_LINES, f"{path.relative_to(ROOT.parent)} has {lines} lines"
+    for length, name, line in function_lengths(path):
+        assert length <= MAX_FUNCTION_LINES, f"{path.relative_to(ROOT.parent)}:{line} {name} has {length} lines"
+
+
+def test_the_length_rule_sees_a_long_function(tmp_path):
+    probe = tmp_path / "long.py"
+    probe.write_text("def f():\n" + "    x = 1\n" * 70)
+    assert function_lengths(probe)[0][0] == 71

@@ -1,4 +1,4 @@
-"""``ltstudy bench train|features|study``: throughput, memory and study-overhead benchmarks."""
+"""``ltstudy bench train|features|study|cluster``: throughput, memory and study-overhead benchmarks."""
 
 from __future__ import annotations
 
@@ -157,3 +157,23 @@ def bench_study_cmd(
         stages.add_row(r["config"], *[f"{r['startup'][k]:.2f}" if k in r["startup"] else "-"
                                      for k in STAGES if any(k in x["startup"] for x in rows)])
     console.print(stages)
+
+
+@bench_app.command("cluster")
+def bench_cluster_cmd(
+    cluster_file: Path = typer.Option(Path("cluster.yaml"), "--cluster-file", help="the cluster-launcher file "
+                                      "whose node types are simulated (scaled down to this machine)"),
+    trials: int = typer.Option(4, help="trials per study"),
+    epochs: int = typer.Option(2, help="epochs per trial"),
+) -> None:
+    """A study on cluster.yaml simulated here (Ray's fake autoscaler): nodes launched, concurrency reached."""
+    from ltstudy.experiments.bench_cluster import bench_cluster
+
+    rows = bench_cluster(cluster_file, trials=trials, epochs=epochs)
+    table = Table(title=f"bench cluster: {trials} two-worker trials x {epochs} epochs on {cluster_file}, simulated")
+    for col in ("cluster", "worker nodes launched", "trials per node", "concurrency (max / reached)", "wall s"):
+        table.add_column(col)
+    for name, r in rows.items():
+        table.add_row(name, str(r["worker_nodes_launched"]), str(r["trials_per_node"]),
+                      f"{r['concurrency_max']} / {r['concurrency_reached']}", f"{r['study_wall_s']:.1f}")
+    console.print(table)

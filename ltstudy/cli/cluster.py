@@ -30,7 +30,7 @@ def render(
         None, help="IAM instance profile (name or ARN) of the worker nodes: needed for s3:// storage"),
 ) -> None:
     """Write a copy of cluster.yaml with your values, validated by Ray as `ray up` would."""
-    from ltstudy.study.launcher import RenderOptions, render_file
+    from ltstudy.study.cluster.launcher import RenderOptions, render_file
 
     config = render_file(template, output, RenderOptions(
         efs_id=efs_id, region=region, availability_zone=availability_zone, image_id=image_id,
@@ -51,8 +51,8 @@ def check(
     """Check every node: storage marker, data paths, tracking server, versions. Exit 2 on any problem."""
     import os
 
-    from ltstudy.study.cluster import ClusterCheckError, check_nodes
-    from ltstudy.study.tracking import check_reachable, resolve_tracking_uri
+    from ltstudy.study.cluster.nodes import ClusterCheckError, check_nodes
+    from ltstudy.study.tracking.store import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
@@ -88,7 +88,7 @@ def mlflow(
     log: Path = typer.Option(Path("~/mlflow.log")),
 ) -> None:
     """(Re)start `mlflow server` in the background; returns when it answers (head start commands)."""
-    from ltstudy.study.launcher import serve_mlflow
+    from ltstudy.study.cluster.launcher import serve_mlflow
 
     pid = serve_mlflow(pidfile, log, host, port, backend_store_uri, artifacts_destination, workers,
                        allowed_hosts)

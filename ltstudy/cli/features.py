@@ -23,7 +23,7 @@ def features_extract(
     """Extract train/val/test features of a backbone checkpoint into the cache; prints the key."""
     from ltstudy.config import parse_overrides
     from ltstudy.features.extract import extract_features
-    from ltstudy.study.tracking import resolve_backbone
+    from ltstudy.study.tracking.records import resolve_backbone
 
     r = extract_features(resolve_backbone(checkpoint, tracking_uri), storage=storage, overrides=parse_overrides(overrides or []),
                          fmaps=fmaps, augmented_views=augmented_views, device=device,

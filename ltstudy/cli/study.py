@@ -24,6 +24,8 @@ from ltstudy.cli.common import (
     studies_app,
 )
 from ltstudy.errors import LtstudyError
+from ltstudy.study.options import DEFAULTS
+from ltstudy.study.storage import DEFAULT_STORAGE
 
 
 @app.command("validate-space")
@@ -32,7 +34,7 @@ def validate_space(
     method: str | None = typer.Option(None, "--method", "-m", help="expected method"),
 ) -> None:
     """Check a search-space file against the method's declared hyperparameters."""
-    from ltstudy.study.space import load_space
+    from ltstudy.study.search.space import load_space
 
     space = load_space(file, method)
     objective = ", ".join(f"{mode} {m}" for m, mode in zip(space.metrics, space.modes, strict=True))
@@ -48,27 +50,28 @@ def tune(
     dataset: str | None = DATASET,
     imbalance: float | None = IMBALANCE,
     data_root: str | None = DATA_ROOT,
-    num_trials: int | None = typer.Option(None, "--num-trials", "-n", help="trials (default 16)"),
+    num_trials: int | None = typer.Option(None, "--num-trials", "-n", help=f"trials (default {DEFAULTS.num_trials})"),
     max_concurrent: int | None = typer.Option(None, help="concurrent trials (default: what the cluster "
                                               "can hold at its largest; may change on --resume)"),
-    sampler: str | None = typer.Option(None, help="tpe (default) | random | cmaes | gp | qmc"),
-    scheduler: str | None = typer.Option(None, help="asha (default: early stopping on the per-epoch "
-                                                    "objective) | none"),
+    sampler: str | None = typer.Option(None, help=f"tpe | random | cmaes | gp | qmc (default {DEFAULTS.sampler})"),
+    scheduler: str | None = typer.Option(None, help="asha (early stopping on the per-epoch objective) | "
+                                                    f"none (default {DEFAULTS.scheduler})"),
     grace_period: str | None = typer.Option(
-        None, help="ASHA's first rung, in epochs; default 'auto': after the last phase of the schedule"),
-    reduction_factor: float | None = typer.Option(None, help="ASHA's reduction factor (default 2)"),
-    workers: int | None = typer.Option(None, help="workers per trial (>1: Ray Train DDP; default 1)"),
-    cpus_per_worker: float | None = typer.Option(None, help="default 1"),
-    gpus_per_worker: float | None = typer.Option(None, help="fractions share a GPU, e.g. 0.5; default 0"),
-    retries: int | None = typer.Option(None, help="restarts after a lost worker or node (default 1)"),
+        None, help=f"ASHA's first rung, in epochs (default {DEFAULTS.grace_period}: after the last phase of "
+                 "the schedule)"),
+    reduction_factor: float | None = typer.Option(None, help=f"ASHA's reduction factor (default {DEFAULTS.reduction_factor:g})"),
+    workers: int | None = typer.Option(None, help=f"workers per trial (>1: Ray Train DDP; default {DEFAULTS.workers})"),
+    cpus_per_worker: float | None = typer.Option(None, help=f"default {DEFAULTS.cpus_per_worker:g}"),
+    gpus_per_worker: float | None = typer.Option(None, help=f"fractions share a GPU, e.g. 0.5; default {DEFAULTS.gpus_per_worker:g}"),
+    retries: int | None = typer.Option(None, help=f"restarts after a lost worker or node (default {DEFAULTS.retries})"),
     seed: int | None = typer.Option(None, help="sampler seed (default: derived from the study name)"),
     time_budget: str | None = typer.Option(None, help="stop starting trials after this long (90m, 2h)"),
-    confirm: int = typer.Option(0, help="re-run the top K configurations over more seeds before export"),
-    confirm_seeds: int = typer.Option(3, help="seeds per confirmed configuration"),
-    checkpoint_every: int = typer.Option(5, help="epochs between trial checkpoints (also written at the "
-                                                 "end and at ASHA's rungs)"),
+    confirm: int = typer.Option(DEFAULTS.confirm, help="re-run the top K configurations over more seeds before export"),
+    confirm_seeds: int = typer.Option(DEFAULTS.confirm_seeds, help="seeds per confirmed configuration"),
+    checkpoint_every: int = typer.Option(DEFAULTS.checkpoint_every, help="epochs between trial checkpoints "
+                                         "(also written at the end and at ASHA's rungs)"),
     storage: str | None = typer.Option(None, help="results/checkpoints URI or shared folder "
-                                          "(default ./ltstudy_results)"),
+                                          f"(default ./{DEFAULT_STORAGE})"),
     tracking_uri: str | None = TRACKING,
     study_name: str | None = typer.Option(None, help="default METHOD-DATASET-TIMESTAMP"),
     address: str | None = typer.Option(None, help="existing Ray cluster (e.g. auto)"),
@@ -91,8 +94,8 @@ def tune(
     """
     from ltstudy.config import parse_overrides
     from ltstudy.errors import StudyFailed
-    from ltstudy.study.options import parse_duration
-    from ltstudy.study.tune import StudyOptions, run_study
+    from ltstudy.study.options import StudyOptions, parse_duration
+    from ltstudy.study.run import run_study
 
     fixed = parse_overrides(overrides or [])
     flags = (("dataset", dataset), ("imbalance", imbalance), ("data_root", data_root))
@@ -105,12 +108,12 @@ def tune(
              "sampler": sampler, "scheduler": scheduler, "workers": workers,
              "cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker, "retries": retries,
              "seed": seed, "grace_period": grace_period, "reduction_factor": reduction_factor,
-             "backbone": backbone, "optuna_storage": optuna_storage, "overrides": fixed or None}
+             "backbone": backbone, "optuna_storage": optuna_storage, "fixed": fixed or None}
     given = {k: v for k, v in given.items() if v is not None}
-    opts = StudyOptions(**{"method": "", **given}, max_concurrent=max_concurrent, storage=storage,
-                        tracking_uri=tracking_uri, study_name=study_name, address=address, resume=resume,
+    opts = StudyOptions(**{"method": "", **given}, checkpoint_every=checkpoint_every,
+                        max_concurrent=max_concurrent, storage=storage, tracking_uri=tracking_uri,
+                        study_name=study_name, address=address, resume=resume,
                         time_budget=parse_duration(time_budget), confirm=confirm, confirm_seeds=confirm_seeds,
-                        checkpoint_every=checkpoint_every,
                         verbose=verbose, given=frozenset(given))
     summary = run_study(opts, echo=_echo_confirmation, say=lambda line: console.print(f"warning: {line}"),
                         console=console)
@@ -183,7 +186,7 @@ def confirm(
     """Re-run a study's top configurations over more seeds; export then uses the confirmed ranking."""
     from ltstudy.errors import StudyFailed
     from ltstudy.study.confirm import confirm_study
-    from ltstudy.study.tracking import check_reachable, resolve_tracking_uri
+    from ltstudy.study.tracking.store import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
@@ -212,7 +215,8 @@ def best_config_export(
 
     import yaml
 
-    from ltstudy.study.tracking import check_reachable, export_best, resolve_tracking_uri
+    from ltstudy.study.results.export import export_best
+    from ltstudy.study.tracking.store import check_reachable, resolve_tracking_uri
 
     if fmt not in ("yaml", "json"):
         raise LtstudyError(f"--format must be yaml or json, not {fmt!r}")
@@ -233,7 +237,7 @@ def best_config_export(
 
 
 def _store(tracking_uri: str | None) -> str:
-    from ltstudy.study.tracking import check_reachable, resolve_tracking_uri
+    from ltstudy.study.tracking.store import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
@@ -253,7 +257,7 @@ def _duration(seconds: float) -> str:
 @studies_app.command("list")
 def studies_list(tracking_uri: str | None = TRACKING) -> None:
     """The studies in a tracking store: trials by status, data, search, dates, best value, resumability."""
-    from ltstudy.study.catalog import list_infos
+    from ltstudy.study.results.catalog import list_infos
 
     uri = _store(tracking_uri)
     table = Table(title=f"studies in {uri}")
@@ -278,7 +282,7 @@ def studies_show(
     tracking_uri: str | None = TRACKING,
 ) -> None:
     """One study: its trials (tuned values, objective, status, epochs, node, wall time) and its header."""
-    from ltstudy.study.catalog import frame_json, study_info, trials_frame
+    from ltstudy.study.results.catalog import frame_json, study_info, trials_frame
 
     if fmt not in ("table", "csv", "parquet", "json"):
         raise LtstudyError(f"--format must be table, csv, parquet or json, not {fmt!r}")
@@ -329,7 +333,7 @@ def studies_delete(
     tracking_uri: str | None = TRACKING,
 ) -> None:
     """Remove a study's MLflow experiment, Optuna study and storage folder (after a confirmation)."""
-    from ltstudy.study.catalog import delete_study, deletion_plan, study_info
+    from ltstudy.study.results.catalog import delete_study, deletion_plan, study_info
 
     uri = _store(tracking_uri)
     info = study_info(uri, study)
@@ -352,7 +356,7 @@ def report(
 ) -> None:
     """One self-contained HTML report of a study: summary, best vs published, accuracy per class head to
     tail, the Optuna plots, every trial and the best configuration."""
-    from ltstudy.study.report import write_report
+    from ltstudy.study.results.report import write_report
 
     path = output or Path(f"{study}-report.html")
     info = write_report(_store(tracking_uri), study, str(path), log=log)

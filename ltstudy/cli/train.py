@@ -102,8 +102,8 @@ def compare(
     from ltstudy.experiments.compare import CompareProgress, CompareTracker, markdown, plan_runs
     from ltstudy.experiments.compare import compare as run
     from ltstudy.methods import get_method
-    from ltstudy.study.plots import bucket_png
-    from ltstudy.study.tracking import check_reachable, resolve_tracking_uri
+    from ltstudy.study.results.plots import bucket_png
+    from ltstudy.study.tracking.store import check_reachable, resolve_tracking_uri
 
     values = {**(load_yaml(config) if config else {}), **parse_overrides(overrides or [])}
     names = [m.strip() for m in methods.split(",") if m.strip()]

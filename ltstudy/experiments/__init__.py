@@ -1,1 +1,1 @@
-"""Drivers that run many trials and print tables: ``compare`` (the README's results) and the benchmarks."""
+"""Drivers that run many trials and print tables: ``compare`` (the results in the docs) and the benchmarks."""

@@ -53,7 +53,7 @@ def _tune(tmp: Path, name: str, trials: int, concurrent: int, workers: int, cpus
 
 def _trials(tmp: Path, name: str) -> list[dict[str, Any]]:
     """Per trial: seconds inside run_trial, training images, its start-up stages (first report)."""
-    from ltstudy.study.tracking import find_study, study_trials
+    from ltstudy.study.tracking.records import find_study, study_trials
 
     mlc, exp, parent = find_study(f"sqlite:///{tmp / 'mlflow.db'}", name)
     out = []

@@ -45,7 +45,7 @@ def bench_train(method: str = "ce", model: str = "resnet32", batch_size: int = 1
     """Median train and eval images/s and peak memory of ``method`` on synthetic CIFAR-sized data.
 
     ``compile``: the network under ``torch.compile`` (default mode; the warm-up then includes the
-    compilation). A measurement only, so far: trials do not compile (README, "Benchmarks", has the figures
+    compilation). A measurement only, so far: trials do not compile (docs/benchmarks.md has the figures
     and why).
     """
     dev = resolve_device(device)

@@ -1,4 +1,4 @@
-"""Compare methods over seeds: the runs behind the README's results table.
+"""Compare methods over seeds: the runs behind the results in the docs (docs/results.md).
 
 ``compare(methods, seeds, values)`` trains every (method, seed) pair with the same settings and returns
 one row per method with the mean and standard deviation over seeds of the validation and test metrics.
@@ -180,7 +180,7 @@ class CompareTracker:
 
     def __init__(self, uri: str, name: str, methods: list[str], seeds: list[int],
                  values: dict[str, Any]) -> None:
-        from ltstudy.study.tracking import EXPERIMENT_KIND, TrackingError, client, git_commit, log_batch
+        from ltstudy.study.tracking.store import EXPERIMENT_KIND, TrackingError, client, git_commit, log_batch
 
         self.uri, self.name = uri, name
         self.mlc = client(uri)
@@ -198,13 +198,13 @@ class CompareTracker:
         self._datasets: dict[tuple, Any] = {}
 
     def url(self) -> str:
-        from ltstudy.study.links import run_url
+        from ltstudy.study.tracking.store import run_url
 
         return run_url(self.uri, self.experiment_id, self.parent)
 
     def run_start(self, cfg: TrialConfig) -> str:
-        from ltstudy.study.dataset import data_key, dataset_record
-        from ltstudy.study.tracking import PARENT_TAG, log_batch, params_as_strings
+        from ltstudy.study.tracking.dataset import data_key, dataset_record
+        from ltstudy.study.tracking.store import PARENT_TAG, log_batch, params_as_strings
 
         flat = cfg.to_dict()
         run = self.mlc.create_run(self.experiment_id, run_name=f"{cfg.method}-seed{cfg.train.seed}", tags={
@@ -225,15 +225,15 @@ class CompareTracker:
     def epoch(self, run_id: str, m: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
-        from ltstudy.study.tracking import log_batch, trial_metrics
+        from ltstudy.study.tracking.store import log_batch, trial_metrics
 
         now = int(time.time() * 1000)
         log_batch(self.mlc, run_id, metrics=[Metric(k, v, now, int(m["epoch"]))
                                              for k, v in trial_metrics(m).items()])
 
     def run_end(self, run_id: str, cfg: TrialConfig, m: dict[str, Any]) -> None:
-        from ltstudy.study.dataset import data_key
-        from ltstudy.study.plots import per_class_png
+        from ltstudy.study.tracking.dataset import data_key
+        from ltstudy.study.tracking.figures import per_class_png
 
         per_class = {k: m[k] for k in ("val_per_class", "test_per_class") if k in m}
         self.mlc.log_dict(run_id, per_class, "per_class_accuracy.json")
@@ -253,8 +253,8 @@ class CompareTracker:
     def finish(self, rows: dict[str, dict[str, tuple]]) -> None:
         from mlflow.entities import Metric
 
-        from ltstudy.study.plots import bucket_png
-        from ltstudy.study.tracking import log_batch
+        from ltstudy.study.results.plots import bucket_png
+        from ltstudy.study.tracking.store import log_batch
 
         now = int(time.time() * 1000)
         metrics = [Metric(f"{method}.{col}.{stat}", float(v), now, 0)

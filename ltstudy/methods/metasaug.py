@@ -400,7 +400,7 @@ class MetaSAug(ImageMethod):
             net.freeze_backbone()
         return net
 
-    def _estimator(self, dim: int) -> CovarianceEstimator:
+    def covariance_estimator(self, dim: int) -> CovarianceEstimator:
         if self.estimator is None:
             self.estimator = CovarianceEstimator(self.ctx.num_classes, dim, self.p.covariance == "full",
                                                  self.ctx.device)
@@ -469,7 +469,7 @@ class MetaSAug(ImageMethod):
             with amp.autocast():
                 loss = F.cross_entropy(model(x, **kw).float(), y)
             return optimizer_step(optimizer, loss, amp)
-        est = self._estimator(int(module.feature_dim))
+        est = self.covariance_estimator(int(module.feature_dim))
         x_meta, y_meta = self._meta_batch(module, x.device)
         new_cov = self.meta_covariance(self.lookahead_module(module), x, y, est.cov,
                                        optimizer.param_groups[0]["lr"], x_meta, y_meta)
@@ -490,4 +490,4 @@ class MetaSAug(ImageMethod):
             self.estimator = None
             return
         dim = est["mean"].shape[1]
-        self._estimator(dim).load_state_dict(est)
+        self.covariance_estimator(dim).load_state_dict(est)

@@ -88,7 +88,7 @@ class Method:
     def phase_epochs(cls, params: Params, epochs: int) -> list[int]:
         """0-based epochs where the method's own schedule changes phase (DRW, a meta phase).
 
-        Studies never stop a trial early before the last phase has begun (``ltstudy.study.schedulers``);
+        Studies never stop a trial early before the last phase has begun (``ltstudy.study.search.schedulers``);
         the lr schedule's own milestones are added by the trainer (``ltstudy.train.optim``).
         """
         return []

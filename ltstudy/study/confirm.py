@@ -17,22 +17,28 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import ray
+import ray.tune
 import yaml
+from mlflow.entities import Metric
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from ltstudy.config import CONFIRMS_KEY
 from ltstudy.errors import ConfigError
+from ltstudy.study.cluster.placement import PlacementGroupReaper, place_study
+from ltstudy.study.cluster.shape import TrialShape
 from ltstudy.study.options import StudyOptions, read_saved
-from ltstudy.study.selection import Objectives, confirmed_ranking
-from ltstudy.study.tracking import (
-    CONFIG_ARTIFACT,
-    StudyTracker,
-    find_study,
-    git_commit,
-    log_batch,
-    study_trials,
-)
+from ltstudy.study.ray_session import check_address, ray_init
+from ltstudy.study.results.selection import Objectives, confirmed_ranking
+from ltstudy.study.search.space import space_from_text
+from ltstudy.study.tracking.callback import MLflowTrialCallback
+from ltstudy.study.tracking.records import find_study, study_trials
+from ltstudy.study.tracking.store import CONFIG_ARTIFACT, git_commit, log_batch
+from ltstudy.study.tracking.study_run import StudyTracker
+from ltstudy.study.trainable import Resources, make_trainable, reuse_actors
 
 
 def confirmation_points(tracker: StudyTracker, obj: Objectives, k: int, seeds: int) -> list[dict[str, Any]]:
@@ -58,19 +64,12 @@ def confirmation_points(tracker: StudyTracker, obj: Objectives, k: int, seeds: i
 def confirm_top(plan: Any, tracker: StudyTracker, trainable: Any, k: int, seeds: int, concurrency: int,
                 echo: Callable[..., None] | None = None) -> list[dict[str, Any]]:
     """Run the confirmation trials (Ray must be up) and record the ranking on the study run."""
-    import ray.tune
-    from mlflow.entities import Metric
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    from ltstudy.study.callbacks import MLflowTrialCallback, PlacementGroupReaper
-    from ltstudy.study.runner import reuse_actors
-
     o: StudyOptions = plan.opts
     obj = Objectives(tuple(plan.space.metrics), tuple(plan.space.modes))
     points = confirmation_points(tracker, obj, k, seeds)
     if points:
         callback = MLflowTrialCallback(tracker.uri, tracker.experiment_id, tracker.parent_run_id, plan.study,
-                                       git_commit(), echo, objectives=obj.metrics, role="confirmation")
+                                       commit=git_commit(), echo=echo, objectives=obj.metrics, role="confirmation")
         # the generator overlays each point on the param space's keys, so the space holds them all
         search = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrency)
         try:
@@ -103,13 +102,6 @@ def confirm_top(plan: Any, tracker: StudyTracker, trainable: Any, k: int, seeds:
 def confirm_study(study: str, k: int, seeds: int, tracking_uri: str, address: str | None = None,
                   max_concurrent: int | None = None, echo: Callable[..., None] | None = None) -> dict[str, Any]:
     """``ltstudy confirm``: confirm a finished study's top ``k`` with the resources it was run with."""
-    from types import SimpleNamespace
-
-    from ltstudy.study.checks import check_address
-    from ltstudy.study.cluster import TrialShape, place_study
-    from ltstudy.study.runner import Resources, make_trainable, ray_init
-    from ltstudy.study.space import space_from_text
-
     if k < 1 or seeds < 1:
         raise ConfigError("--top and --seeds must be at least 1")
     mlc, exp, parent = find_study(tracking_uri, study)
@@ -133,12 +125,9 @@ def confirm_study(study: str, k: int, seeds: int, tracking_uri: str, address: st
     try:
         place = place_study(max_concurrent, TrialShape(o.workers, o.cpus_per_worker, o.gpus_per_worker), storage,
                             tracking_uri, space.fixed)
-        trainable = make_trainable(Resources(o.workers, o.cpus_per_worker, o.gpus_per_worker, o.retries,
-                                             storage, place.driver, place.backend, o.checkpoint_every))
+        trainable = make_trainable(Resources.of(o, storage=storage, placement=place))
         ranking = confirm_top(plan, tracker, trainable, k, seeds, place.max_concurrent, echo)
     finally:
         if started:
-            import ray
-
             ray.shutdown()
     return {"study": study, "metric": obj.metric, "mode": obj.mode, "ranking": ranking}

@@ -14,16 +14,17 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from ltstudy.errors import ConfigError
+from ltstudy.study.storage import filesystem
 
 OPTIONS_FILE = "ltstudy_study.json"
 #: options that belong to one run of a study, not to the study: they may change on --resume
 PER_RUN = ("max_concurrent", "storage", "tracking_uri", "study_name", "address", "resume", "time_budget",
            "verbose", "confirm", "confirm_seeds", "checkpoint_every", "given")
 #: how the CLI spells an option, for messages
-FLAG = {"num_trials": "--num-trials", "space_path": "--space", "overrides": "KEY=VALUE settings"}
+FLAG = {"num_trials": "--num-trials", "space_path": "--space", "fixed": "KEY=VALUE settings"}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StudyOptions:
     method: str
     space_path: str | None = None
@@ -42,7 +43,7 @@ class StudyOptions:
     seed: int | None = None  # None: derived from the study name
     backbone: str | None = None  # feature-stage methods: a checkpoint, or the MLflow run of a trial
     optuna_storage: str | None = None  # journal file or RDB URL; default <storage>/optuna.journal
-    overrides: dict[str, Any] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)  # KEY=VALUE: settings the study does not tune
     retries: int = 1
     grace_period: int | str = "auto"  # "auto": ASHA's first rung after the last schedule phase
     reduction_factor: float = 2.0
@@ -103,18 +104,13 @@ class StudyOptions:
         return StudyOptions(**{**kept, **run, "given": None})
 
 
-def storage_fs(uri: str) -> tuple[Any, str]:
-    """The pyarrow filesystem and path of a local path or a remote URI (``s3://...``)."""
-    import pyarrow.fs as pafs
-
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), uri
+#: the options' defaults, for the CLI's help (each is stated once, on the dataclass)
+DEFAULTS = StudyOptions(method="")
 
 
 def read_saved(experiment_path: str) -> dict[str, Any]:
     """The options a study was started with (``ConfigError`` when they are missing or unreadable)."""
-    fs, path = storage_fs(f"{experiment_path}/{OPTIONS_FILE}")
+    fs, path = filesystem(f"{experiment_path}/{OPTIONS_FILE}")
     try:
         with fs.open_input_stream(path) as src:
             return json.loads(src.read())
@@ -124,7 +120,7 @@ def read_saved(experiment_path: str) -> dict[str, Any]:
 
 
 def write_saved(experiment_path: str, data: dict[str, Any]) -> None:
-    fs, path = storage_fs(f"{experiment_path}/{OPTIONS_FILE}")
+    fs, path = filesystem(f"{experiment_path}/{OPTIONS_FILE}")
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as out:
         out.write(json.dumps(data, indent=1, default=str).encode())

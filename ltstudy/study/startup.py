@@ -2,8 +2,8 @@
 
 The driver notes when Tune launches a trial; the trial's first report carries when its process was
 created, when the trial function was entered and when its data and model were ready (see
-:data:`ltstudy.study.runner.STARTUP_KEY`); a multi-worker trial also carries its Train driver's stamps.
-:class:`StartupCallback` turns those into seconds per stage, adds them to the result (so MLflow records
+:data:`ltstudy.study.trainable.STARTUP_KEY`); a multi-worker trial also carries its Train driver's stamps.
+:class:`~ltstudy.study.callbacks.StartupCallback` turns those into seconds per stage, adds them to the result (so MLflow records
 them as ``startup_*`` metrics and the progress lines can warn), and :func:`startup_note` says in one line
 whether several workers per trial pay for their start-up. Wall clocks of different nodes are compared,
 so on a multi-node cluster the figures are as good as the nodes' clock sync (NTP: milliseconds).
@@ -11,13 +11,7 @@ so on a multi-node cluster the figures are as good as the nodes' clock sync (NTP
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
-
-import ray.tune
-
-from ltstudy.study.runner import STARTUP_KEY
 
 #: the stages of a one-worker and of a multi-worker trial, in order: (short name, what they hold)
 STAGES = {
@@ -80,39 +74,3 @@ def startup_note(label: str, workers: int, result: dict[str, Any]) -> tuple[str,
                    f"({epoch:.1f} s): unless trials run many epochs, --workers 1 with more concurrent "
                    "trials gets more done")
     return line, warning
-
-
-class StartupCallback(ray.tune.Callback):
-    """Adds each trial's start-up stages (``startup_*`` seconds) to its first result, in place; with
-    ``say``, tells once per study what a multi-worker trial's start-up costs (and warns when it does not
-    pay).
-
-    Listed before the callbacks that read results (MLflow, progress), which then see the stages.
-    """
-
-    def __init__(self, workers: int = 1, say: Callable[[str], None] | None = None,
-                 label: Callable[[Any], str] | None = None) -> None:
-        self.workers, self.say, self.label = workers, say, label
-        self._launched: dict[str, float] = {}
-        self._told = False
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles callbacks with the experiment; a resumed study brings its own
-        return {"workers": self.workers, "say": None, "label": None, "_launched": {}, "_told": False}
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._launched[trial.trial_id] = time.time()
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        stamps = result.get(STARTUP_KEY)
-        launch = self._launched.pop(trial.trial_id, None)
-        if not (isinstance(stamps, dict) and launch is not None and stamps.get("entered") is not None):
-            return
-        result.update(startup_stages(launch, stamps))
-        if self.workers > 1 and self.say is not None and not self._told and "startup_driver_s" in result:
-            self._told = True
-            line, warning = startup_note(self.label(trial) if self.label else f"trial {trial.trial_id}",
-                                         self.workers, result)
-            self.say(line)
-            if warning:
-                self.say(f"warning: {warning}")

@@ -8,7 +8,8 @@ import torchvision.datasets
 
 from ltstudy.data import build_data, load_cifar
 from ltstudy.errors import ConfigError, DataError
-from ltstudy.testing.data import write_cifar100
+
+from support.data import write_cifar100
 
 
 def test_shared_cifar10_loads(shared_data):

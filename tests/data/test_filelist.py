@@ -5,7 +5,8 @@ import torch
 
 from ltstudy.data import build_data, make_loader, read_filelist
 from ltstudy.errors import DataError
-from ltstudy.testing.data import write_filelist_tree
+
+from support.data import write_filelist_tree
 
 
 @pytest.fixture

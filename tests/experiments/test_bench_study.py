@@ -7,8 +7,9 @@ import pytest
 
 from ltstudy.cli import main
 from ltstudy.experiments.bench_study import _row
-from ltstudy.testing.configs import TINY
-from ltstudy.testing.servers import ray_env
+
+from support.configs import TINY
+from support.servers import ray_env
 
 
 def test_share_used_counts_every_workers_slot():

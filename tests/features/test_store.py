@@ -22,7 +22,8 @@ from ltstudy.features.store import (
     read_manifest,
     write_cache,
 )
-from ltstudy.testing.servers import free_port
+
+from support.servers import free_port
 
 
 def _splits(seed: int = 0, n: int = 37, d: int = 5, fmap=(3, 2, 2)) -> dict[str, SplitArrays]:

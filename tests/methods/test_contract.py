@@ -18,12 +18,13 @@ from ltstudy.config import TrainConfig, TrialConfig, load_data, resolve_config
 from ltstudy.data import dataset_family
 from ltstudy.methods import ImageMethod, get_method, list_methods
 from ltstudy.runtime import NO_AMP
-from ltstudy.testing.configs import RecordingParams, tiny_config
 from ltstudy.train import TrialContext, run_trial
 from ltstudy.train.feature import FeatureStage
 from ltstudy.train.image import ImageStage, build_method, prepare_model
 from ltstudy.train.loop import run_epochs
 from ltstudy.train.optim import make_optimizer
+
+from support.configs import RecordingParams, tiny_config
 
 METRICS = [f"{split}_{m}" for split in ("val", "test") for m in ("top1", "many", "medium", "few", "loss")]
 IMAGE = [m for m in list_methods() if issubclass(get_method(m), ImageMethod)]

@@ -18,8 +18,9 @@ from torch import nn
 from ltstudy.methods.fsgl import sam_step
 from ltstudy.methods.metasaug import metasaug_loss
 from ltstudy.runtime import optimizer_step
-from ltstudy.testing.configs import TINY
-from ltstudy.testing.ddp import ddp_step, epoch_seed, prime, setup
+
+from support.configs import TINY
+from support.ddp import ddp_step, epoch_seed, prime, setup
 
 #: FSGL's SAM takes its second gradient at the perturbed weights, where some ReLU inputs sit at zero: nudging
 #: the one-process loss by a relative 1e-7 moves its result by 0.1% of the step (seed 0, rho 0.05), so the

@@ -134,7 +134,8 @@ def test_flow_likelihood_rises_during_training():
 def test_a_diverging_flow_fails_the_trial(tiny_backbone, tmp_path):
     """A non-finite flow no longer routes nothing and quietly trains Balanced Softmax: the trial fails."""
     from ltstudy.errors import NonFiniteLossError
-    from ltstudy.testing.configs import tiny_config
+
+    from support.configs import tiny_config
 
     cfg = tiny_config("dlsa", tiny_backbone, feature_storage=str(tmp_path), num_cluster=8, flow_epochs=2,
                       flow_batch_size=64, flow_lr=1e12)
@@ -245,8 +246,9 @@ def test_a_preset_feature_key_is_checked_against_the_trial(tiny_backbone, tmp_pa
     """A trial given a cache key still has its data and extraction options checked against the manifest (a
     TailCalibX trial with augmented views no longer runs on a cache without them)."""
     from ltstudy.errors import ConfigError
-    from ltstudy.testing.configs import tiny_config
     from ltstudy.train.feature import resolve_features
+
+    from support.configs import tiny_config
 
     store = str(tmp_path)
     _, key = resolve_features(tiny_config("ce_classifier", tiny_backbone, feature_storage=store))

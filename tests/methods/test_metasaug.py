@@ -163,7 +163,7 @@ def test_the_trainer_never_validates_on_a_meta_image(monkeypatch):
 
 def test_state_dict_carries_the_estimator():
     m = MetaSAug(MetaSAugParams(), _ctx(_data(num_meta=10)))
-    est = m._estimator(4)
+    est = m.covariance_estimator(4)
     est.update(torch.randn(10, 4), torch.randint(0, 5, (10,)))
     state = m.state_dict()
     m2 = MetaSAug(MetaSAugParams(), _ctx(_data(num_meta=10)))
@@ -175,8 +175,9 @@ def test_state_dict_carries_the_estimator():
 def test_the_classifier_only_recipe_trains_the_stage1_classifier_on_a_frozen_backbone(tmp_path):
     """The reference's ImageNet recipe: the stage-1 network's backbone stays as it was (weights and BN
     statistics), only the classifier moves; the stage-1 network must come from the same data."""
-    from ltstudy.testing.configs import tiny_config, train_backbone
     from ltstudy.train import TrialContext, load_checkpoint
+
+    from support.configs import tiny_config, train_backbone
 
     stage1 = train_backbone(str(tmp_path / "s1"))
     cfg = tiny_config("metasaug", train_scope="classifier", switch=0.0, num_meta=2, meta_batch=8,

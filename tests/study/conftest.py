@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ltstudy.testing.configs import TINY  # noqa: F401  (imported by the study tests)
-from ltstudy.testing.servers import REPO, free_port, mlflow_server, ray_env  # noqa: F401
+from support.servers import mlflow_server, ray_env
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""ltstudy's own Ray Train worker (``study.runner.train_worker``) on two gloo ranks trains the same weights as
+"""ltstudy's own Ray Train worker (``study.trainable.train_worker``) on two gloo ranks trains the same weights as
 one process that feeds each global batch to the model as the two ranks' shards.
 
 Why shards: ResNet-32's BatchNorm normalises with each rank's own batch statistics (SyncBatchNorm is
@@ -18,9 +18,10 @@ import torch
 
 from ltstudy.config import load_data, lr_milestones
 from ltstudy.data import AugmentSpec
-from ltstudy.testing.configs import tiny_config
 from ltstudy.train.image import build_method
 from ltstudy.train.optim import make_optimizer, make_scheduler
+
+from support.configs import tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +57,7 @@ def test_ltstudy_train_worker_on_two_ranks_matches_one_process(ray_local, tmp_pa
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ltstudy.study.runner import train_worker
+    from ltstudy.study.trainable import train_worker
 
     cfg = tiny_config("ldam_drw", epochs=2, drw_start=0.5, lr=1e-3)  # DRW switches on in epoch 2
     trainer = TorchTrainer(train_worker, train_loop_config={"config": cfg.to_dict()},

@@ -11,10 +11,11 @@ import pytest
 
 from ltstudy.config import resolve_config
 from ltstudy.methods import get_method
-from ltstudy.study.search import OPTUNA_JOURNAL, open_optuna_storage
-from ltstudy.study.tune import StudyOptions, run_study
-from ltstudy.testing.configs import train_backbone
-from ltstudy.testing.data import write_imagenet_lt_tree
+from ltstudy.study.run import StudyOptions, run_study
+from ltstudy.study.search.optuna_storage import OPTUNA_JOURNAL, open_optuna_storage
+
+from support.configs import train_backbone
+from support.data import write_imagenet_lt_tree
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,7 @@ def _study(method: str, overrides: dict, tmp_path, trials: int = 2):
     return run_study(StudyOptions(
         method=method, num_trials=trials, max_concurrent=1, sampler="random", seed=0, scheduler="none",
         storage=str(tmp_path / "storage"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        study_name=f"{method}-filelist", retries=0, verbose=0, overrides=overrides))
+        study_name=f"{method}-filelist", retries=0, verbose=0, fixed=overrides))
 
 
 def _first_trial(tmp_path, study: str) -> dict:

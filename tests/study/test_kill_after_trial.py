@@ -16,10 +16,10 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ltstudy.study.tracking import CHECKPOINT_TAG, EPOCHS_TAG, NUMBER_TAG, STATUS_TAG, WALL_TAG
-from ltstudy.testing.servers import session_members
+from ltstudy.study.tracking.store import CHECKPOINT_TAG, EPOCHS_TAG, NUMBER_TAG, STATUS_TAG, WALL_TAG
 
-from .conftest import TINY, ray_env
+from support.configs import TINY
+from support.servers import ray_env, session_members
 
 pytestmark = pytest.mark.slow
 EPOCHS = 3

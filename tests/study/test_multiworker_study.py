@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ltstudy.study.tune import StudyOptions, run_study
+from ltstudy.study.run import StudyOptions, run_study
 
-from .conftest import TINY
+from support.configs import TINY
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ def test_two_worker_trials_finish_and_free_their_workers(ray_local, tmp_path):
     summary = run_study(StudyOptions(
         method="ce", num_trials=3, max_concurrent=1, workers=2, cpus_per_worker=1.0, sampler="random",
         seed=1, storage=str(tmp_path / "storage"), tracking_uri=uri, study_name="ddp", retries=0,
-        verbose=0, overrides={**TINY, "epochs": 2}))
+        verbose=0, fixed={**TINY, "epochs": 2}))
     assert sum(summary.counts.values()) == 3 and "failed" not in summary.counts
     # Tune kills each trial's actor at its end (ASHA stop or max_t); the Train workers' group must go too.
     groups = ray_local.util.placement_group_table().values()

@@ -23,10 +23,11 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ltstudy.study.schedulers import STATE_FILE
-from ltstudy.study.search import OPTUNA_JOURNAL, open_optuna_storage
+from ltstudy.study.search.optuna_storage import OPTUNA_JOURNAL, open_optuna_storage
+from ltstudy.study.search.schedulers import STATE_FILE
 
-from .conftest import TINY, ray_env
+from support.configs import TINY
+from support.servers import ray_env
 
 pytestmark = pytest.mark.slow
 TRIALS = 6

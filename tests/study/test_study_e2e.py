@@ -11,11 +11,12 @@ from mlflow.tracking import MlflowClient
 
 from ltstudy.cli import main
 from ltstudy.config import load_yaml, resolve_config
-from ltstudy.study.search import OPTUNA_JOURNAL, open_optuna_storage
-from ltstudy.study.tracking import ROLE_TAG, find_study, study_trials
-from ltstudy.study.tune import StudyOptions, run_study
+from ltstudy.study.run import StudyOptions, run_study
+from ltstudy.study.search.optuna_storage import OPTUNA_JOURNAL, open_optuna_storage
+from ltstudy.study.tracking.records import find_study, study_trials
+from ltstudy.study.tracking.store import ROLE_TAG
 
-from .conftest import TINY
+from support.configs import TINY
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +41,7 @@ def study(ray_local, mlflow_server, tmp_path_factory):
     summary = run_study(StudyOptions(
         method="ce", space_path=str(space), num_trials=6, max_concurrent=2, sampler="random", seed=3,
         storage=str(tmp / "storage"), tracking_uri=mlflow_server, study_name="e2e", retries=0,
-        verbose=0, overrides=dict(TINY)))
+        verbose=0, fixed=dict(TINY)))
     return summary, tmp
 
 

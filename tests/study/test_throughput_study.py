@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ltstudy.study import runner
-from ltstudy.study.tracking import CHECKPOINT_TAG, find_study, study_trials
-from ltstudy.study.tune import StudyOptions, run_study
+from ltstudy.study import trainable
+from ltstudy.study.run import StudyOptions, run_study
+from ltstudy.study.tracking.records import find_study, study_trials
+from ltstudy.study.tracking.store import CHECKPOINT_TAG
 
-from .conftest import TINY
+from support.configs import TINY
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,7 @@ def test_sequential_trials_reuse_one_process_and_record_their_startup(ray_local,
     summary = run_study(StudyOptions(
         method="ce", num_trials=3, max_concurrent=1, scheduler="none", sampler="random", seed=2,
         storage=str(tmp_path / "storage"), tracking_uri=uri, study_name="reuse", retries=0, verbose=0,
-        checkpoint_every=5, overrides={**TINY, "epochs": 3}))
+        checkpoint_every=5, fixed={**TINY, "epochs": 3}))
     assert summary.counts == {"completed": 3}
     mlc, exp, parent = find_study(uri, "reuse")
     trials = sorted(study_trials(mlc, exp.experiment_id, parent.info.run_id), key=lambda t: t["number"])
@@ -43,12 +44,12 @@ def test_a_multi_worker_study_says_what_its_workers_cost_to_start(ray_local, tmp
     said: list[str] = []
     # this process "imported ltstudy" a day ago: a trial must report its own process's stamps, not the
     # copies a pickled closure would carry from here
-    monkeypatch.setitem(runner._IMPORTS, "import_started", time.time() - 86400)
+    monkeypatch.setitem(trainable._IMPORTS, "import_started", time.time() - 86400)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     summary = run_study(StudyOptions(
         method="ce", num_trials=1, max_concurrent=1, workers=2, cpus_per_worker=1.0, scheduler="none",
         sampler="random", seed=1, storage=str(tmp_path / "storage"), tracking_uri=uri, study_name="ddp-start",
-        retries=0, verbose=0, checkpoint_every=1, overrides={**TINY, "epochs": 2}), say=said.append)
+        retries=0, verbose=0, checkpoint_every=1, fixed={**TINY, "epochs": 2}), say=said.append)
     assert summary.counts == {"completed": 1}
     lines = [s for s in said if "workers ready" in s]
     assert len(lines) == 1 and "Train driver" in lines[0] and "process group" in lines[0], said

@@ -11,11 +11,11 @@ from mlflow.tracking import MlflowClient
 
 from ltstudy.cli import main
 from ltstudy.config import load_yaml
-from ltstudy.study.search import OPTUNA_JOURNAL, open_optuna_storage
-from ltstudy.study.tracking import find_study, study_trials
-from ltstudy.study.tune import StudyOptions, run_study
+from ltstudy.study.run import StudyOptions, run_study
+from ltstudy.study.search.optuna_storage import OPTUNA_JOURNAL, open_optuna_storage
+from ltstudy.study.tracking.records import find_study, study_trials
 
-from .conftest import TINY
+from support.configs import TINY
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def _study(tmp, uri, name, space_text, **kw):
     space.write_text(space_text)
     opts = dict(method=space_text.split()[1], space_path=str(space), num_trials=6, max_concurrent=2,
                 sampler="random", seed=3, storage=str(tmp / "storage"), tracking_uri=uri, study_name=name,
-                retries=0, verbose=0, overrides=dict(TINY))
+                retries=0, verbose=0, fixed=dict(TINY))
     return run_study(StudyOptions(**{**opts, **kw}), say=lambda line: None)
 
 

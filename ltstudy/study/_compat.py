@@ -1,0 +1,161 @@
+"""Every place ltstudy touches a private part of Ray or Optuna, and the pickled classes a saved study names.
+
+Ray and Optuna change their internals between releases without notice; a study that reached into them from
+five modules broke one place at a time, silently. Here each touch is one small function with the version it
+was written against, and ``tests/study/test_compat.py`` exercises each one on the installed versions, so an
+upgrade that removes or renames a private fails one named test instead of a study in the middle of a run.
+This module imports nothing from the rest of ``ltstudy.study``: every sub-package may import it.
+
+Written against Ray 2.60 and Optuna 5.0/5.1 (``pyproject.toml`` pins those ranges).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Classes that Tune pickles with a study (``tuner.pkl``, ``searcher-state-*.pkl``, the experiment state)
+#: and ``ltstudy tune --resume`` unpickles by module path: moving or renaming one makes every saved study
+#: unresumable. Part of the on-disk contract; ``tests/study/test_compat.py`` imports each path, and the
+#: resume tests restore a saved study in a new process.
+PICKLED = (
+    "ltstudy.study.search.searcher.LtOptunaSearch",
+    "ltstudy.study.search.space.DefineByRun",
+    "ltstudy.study.search.space.Param",
+    "ltstudy.study.search.concurrency.StudyConcurrency",
+    "ltstudy.study.search.schedulers.StudyASHA",
+    "ltstudy.study.tracking.callback.MLflowTrialCallback",
+    "ltstudy.study.cluster.placement.PlacementGroupReaper",
+    "ltstudy.study.callbacks.ProgressCallback",
+    "ltstudy.study.callbacks.StartupCallback",
+    "ltstudy.study.trainable.Resources",
+)
+
+
+# ------------------------------------------------------------------------------------ Ray's OptunaSearch
+def optuna_trials(searcher: Any) -> dict[str, Any]:
+    """Tune trial id -> the ``optuna.Trial`` OptunaSearch asked for it (``OptunaSearch._ot_trials``)."""
+    return searcher._ot_trials
+
+
+def completed_trials(searcher: Any) -> set[str]:
+    """The Tune trial ids OptunaSearch has already told Optuna about (``_completed_trials``)."""
+    return searcher._completed_trials
+
+
+def enqueued_points(searcher: Any) -> list[dict[str, Any]] | None:
+    """The ``points_to_evaluate`` OptunaSearch was built with (``_points_to_evaluate``)."""
+    return searcher._points_to_evaluate
+
+
+def searcher_study(searcher: Any) -> Any:
+    """The ``optuna.Study`` behind OptunaSearch (``_ot_study``)."""
+    return searcher._ot_study
+
+
+# ----------------------------------------------------------------------------------------------- Optuna
+def storage_trial_id(trial: Any) -> int:
+    """The storage's id of an Optuna trial (``Trial._trial_id`` / ``FrozenTrial._trial_id``): what the
+    storage's per-trial calls take, unlike the trial's number."""
+    return trial._trial_id
+
+
+def trial_finished(study: Any, trial: Any) -> bool:
+    """Whether the storage already holds an end for ``trial`` (another writer may have told it):
+    ``Study._storage.get_trial(...)``, one row read instead of every trial of the study."""
+    return study._storage.get_trial(storage_trial_id(trial)).state.is_finished()
+
+
+# ------------------------------------------------------------------------------------------- Ray Tune
+def tuner_run_config(tuner: Any) -> Any:
+    """The ``RunConfig`` a (restored) ``Tuner`` will run with (``Tuner._local_tuner``): a restored tuner
+    carries the callbacks pickled by the process that started the study."""
+    return tuner._local_tuner.get_run_config()
+
+
+def tuner_search_alg(tuner: Any) -> Any:
+    """The search algorithm of a (restored) ``Tuner`` (``TunerInternal._tune_config``)."""
+    return tuner._local_tuner._tune_config.search_alg
+
+
+def asha_rungs(scheduler: Any) -> list[list[tuple[float, dict[str, float]]]]:
+    """ASHA's rungs per bracket, latest milestone first (``_brackets[i]._rungs``), as plain copies."""
+    return [[(m, dict(rec)) for m, rec in bracket._rungs] for bracket in scheduler._brackets]
+
+
+def set_asha_rungs(scheduler: Any, rungs: list[list[tuple[float, dict[str, float]]]]) -> None:
+    for bracket, saved in zip(scheduler._brackets, rungs, strict=True):
+        bracket._rungs = [(m, dict(rec)) for m, rec in saved]
+
+
+def asha_stopped(scheduler: Any) -> int:
+    """How many trials ASHA has stopped (``_num_stopped``, what its ``debug_string`` reports)."""
+    return scheduler._num_stopped
+
+
+def set_asha_stopped(scheduler: Any, value: int) -> None:
+    scheduler._num_stopped = value
+
+
+def asha_budget(scheduler: Any) -> tuple[str, float]:
+    """(``time_attr``, ``max_t``) of an ASHA scheduler (``_time_attr``, ``_max_t``)."""
+    return scheduler._time_attr, scheduler._max_t
+
+
+# -------------------------------------------------------------------------------------- Ray's runtime
+def gcs_cluster_config() -> Any:
+    """The cluster config an autoscaler (v2, KubeRay) publishes in the GCS, or None
+    (``ray._private.state.state.get_cluster_config``; Ray Train sizes itself from the same)."""
+    from ray._private import state
+
+    return state.state.get_cluster_config()
+
+
+def autoscaler_status() -> bytes | None:
+    """The v1 autoscaler's debug status (JSON with ``monitor_pid``) from the GCS key-value store
+    (``ray.experimental.internal_kv._internal_kv_get`` of ``ray_constants.DEBUG_AUTOSCALING_STATUS``)."""
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    return _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+
+
+def check_trial_storage() -> str | None:
+    """In a Tune trial: check that this node sees the storage marker Tune wrote; returns None, or the
+    storage path when the marker is not visible from here. Outside a trial, None. (Tune checks it only when
+    the first checkpoint uploads: ``ray.train._internal.session.get_session().storage._check_validation_file``.)
+    """
+    from ray.train._internal.session import get_session
+
+    storage = getattr(get_session(), "storage", None)
+    if storage is None:
+        return None
+    check = getattr(storage, "_check_validation_file", None)
+    if check is None:  # another Ray: nothing to check with (the compat test says so)
+        return None
+    try:
+        check()
+    except Exception:  # noqa: BLE001 - Ray's RuntimeError: the marker is not visible from here
+        return str(getattr(storage, "storage_fs_path", "the study's storage"))
+    return None
+
+
+def placement_group(hex_id: str) -> Any:
+    """A ``PlacementGroup`` handle from the hex id a worker reported (``ray._raylet.PlacementGroupID``)."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
+
+    return PlacementGroup(PlacementGroupID(bytes.fromhex(hex_id)))
+
+
+def start_worker_node(gcs_address: str, resources: dict[str, float], object_store_bytes: int) -> Any:
+    """Start a Ray worker node in this process bound to 127.0.0.1 (what Ray's fake multi-node provider
+    does; ``ray start --address`` refuses to join a loopback-only head): ``ray._private.node.Node``."""
+    import ray._private.node
+    import ray._private.parameter
+
+    resources = dict(resources)
+    params = ray._private.parameter.RayParams(
+        gcs_address=gcs_address, redis_address=gcs_address, node_ip_address="127.0.0.1", min_worker_port=0,
+        max_worker_port=0, dashboard_agent_listen_port=0, num_cpus=resources.pop("CPU", 0),
+        num_gpus=resources.pop("GPU", 0), object_store_memory=object_store_bytes, resources=resources)
+    return ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=False)

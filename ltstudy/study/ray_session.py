@@ -1,0 +1,60 @@
+"""The Ray a study runs on: ``--address`` checked before anything starts, then joined, or a local Ray
+started for the study (and shut down after it)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import ray
+
+from ltstudy.errors import ConfigError
+
+RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
+
+
+def ray_address(address: str) -> str:
+    """``auto`` resolved the way Ray resolves it (``RAY_ADDRESS``, then the current-cluster file)."""
+    if address != "auto":
+        return address
+    found = os.environ.get("RAY_ADDRESS") or (
+        RAY_CURRENT_CLUSTER.read_text().strip() if RAY_CURRENT_CLUSTER.is_file() else "")
+    if not found or found == "auto":
+        raise ConfigError("--address auto: no Ray cluster is running on this machine (start one with "
+                          "`ray start --head` or `ray up`, or drop --address to use a local Ray)")
+    return found
+
+
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """An unreachable ``--address`` is one line within seconds (``ray.init`` would retry for minutes)."""
+    if address is None or address == "local":
+        return
+    resolved = ray_address(address)
+    parsed = urlparse(resolved if "://" in resolved else f"ray://{resolved}")
+    host, port = parsed.hostname, parsed.port or (10001 if resolved.startswith("ray://") else 6379)
+    if not host:
+        raise ConfigError(f"--address {address!r} is not host:port")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"Ray cluster at {host}:{port} (--address {address}) is unreachable: "
+                          f"{exc.strerror or exc}") from None
+
+
+def ray_init(address: str | None, verbose: int = 0) -> bool:
+    """Connect to ``address`` or start a new local Ray; returns whether this call started it.
+
+    Without ``--address`` the study always starts its own Ray (``address="local"``): a plain
+    ``ray.init()`` would join whatever cluster Ray's current-cluster file names, a dead one included.
+    Ray 2.60 turns token auth on for a new local cluster; ltstudy keeps it off unless the user set
+    ``RAY_AUTH_MODE`` (documented in the README; cluster.yaml sets it explicitly).
+    """
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address=address or "local", log_to_driver=verbose > 0,
+             logging_level="INFO" if verbose > 1 else "WARNING")
+    return True

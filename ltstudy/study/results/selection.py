@@ -1,0 +1,162 @@
+"""Which trial a study recommends: the best one, a point of the Pareto front, or the confirmed winner.
+
+Pure functions over the trial records that :mod:`ltstudy.study.tracking.records` reads back from MLflow (dicts with
+``trial_id``, ``status``, ``metrics``, ``params``, ``published``). Only trials that ran their whole budget
+are candidates while any did: a pruned trial's metric is from a shorter run.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from ltstudy.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Objectives:
+    """The study's objective(s): one metric and mode, or 2-3 of each (multi-objective)."""
+
+    metrics: tuple[str, ...]
+    modes: tuple[str, ...]
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> Objectives:
+        metrics = tuple(tags.get("ltstudy.metric", "val_top1").split(","))
+        modes = tuple(tags.get("ltstudy.mode", "max").split(","))
+        return cls(metrics, modes if len(modes) == len(metrics) else (modes[0],) * len(metrics))
+
+    def tags(self) -> dict[str, str]:
+        return {"ltstudy.metric": ",".join(self.metrics), "ltstudy.mode": ",".join(self.modes)}
+
+    @property
+    def multi(self) -> bool:
+        return len(self.metrics) > 1
+
+    @property
+    def metric(self) -> str:
+        return self.metrics[0]
+
+    @property
+    def mode(self) -> str:
+        return self.modes[0]
+
+    def signed(self, trial: dict[str, Any]) -> tuple[float, ...]:
+        """The objectives of a trial, each turned so that larger is better."""
+        return tuple((1.0 if mode == "max" else -1.0) * trial["metrics"][m]
+                     for m, mode in zip(self.metrics, self.modes, strict=True))
+
+    def describe(self) -> str:
+        return ", ".join(f"{mode} {m}" for m, mode in zip(self.metrics, self.modes, strict=True))
+
+
+def published_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The published configuration: always Optuna trial 0 (enqueued first, see ``search.searcher``)."""
+    return next((t for t in trials if t.get("number") == 0), None)
+
+
+def candidates(trials: list[dict[str, Any]], obj: Objectives) -> list[dict[str, Any]]:
+    """Trials with every objective finite: those that completed, else (none did) the pruned ones."""
+    scored = [t for t in trials if t["status"] in ("completed", "pruned")
+              and all(math.isfinite(t["metrics"].get(m, math.nan)) for m in obj.metrics)]
+    return [t for t in scored if t["status"] == "completed"] or scored
+
+
+def pick_best(trials: list[dict[str, Any]], obj: Objectives) -> dict[str, Any] | None:
+    """The best trial on a single objective (None for a multi-objective study: see :func:`pareto_front`)."""
+    pool = candidates(trials, obj)
+    if obj.multi or not pool:
+        return None
+    return max(pool, key=obj.signed)
+
+
+def pareto_front(trials: list[dict[str, Any]], obj: Objectives) -> list[dict[str, Any]]:
+    """The non-dominated candidates, best first on the first objective."""
+    pool = candidates(trials, obj)
+    scores = [obj.signed(t) for t in pool]
+
+    def dominated(i: int) -> bool:
+        return any(all(b >= a for a, b in zip(scores[i], scores[j], strict=True)) and scores[j] != scores[i]
+                   for j in range(len(pool)) if j != i)
+
+    front = [t for i, t in enumerate(pool) if not dominated(i)]
+    return sorted(front, key=obj.signed, reverse=True)
+
+
+_RULE = re.compile(r"^\s*(max|min)\s+(\w+)(?:\s+where\s+(.+))?\s*$")
+_COND = re.compile(r"^\s*(\w+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
+
+
+def pick_point(trials: list[dict[str, Any]], obj: Objectives, pick: str | None) -> dict[str, Any]:
+    """The trial ``best-config export`` writes for a multi-objective study.
+
+    ``pick`` is ``N`` (the N-th point of the Pareto front as the summary lists it, from 0) or a rule
+    ``"max METRIC [where METRIC >= X [and METRIC <= Y ...]]"`` applied to the Pareto front.
+    """
+    front = pareto_front(trials, obj)
+    if not front:
+        raise ConfigError("the study has no finished trial with every objective")
+    if pick is None:
+        raise ConfigError(f"a multi-objective study ({obj.describe()}) has {len(front)} Pareto points; "
+                          "choose one with --pick N or --pick 'max METRIC where METRIC >= X'")
+    if pick.strip().isdigit():
+        n = int(pick)
+        if n >= len(front):
+            raise ConfigError(f"--pick {n}: the Pareto front has points 0..{len(front) - 1}")
+        return front[n]
+    match = _RULE.match(pick)
+    if not match:
+        raise ConfigError(f"--pick {pick!r}: give N or 'max METRIC where METRIC >= X'")
+    mode, metric, where = match.groups()
+    pool = front
+    for cond in filter(None, re.split(r"\s+and\s+", where or "")):
+        c = _COND.match(cond)
+        if not c:
+            raise ConfigError(f"--pick: cannot read the condition {cond!r} (METRIC >= NUMBER)")
+        name, op, value = c.group(1), c.group(2), float(c.group(3))
+        test = {">=": float.__ge__, "<=": float.__le__, ">": float.__gt__, "<": float.__lt__}[op]
+        pool = [t for t in pool if name in t["metrics"] and test(float(t["metrics"][name]), value)]
+    if not all(metric in t["metrics"] for t in front):
+        raise ConfigError(f"--pick: the trials have no metric {metric!r}")
+    if not pool:
+        raise ConfigError(f"--pick {pick!r}: no Pareto point satisfies the condition")
+    sign = 1.0 if mode == "max" else -1.0
+    return max(pool, key=lambda t: sign * t["metrics"][metric])
+
+
+def confirmed_ranking(runs: list[dict[str, Any]], obj: Objectives) -> list[dict[str, Any]]:
+    """Confirmation runs grouped by the trial they confirm, ranked by the mean objective over seeds.
+
+    Each row: ``trial_id``, ``mean``, ``std`` (sample, 0 for one seed), ``seeds``, ``values``.
+    A failed or unfinished confirmation run counts as missing; a trial with no finished run is left out.
+    """
+    groups: dict[str, list[tuple[int, float]]] = {}
+    for r in runs:
+        value = r["metrics"].get(obj.metric, math.nan)
+        if r["status"] == "completed" and math.isfinite(value):
+            groups.setdefault(r["confirms"], []).append((int(r.get("seed", 0)), value))
+    rows = []
+    for trial_id, pairs in groups.items():
+        values = [v for _, v in sorted(pairs)]
+        rows.append({"trial_id": trial_id, "mean": statistics.fmean(values),
+                     "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                     "seeds": [s for s, _ in sorted(pairs)], "values": values})
+    sign = 1.0 if obj.mode == "max" else -1.0
+    return sorted(rows, key=lambda row: sign * row["mean"], reverse=True)
+
+
+def gain_over_published(trials: list[dict[str, Any]], best: dict[str, Any] | None,
+                        obj: Objectives) -> dict[str, float] | None:
+    """How much better the recommended trial is than the published configuration (validation objective,
+    and the test metric of the same name, reported only); None without a finished published trial."""
+    published = next((t for t in trials if t.get("published") and t["status"] == "completed"), None)
+    if best is None or published is None or obj.multi:
+        return None
+    gain = {obj.metric: best["metrics"][obj.metric] - published["metrics"][obj.metric]}
+    test = "test_" + obj.metric.removeprefix("val_")
+    if test in best["metrics"] and test in published["metrics"]:
+        gain[test] = best["metrics"][test] - published["metrics"][test]
+    return gain

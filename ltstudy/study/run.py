@@ -1,0 +1,364 @@
+"""``ltstudy tune``: plan the study, then prepare, fit and summarise it.
+
+:func:`run_study` is the main line. :func:`~ltstudy.study.plan.plan_study` checks everything the user gave,
+with nothing written. :func:`prepare` fetches data once, places the study on the cluster (every node
+checked), extracts features once and opens the tracking records. :func:`fit` runs Tune (and the
+confirmation runs). :func:`summarise` writes the study's answer onto its study run.
+
+Interruption: ltstudy owns SIGINT and SIGTERM while a study runs. The first one asks Tune to stop
+gracefully (Tune's SIGUSR1 handler: the loop ends and the experiment state is saved); the study run and
+the trial runs still running are then marked KILLED, and :class:`~ltstudy.errors.StudyInterrupted`
+carries the exact ``--resume`` command (exit code 130). A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import mlflow  # noqa: F401 - configures its loggers on import; _quiet quietens them after that
+import optuna
+import ray
+import ray.tune
+
+from ltstudy.config import TrialConfig
+from ltstudy.errors import LtstudyError, StudyInterrupted, TrackingWriteError
+from ltstudy.methods import get_method
+from ltstudy.study import _compat
+from ltstudy.study.callbacks import ProgressCallback, StartupCallback
+from ltstudy.study.cluster.placement import Placement, PlacementGroupReaper, place_study
+from ltstudy.study.cluster.shape import TrialShape
+from ltstudy.study.confirm import confirm_top
+from ltstudy.study.data import extract_features_once, stage_data
+from ltstudy.study.options import StudyOptions, write_saved
+from ltstudy.study.plan import StudyPlan, plan_study
+from ltstudy.study.progress import ProgressBoard
+from ltstudy.study.ray_session import ray_init
+from ltstudy.study.results.selection import Objectives
+from ltstudy.study.results.summary import StudySummary, record_summary
+from ltstudy.study.search.concurrency import StudyConcurrency
+from ltstudy.study.search.optuna_storage import open_optuna_storage
+from ltstudy.study.search.schedulers import make_scheduler
+from ltstudy.study.search.searcher import make_searcher
+from ltstudy.study.storage import is_remote
+from ltstudy.study.tracking.callback import MLflowTrialCallback
+from ltstudy.study.tracking.dataset import DatasetRecord, dataset_record
+from ltstudy.study.tracking.links import OptunaLinks, annotate_study
+from ltstudy.study.tracking.records import status_counts, study_trials
+from ltstudy.study.tracking.store import git_commit, run_url
+from ltstudy.study.tracking.study_run import StudyTracker
+from ltstudy.study.trainable import Resources, make_trainable, reuse_actors
+
+__all__ = ["StudyOptions", "StudyPlan", "StudySummary", "plan_study", "run_study"]
+
+
+@dataclass(kw_only=True)
+class PreparedStudy:
+    """A study ready to fit: where its trials go and its tracking records, opened."""
+
+    plan: StudyPlan
+    place: Placement
+    tracker: StudyTracker
+    parent: str  # the study run
+    cfg: TrialConfig  # the published configuration
+    record: DatasetRecord | None  # its dataset, as MLflow shows it (None: the data is on the workers only)
+
+
+def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
+              say: Callable[[str], None] | None = None, console: Any = None) -> StudySummary:
+    """Plan, prepare, fit (or resume) and summarise one study.
+
+    ``say`` gets one-line notices; ``console`` (a rich Console) gets the progress: a header with the
+    MLflow and optuna-dashboard addresses, then a line per trial start and end (and a live footer on a
+    terminal); ``echo`` gets a line per confirmation run (and per trial, without a console).
+    """
+    tic = time.time()
+    _quiet(o.verbose)
+    plan = plan_study(o)
+    if console is None:  # else with the summary, under its table: the progress stays one line per event
+        for note in plan.notes:
+            (say or print)(note)
+    plan = _stage_data(plan)
+    started = ray_init(plan.opts.address, plan.opts.verbose)
+    try:
+        study = prepare(plan)
+        interrupted, callback, confirmed = fit(study, echo, say, console)
+    finally:
+        if started:
+            ray.shutdown()
+    return summarise(study, interrupted, callback, confirmed, time.time() - tic, console is not None)
+
+
+def _stage_data(plan: StudyPlan) -> StudyPlan:
+    """With ``download``: the dataset fetched once, here, before Ray starts (not for a backbone's data)."""
+    values = plan.space.published_values()
+    if not plan.fresh or "backbone" in plan.space.fixed or not values.get("download"):
+        return plan
+    return plan.with_fixed(stage_data(values, plan.storage, is_remote(plan.storage)))
+
+
+def prepare(plan: StudyPlan) -> PreparedStudy:
+    """Where trials go (every node checked) and features extracted once, before anything is recorded;
+    then the study run opened and, on a fresh start, the study's options saved beside its results."""
+    o = plan.opts
+    place = place_study(o.max_concurrent, TrialShape(o.workers, o.cpus_per_worker, o.gpus_per_worker),
+                        plan.storage, plan.tracking_uri, plan.space.fixed, o.storage is not None)
+    if plan.fresh and "backbone" in plan.space.fixed and get_method(o.method).stage == "feature":
+        plan = plan.with_fixed(extract_features_once(plan.space, plan.storage, place.gpu_tasks))
+    cfg, record = _study_dataset(plan)
+    tracker = StudyTracker(plan.tracking_uri, plan.study)
+    parent = tracker.open({**plan.tags(), "ltstudy.max_concurrent": place.max_concurrent,
+                           "ltstudy.cluster": place.describe()}, resume=not plan.fresh)
+    if plan.fresh:
+        if record is not None:
+            tracker.mlc.log_inputs(parent, datasets=[record.to_mlflow()])
+        _drop_stale_optuna_study(plan)
+        write_saved(plan.experiment_path, plan.saved())
+    if "://" not in plan.optuna_storage:
+        Path(plan.optuna_storage).parent.mkdir(parents=True, exist_ok=True)
+    return PreparedStudy(plan=plan, place=place, tracker=tracker, parent=parent, cfg=cfg, record=record)
+
+
+def _study_dataset(plan: StudyPlan) -> tuple[TrialConfig, DatasetRecord | None]:
+    """The published configuration's dataset record, read before anything is written.
+
+    On a local Ray the driver sees what the trials see, so unreadable data is bad input (one line, exit
+    code 2); on a cluster (``--address``) the data may live on the workers only, and the record is left out.
+    """
+    cfg = plan.space.published_config()
+    try:
+        return cfg, dataset_record(cfg)
+    except LtstudyError:
+        if plan.opts.address is None:
+            raise
+        return cfg, None
+    except Exception:  # noqa: BLE001 - data on the workers only; the trials report their own errors
+        return cfg, None
+
+
+def _drop_stale_optuna_study(plan: StudyPlan) -> None:
+    """A fresh start under a name whose earlier start never reached Tune: its Optuna study is stale."""
+    if "://" not in plan.optuna_storage and not Path(plan.optuna_storage).is_file():
+        return
+    with contextlib.suppress(KeyError):
+        optuna.delete_study(study_name=plan.study, storage=open_optuna_storage(plan.optuna_storage))
+
+
+def fit(study: PreparedStudy, echo: Callable[..., None] | None, say: Callable[[str], None] | None,
+        console: Any) -> tuple[str | None, MLflowTrialCallback | None, list[dict[str, Any]]]:
+    """Run (or resume) the trials, then the confirmation runs; returns (the signal that interrupted the
+    study or None, the MLflow callback, the confirmed ranking)."""
+    plan, o = study.plan, study.plan.opts
+    board = callback = None
+    try:
+        with _interrupts() as caught:
+            links = OptunaLinks(open_optuna_storage(plan.optuna_storage), plan.study)
+            callback = MLflowTrialCallback(
+                plan.tracking_uri, study.tracker.experiment_id, study.parent, plan.study, commit=git_commit(),
+                echo=echo if console is None else None, params=plan.space.params, links=links,
+                objectives=plan.space.metrics)
+            callback.add_dataset(study.cfg, study.record)
+            board = _board(study, console)
+            trainable = make_trainable(Resources.of(o, storage=plan.storage, placement=study.place,
+                                                    checkpoint_epochs=plan.rungs))
+            tuner = _tuner(plan, trainable, _callbacks(study, callback, board, links, say),
+                           study.place.max_concurrent)
+            _annotate(study, links)
+            # Ray's new output engine prints its experiment header even at verbose 0; its legacy engine
+            # prints nothing at 0
+            with _env({"RAY_AIR_NEW_OUTPUT": "0"} if o.verbose == 0 else {}):
+                tuner.fit()
+            confirmed = [] if caught.signal or not o.confirm else confirm_top(
+                plan, study.tracker, trainable, o.confirm, o.confirm_seeds, study.place.max_concurrent, echo)
+        return caught.signal, callback, confirmed
+    except KeyboardInterrupt:
+        return "SIGINT", callback, []
+    except BaseException:
+        if callback is not None and (lost := callback.close(raise_errors=False)):
+            print(f"error: {lost}", file=sys.stderr)  # the study's own error follows
+        study.tracker.mlc.set_terminated(study.parent, "FAILED")
+        raise
+    finally:
+        if board is not None:
+            board.close()
+
+
+def _board(study: PreparedStudy, console: Any) -> ProgressBoard | None:
+    """With a console: the header printed and the progress board (seeded with a resumed study's trials)."""
+    if console is None:
+        return None
+    plan = study.plan
+    for line in _header(plan, study.tracker.experiment_id, study.parent, study.place.max_concurrent):
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
+    board = ProgressBoard(console, plan.space.metric, plan.space.mode, plan.opts.num_trials,
+                          study.place.max_concurrent)
+    if not plan.fresh:
+        board.seed([t["status"] for t in study_trials(study.tracker.mlc, study.tracker.experiment_id,
+                                                       study.parent)])
+    return board
+
+
+def _callbacks(study: PreparedStudy, callback: MLflowTrialCallback, board: ProgressBoard | None,
+               links: OptunaLinks, say: Callable[[str], None] | None) -> list[Any]:
+    """Start-up stages first (the others then see them in the first result), MLflow, the reaper, progress."""
+    space = study.plan.space
+    callbacks: list[Any] = [StartupCallback(study.plan.opts.workers, board.say if board is not None else say,
+                                            lambda trial: _trial_label(links, trial)),
+                            callback, PlacementGroupReaper()]
+    if board is not None:
+        callbacks.append(ProgressCallback(board, space.params, links, space.metrics))
+    return callbacks
+
+
+def _tuner(plan: StudyPlan, trainable: Any, callbacks: list[Any], concurrency: int) -> ray.tune.Tuner:
+    """A new Tuner, or the saved one restored with this run's callbacks and concurrency."""
+    o, space = plan.opts, plan.space
+    if not plan.fresh:
+        tuner = ray.tune.Tuner.restore(plan.experiment_path, trainable, resume_unfinished=True,
+                                       resume_errored=False)
+        # the pickled callbacks would carry the old process's settings; use this run's, and this run's
+        # concurrency (--max-concurrent, or what the cluster can hold)
+        _compat.tuner_run_config(tuner).callbacks = callbacks
+        limiter = _compat.tuner_search_alg(tuner)
+        if isinstance(limiter, StudyConcurrency):
+            limiter.set_max(concurrency)
+        return tuner
+    searcher = StudyConcurrency(make_searcher(space, o.sampler, plan.seed, o.num_trials, plan.study,
+                                              plan.optuna_storage, fresh=True), max_concurrent=concurrency)
+    scheduler = make_scheduler(o.scheduler, space.metric, space.mode, plan.max_t, plan.grace,
+                               o.reduction_factor, state_dir=plan.experiment_path)
+    return ray.tune.Tuner(
+        trainable,
+        tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=o.num_trials,
+                                        time_budget_s=o.time_budget, reuse_actors=reuse_actors(o.workers)),
+        run_config=ray.tune.RunConfig(
+            name=plan.study, storage_path=plan.storage, callbacks=callbacks, verbose=o.verbose,
+            failure_config=ray.tune.FailureConfig(max_failures=o.retries),
+            checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def _annotate(study: PreparedStudy, links: OptunaLinks) -> None:
+    """The objective names and the MLflow study run on the Optuna study."""
+    plan, tracker = study.plan, study.tracker
+    annotate_study(links.storage, plan.study, list(plan.space.metrics), {
+        "mlflow_tracking_uri": plan.tracking_uri, "mlflow_experiment_id": tracker.experiment_id,
+        "mlflow_study_run_id": study.parent,
+        "mlflow_study_run": run_url(plan.tracking_uri, tracker.experiment_id, study.parent)})
+
+
+def _header(plan: StudyPlan, experiment_id: str, parent: str, concurrency: int) -> list[str]:
+    o, s = plan.opts, plan.space
+    return [
+        f"study {plan.study}: {s.method} on {s.dataset}, {o.num_trials} trials "
+        f"({concurrency} at a time), sampler {o.sampler}, scheduler {o.scheduler}, {s.mode} {s.metric}"
+        + (" (resumed)" if not plan.fresh else ""),
+        f"MLflow: {run_url(plan.tracking_uri, experiment_id, parent)}" + (
+            "" if plan.tracking_uri.startswith("http") else
+            f"  (after: mlflow ui --backend-store-uri {plan.tracking_uri})"),
+        f"Optuna: optuna-dashboard {plan.optuna_storage}",
+    ]
+
+
+def _trial_label(links: OptunaLinks, trial: Any) -> str:
+    number = links.number(trial.trial_id)
+    return f"trial {number}" if number is not None else f"trial {trial.trial_id}"
+
+
+def summarise(study: PreparedStudy, interrupted: str | None, callback: MLflowTrialCallback | None,
+              confirmed: list[dict[str, Any]], wall_s: float, with_notes: bool) -> StudySummary:
+    """Every trial record written, then the study's answer on its study run; an interrupted study is
+    marked so and raises :class:`~ltstudy.errors.StudyInterrupted` with the command that resumes it."""
+    plan, tracker = study.plan, study.tracker
+    try:  # records of a trial still running when the study stopped come back with --resume
+        lost = callback.close(raise_errors=not interrupted) if callback is not None else None
+    except TrackingWriteError:  # the study ran, but its record is incomplete: no summary over it
+        with contextlib.suppress(Exception):
+            tracker.mlc.set_terminated(study.parent, "FAILED")
+        raise
+    if interrupted:
+        stopped = tracker.interrupted(interrupted)
+        raise StudyInterrupted(f"{interrupted}: study {plan.study} stopped, {stopped} running trial(s) "
+                               f"killed, its state saved{f' ({lost})' if lost else ''}; resume with: "
+                               f"{plan.resume_command()}")
+    obj = Objectives(plan.space.metrics, plan.space.modes)
+    result = record_summary(tracker, plan.space_text, obj, _optuna_study(plan))
+    trials, o = result["trials"], plan.opts
+    notes = list(plan.notes) if with_notes else []
+    if o.time_budget and wall_s >= o.time_budget and len(trials) < o.num_trials:
+        notes.append(f"the time budget ({o.time_budget:.0f} s) ended the study after {len(trials)} of "
+                     f"{o.num_trials} trials")
+    return StudySummary(
+        study=plan.study, metric=obj.metric, mode=obj.mode, best=result["best"], tuned=plan.space.tuned_names,
+        counts=status_counts(trials), experiment_path=plan.experiment_path, tracking_uri=plan.tracking_uri,
+        parent_run_id=study.parent, wall_s=wall_s, trial_wall_s=dict(callback.wall) if callback else {},
+        trials=trials, metrics=obj.metrics, modes=obj.modes, front=result["front"], gain=result["gain"],
+        confirmed=confirmed, notes=notes)
+
+
+def _optuna_study(plan: StudyPlan) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=plan.study, storage=open_optuna_storage(plan.optuna_storage))
+    except KeyError:  # no trial was ever asked for
+        return None
+
+
+@contextlib.contextmanager
+def _interrupts() -> Iterator[SimpleNamespace]:
+    """Own SIGINT/SIGTERM: the first asks Tune to stop gracefully (SIGUSR1), a second one stops at once."""
+    caught = SimpleNamespace(signal=None)
+    if signal.getsignal(signal.SIGINT) is None or threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+        if caught.signal is not None or not tune_listens:
+            caught.signal = caught.signal or signal.Signals(signum).name
+            raise KeyboardInterrupt
+        caught.signal = signal.Signals(signum).name
+        os.kill(os.getpid(), signal.SIGUSR1)  # Tune ends its loop and saves the experiment state
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    with _env({"TUNE_DISABLE_SIGINT_HANDLER": "1"}):
+        try:
+            yield caught
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _quiet(verbose: int) -> None:
+    """Below ``-v`` the study's own lines are the output: no MLflow/Optuna INFO logs or Optuna warnings."""
+    if verbose > 0:
+        return
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

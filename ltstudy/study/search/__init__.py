@@ -1,0 +1,1 @@
+"""What to try next and when to stop: the search space, Optuna inside Tune, early stopping, concurrency."""

@@ -1,0 +1,108 @@
+"""Early stopping that respects long-tailed recipes, protects the published trial and survives a resume.
+
+* **Phases.** A method's schedule changes phase late (DRW at 160/200 epochs, MetaSAug's meta phase, the lr
+  milestones): a trial stopped before that has not shown what it does. By default ASHA's first rung is the
+  epoch after the last phase start of any configuration the space can produce (``grace="auto"``), so no
+  trial is stopped before every phase has begun. ``--grace-period N`` opts out.
+* **The published trial** (the first trial of every study, the paper's setting) is never stopped early:
+  its results still count towards the rungs' cut-offs, but a STOP decision on it becomes CONTINUE, so a
+  study's answer can always be compared with a full-length run of the published configuration.
+* **Resume.** Ray's controller saves the searcher's and the callbacks' state but not the scheduler's, so
+  after ``Tuner.restore`` ASHA's rungs would start empty and every trial would survive the next rungs.
+  :class:`StudyASHA` writes its rungs next to the experiment after every decision and reads them back when
+  Tune unpickles it on restore.
+
+Ray's ``MedianStoppingRule`` and ``HyperBandScheduler`` are not offered: they keep per-trial state keyed
+by ``Trial`` objects (not ids) and pause trials, so making them resume exactly would mean rewriting them.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+from typing import Any
+
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+
+from ltstudy.config import PUBLISHED_KEY
+from ltstudy.errors import ConfigError
+from ltstudy.study import _compat
+from ltstudy.study.storage import filesystem
+
+SCHEDULERS = ("asha", "none")
+STATE_FILE = "ltstudy_scheduler_state.pkl"
+
+
+class StudyASHA(AsyncHyperBandScheduler):
+    """ASHA on ``epoch`` that never stops the published trial and keeps its rungs across a resume."""
+
+    def __init__(self, *, state_dir: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._state_path = f"{state_dir.rstrip('/')}/{STATE_FILE}"
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        time_attr, max_t = _compat.asha_budget(self)
+        if decision == TrialScheduler.STOP and trial.config.get(PUBLISHED_KEY) and result.get(time_attr, 0) < max_t:
+            _compat.set_asha_stopped(self, _compat.asha_stopped(self) - 1)
+            decision = TrialScheduler.CONTINUE
+        self._save()
+        return decision
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save()
+
+    @property
+    def rungs(self) -> list[tuple[float, dict[str, float]]]:
+        """(milestone epoch, {trial id: signed objective}) of the one bracket, latest milestone first."""
+        return _compat.asha_rungs(self)[0]
+
+    def _save(self) -> None:
+        state = {"rungs": _compat.asha_rungs(self), "num_stopped": _compat.asha_stopped(self)}
+        fs, path = filesystem(self._state_path)
+        with fs.open_output_stream(path + ".tmp") as out:
+            out.write(pickle.dumps(state))
+        fs.move(path + ".tmp", path)
+
+    def _load(self) -> None:
+        fs, path = filesystem(self._state_path)
+        try:
+            with fs.open_input_stream(path) as src:
+                state = pickle.load(io.BytesIO(src.read()))
+        except (FileNotFoundError, OSError):
+            return
+        _compat.set_asha_rungs(self, state["rungs"])
+        _compat.set_asha_stopped(self, state["num_stopped"])
+
+    def __setstate__(self, state: dict) -> None:
+        # Tune unpickles the scheduler of a restored study from tuner.pkl, written before any result
+        self.__dict__.update(state)
+        self._load()
+
+
+def rung_epochs(scheduler: StudyASHA | None) -> tuple[int, ...]:
+    """The epochs at which ``scheduler`` decides (ASHA decides at the first result at or past a rung)."""
+    if scheduler is None:
+        return ()
+    return tuple(sorted({math.ceil(m) for m, _ in scheduler.rungs}))
+
+
+def first_rung(phases: list[int], grace: int | str) -> int:
+    """ASHA's grace period: ``grace`` when a number, else the epoch after the last phase start (>= 1)."""
+    if grace != "auto":
+        return int(grace)
+    return max(phases, default=0) + 1
+
+
+def make_scheduler(name: str, metric: str, mode: str, epochs: int, grace: int, reduction_factor: float,
+                   state_dir: str) -> StudyASHA | None:
+    """ASHA on ``epoch`` (Tune's iteration counter restarts after a restore), or none."""
+    if name == "none":
+        return None
+    if name != "asha":
+        raise ConfigError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    return StudyASHA(time_attr="epoch", metric=metric, mode=mode, max_t=max(epochs, 1),
+                     grace_period=max(1, min(grace, epochs)), reduction_factor=reduction_factor,
+                     state_dir=state_dir)

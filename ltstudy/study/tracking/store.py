@@ -1,0 +1,163 @@
+"""The MLflow store of a study: where it is, one client, the tags every record uses, batched writes.
+
+MLflow only, no Ray. The study run is :mod:`.study_run`, reading trials back :mod:`.records`, the Tune
+callback that writes one child run per trial :mod:`.callback` (through the background :mod:`.writer`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from ltstudy.errors import LtstudyError
+
+STUDY_TAG = "ltstudy.study"
+ROLE_TAG = "ltstudy.role"
+TRIAL_TAG = "ltstudy.trial_id"
+STATUS_TAG = "ltstudy.status"  # completed | pruned | failed | running | interrupted
+PUBLISHED_TAG = "ltstudy.published"  # "true" on the published configuration's trial run
+CONFIRMS_TAG = "ltstudy.confirms"  # on a confirmation run: the trial id it re-runs with another seed
+ENDED = ("completed", "pruned", "failed")  # statuses of a trial run that must never be touched again
+CHECKPOINT_TAG = "ltstudy.checkpoint"  # where the trial's last checkpoint lives (storage URI)
+PARENT_TAG = "mlflow.parentRunId"
+TUNED_PREFIX = "tuned."  # ``tuned.<name>`` tags: the tuned values a trial used (active parameters only)
+EPOCHS_TAG = "ltstudy.epochs"  # epochs a trial ran
+WALL_TAG = "ltstudy.wall_s"  # a trial's wall time as the Tune driver saw it
+NUMBER_TAG = "optuna_trial_number"
+OPTUNA_STORAGE_TAG = "ltstudy.optuna_storage"  # the journal file / RDB URL holding the Optuna study
+#: MLflow 3 opens an experiment on its GenAI "Traces" view unless it is marked as model training
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+CONFIG_ARTIFACT = "config.yaml"
+PER_CLASS_PLOT = "per_class_accuracy.png"
+_METRIC_PREFIXES = ("train_", "val_", "test_", "startup_")
+_METRIC_EXTRA = ("lr", "epoch_seconds", "epoch_wall_s", "time_in_run_trial_s", "reused_process")
+
+
+class TrackingError(LtstudyError):
+    """The tracking store cannot be reached or does not hold what was asked for."""
+
+
+# ---------------------------------------------------------------------------------------------- URIs
+def resolve_tracking_uri(uri: str | None) -> str:
+    """Flag, then ``MLFLOW_TRACKING_URI``, then ``sqlite:///<cwd>/mlflow.db`` (always absolute)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if uri.startswith("file:") or "://" not in uri:
+        raise TrackingError(f"tracking URI {uri!r}: use sqlite:///path/mlflow.db or http(s)://host:port "
+                            "(MLflow 3.13+ no longer accepts the file store)")
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail with one line before anything is written when the tracking store is out of reach."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+                if resp.status != 200:
+                    raise TrackingError(f"tracking server {uri} answered HTTP {resp.status} on /health")
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(f"tracking server {uri} is unreachable: {reason}") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise TrackingError(f"tracking store {uri}: folder {folder} does not exist")
+
+
+def client(uri: str):
+    import logging
+
+    # MLflow draws a tqdm bar on stderr for every artifact download, terminal or not, and logs its
+    # database set-up at INFO: neither is news to a person reading a command's output
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow.tracking import MlflowClient
+
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def git_commit() -> str:
+    """The commit of the ltstudy checkout (``unknown`` outside git), for provenance tags."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The trainer's scalar metrics from a Tune result (no Tune bookkeeping, no lists, finite only)."""
+    out = {}
+    for key, value in result.items():
+        if not (key.startswith(_METRIC_PREFIXES) or key in _METRIC_EXTRA):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        out[key] = float(value)
+    return out
+
+
+def params_as_strings(flat: dict[str, Any]) -> dict[str, str]:
+    return {k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v) for k, v in flat.items()}
+
+
+def log_batch(mlc, run_id: str, metrics=(), params=None, tags=None) -> int:
+    """Metrics, params and tags in as few ``log_batch`` calls as MLflow allows (100 params, 100 tags and
+    1000 metrics a call, 1000 entities in all); returns the number of calls."""
+    from mlflow.entities import Param, RunTag
+
+    params = [Param(k, v) for k, v in (params or {}).items()]
+    tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    metrics = list(metrics)
+    calls = 0
+    while params or tags or metrics:
+        p, params = params[:100], params[100:]
+        t, tags = tags[:100], tags[100:]
+        room = 1000 - len(p) - len(t)
+        m, metrics = metrics[:room], metrics[room:]
+        mlc.log_batch(run_id, metrics=m, params=p, tags=t)
+        calls += 1
+    return calls
+
+
+def trial_outcome(result: dict[str, Any] | None, errored: bool,
+                  objectives: tuple[str, ...] = ()) -> tuple[str, str | None]:
+    """(completed | pruned | failed, why it failed): a trial that stopped before its last epoch was pruned
+    (early stopping); one that ended with a NaN objective failed."""
+    if errored or not result:
+        return "failed", None
+    if result.get("failure"):
+        return "failed", str(result["failure"])
+    if int(result.get("epoch", 0)) < int(result.get("epochs_total", 0)):
+        return "pruned", None
+    bad = [m for m in objectives if not _finite(result.get(m))]
+    if bad:
+        return "failed", f"objective {bad[0]} is {result.get(bad[0])} at the last epoch"
+    return "completed", None
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where ``mlflow ui`` listens by default
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """Where a person opens the experiment (or run): the server's page, or for a local store the page
+    that ``mlflow ui --backend-store-uri URI`` serves on its default address."""
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"{LOCAL_UI}/{page}"

@@ -1,0 +1,137 @@
+"""cluster.yaml is a real cluster-launcher file: Ray's own preparation and schema validation pass (as is
+and rendered), nothing is left for a node to expand, and its start commands run under the launcher's own
+shell wrapper without killing it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ltstudy.cli import main
+from ltstudy.errors import ConfigError
+from ltstudy.study.cluster.launcher import RenderOptions, render, unexpanded, validate
+
+from support.servers import REPO, free_port, session_members
+
+EFS = "fs-0123456789abcdef0"
+
+
+def _raw() -> dict:
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_validates_with_ray():
+    config = validate(_raw())
+    gpu = config["available_node_types"]["gpu_worker"]
+    assert gpu["min_workers"] == 0 and gpu["max_workers"] >= 1
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"]["CPU"] == 0 and head["resources"]["TRAIN_DRIVER"] >= 1
+    assert config["provider"]["security_group"]["GroupName"]
+    text = (REPO / "cluster.yaml").read_text()
+    assert "pip install -e ~/ltstudy" in text and "RAY_AUTH_MODE" in text
+    commands = [c for key, value in config.items() if key.endswith("_commands") for c in value]
+    assert commands and not [c for c in commands if "pkill" in c or "killall" in c]
+    for secret in ("aws_access_key_id", "aws_secret_access_key", "AKIA", "BEGIN RSA"):
+        assert secret.lower() not in text.lower()
+    excluded = set(config["rsync_exclude"])
+    assert {"**/.venv", "**/ltstudy_results", "**/mlflow.db", "**/.git"} <= excluded
+    assert ".gitignore" in config["rsync_filter"]
+    # the only placeholder is the EFS id, which render fills in; no shell variable but the launcher's
+    assert unexpanded(_raw()) == ["fs-REPLACE_ME"]
+
+
+@pytest.mark.parametrize("options", [
+    RenderOptions(efs_id=EFS),
+    RenderOptions(efs_id=EFS, docker=True, region="eu-west-1", worker_instance_profile="ltstudy-s3",
+                  mlflow_backend="postgresql://mlflow@db.internal/mlflow", max_gpu_workers=8, head_cpus=2),
+], ids=["plain", "docker-s3-postgres"])
+def test_rendered_file_is_complete_and_valid(options):
+    config = render(_raw(), options)
+    assert unexpanded(config) == []
+    validate(config)
+    text = yaml.safe_dump(config)
+    assert EFS in text and "REPLACE_ME)" not in text.replace("*REPLACE_ME*)", "")
+    if options.docker:
+        assert config["docker"]["image"].startswith("rayproject/ray:2.60.0")
+        assert "--volume /mnt/efs:/mnt/efs" in config["docker"]["run_options"]
+        assert not any("ray[default" in c for c in config["setup_commands"])
+        assert f"{EFS}.efs.eu-west-1.amazonaws.com" in text and config["provider"]["region"] == "eu-west-1"
+        assert config["available_node_types"]["gpu_worker"]["node_config"]["IamInstanceProfile"] == \
+            {"Name": "ltstudy-s3"}
+        assert "--backend-store-uri postgresql://mlflow@db.internal/mlflow" in text
+        assert config["max_workers"] == 8 and config["available_node_types"]["head"]["resources"]["CPU"] == 2
+
+
+def test_render_command(tmp_path, capsys):
+    out = tmp_path / "my-cluster.yaml"
+    with pytest.raises(SystemExit) as code:
+        main(["cluster", "render", str(REPO / "cluster.yaml"), "-o", str(out)])
+    assert code.value.code == 2 and "fs-REPLACE_ME" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as code:
+        main(["cluster", "render", str(REPO / "cluster.yaml"), "--efs-id", EFS, "-o", str(out)])
+    assert code.value.code == 0
+    validate(yaml.safe_load(out.read_text()))
+    with pytest.raises(ConfigError, match="not an EFS"):
+        render(_raw(), RenderOptions(efs_id="my-efs"))
+
+
+def _launcher_shell(cmd: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
+    """``cmd`` as the cluster launcher runs it on a node: exported variables, then Ray's own wrapper
+    ``bash --login -c -i 'source ~/.bashrc; export ... && (cmd)'``, given to a shell as ssh would."""
+    from ray.autoscaler._private.command_runner import _with_environment_variables, _with_interactive
+
+    line = " ".join(_with_interactive(_with_environment_variables(cmd, env)))
+    return subprocess.run(line, shell=True, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def test_guard_stops_an_unrendered_file_before_it_mounts():
+    guard = next(c for c in _raw()["initialization_commands"] if "REPLACE_ME" in c)
+    env = {"RAY_HEAD_IP": "10.0.0.1"}
+    raw = _launcher_shell(guard, env, timeout=60)
+    assert raw.returncode == 1 and "ltstudy cluster render --efs-id" in raw.stderr
+    rendered = next(c for c in render(_raw(), RenderOptions(efs_id=EFS))["initialization_commands"]
+                    if "REPLACE_ME" in c)
+    assert _launcher_shell(rendered, env, timeout=60).returncode == 0
+
+
+@pytest.mark.slow
+def test_head_start_commands_restart_mlflow_without_killing_their_shell(tmp_path):
+    """The MLflow line of head_start_ray_commands, run twice under the launcher's wrapper (as `ray up` and
+    `ray up --restart-only` do): each wrapper shell exits 0, the second server replaced the first, which is
+    gone. (`ray stop` / `ray start` are not run: they would stop every Ray process on this machine.)"""
+    port = free_port()
+    line = next(c for c in _raw()["head_start_ray_commands"] if "mlflow" in c)
+    line = (line.replace("/mnt/efs", str(tmp_path / "efs")).replace("~/", f"{tmp_path}/home/")
+            .replace("--host 0.0.0.0", "--host 127.0.0.1").replace("--port 5000", f"--port {port}"))
+    # a login shell resets PATH: put this environment's bin folder (ltstudy, mlflow) first, as the node's is
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    line = f"export PATH={Path(sys.executable).parent}:$PATH PYTHONPATH={pythonpath}; {line}"
+    env = {"RAY_HEAD_IP": "127.0.0.1"}
+    pidfile = tmp_path / "home" / "mlflow.pid"
+    pids = []
+    try:
+        for _ in range(2):
+            run = _launcher_shell(line, env)
+            assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+            pids.append(int(pidfile.read_text()))
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
+                assert resp.status == 200
+        assert pids[0] != pids[1]
+        assert not session_members(pids[0]), "the first server was not stopped"
+        assert (tmp_path / "efs" / "ltstudy" / "mlflow.db").is_file()  # the store lives on the shared disk
+    finally:
+        for pid in pids:
+            for member in session_members(pid):
+                os.kill(member, 9)
+        deadline = time.monotonic() + 30
+        while any(session_members(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert Path(pidfile).exists()

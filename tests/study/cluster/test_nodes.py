@@ -1,0 +1,45 @@
+"""Pre-flight checks against a cluster where one node does not see the shared storage: that node runs in its
+own mount namespace with an empty tmpfs over the storage folder (a node whose EFS mount is missing).
+``ltstudy cluster check`` prints one line naming the node and exits 2; ``ltstudy tune`` stops the same way
+before any trial and records nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from support.configs import TINY
+from support.servers import loopback_env, ray_cluster
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_node_without_the_storage_is_one_line_exit_2(tmp_path):
+    storage = tmp_path / "shared"
+    storage.mkdir()
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    hide = ["unshare", "-m", "--propagation", "private", *([] if os.geteuid() == 0 else ["-r"]), "sh", "-c",
+            f'mount -t tmpfs none "{storage}" && exec "$0" "$@"']
+    with ray_cluster(tmp_path, {"CPU": 1}, [({"CPU": 1}, hide)]) as address:
+        env = loopback_env()
+        check = subprocess.run([sys.executable, "-m", "ltstudy.cli", "cluster", "check", "--address", address,
+                                "--storage", str(storage), "--tracking-uri", tracking],
+                               capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert check.returncode == 2, check.stdout[-2000:] + check.stderr[-2000:]
+        lines = check.stderr.strip().splitlines()
+        assert len(lines) == 1, check.stderr
+        assert lines[0].startswith("error: node 127.0.0.1 (") and "cannot read the storage marker" in lines[0]
+        assert not list((storage / ".ltstudy-check").iterdir())  # the driver removed its marker
+
+        tiny = [f"{k}={v}" for k, v in TINY.items()]
+        tune = subprocess.run([sys.executable, "-m", "ltstudy.cli", "tune", "--address", address, "--method", "ce",
+                               "--num-trials", "2", "--storage", str(storage), "--tracking-uri", tracking,
+                               "--study-name", "no-mount", *tiny, "epochs=1"],
+                              capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert tune.returncode == 2, tune.stdout[-2000:] + tune.stderr[-2000:]
+        assert tune.stderr.strip().splitlines()[-1].split(")", 1)[1] == lines[0].split(")", 1)[1]
+        assert not (tmp_path / "mlflow.db").exists()  # nothing recorded
+        assert not (storage / "no-mount").exists()

@@ -1,0 +1,116 @@
+"""Every Ray / Optuna private ltstudy touches (``ltstudy.study._compat``), one test per touch on the installed
+versions, so an upgrade that moves one fails here by name; and the classes a saved study names by path."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+
+import optuna
+import pytest
+import ray.tune
+
+from ltstudy.study import _compat
+from ltstudy.study.search.schedulers import make_scheduler
+from ltstudy.study.search.searcher import LtOptunaSearch, make_searcher
+from ltstudy.study.search.space import load_space
+
+from support.servers import REPO
+
+
+@pytest.mark.parametrize("path", _compat.PICKLED)
+def test_every_pickled_class_lives_at_its_contract_path(path):
+    module, name = path.rsplit(".", 1)
+    obj = getattr(importlib.import_module(module), name, None)
+    assert obj is not None, f"{path} moved: saved studies name it by this path (see _compat.PICKLED)"
+    assert (obj.__module__, obj.__qualname__) == (module, name)
+
+
+@pytest.fixture
+def searcher(tmp_path) -> LtOptunaSearch:
+    space = load_space(REPO / "search_spaces" / "ce.yaml").with_fixed({"epochs": 2})
+    s = make_searcher(space, "random", 0, 4, "compat", str(tmp_path / "optuna.journal"), fresh=True)
+    assert s.suggest("t0") is not None
+    return s
+
+
+def test_optuna_search_internals(searcher):
+    trials = _compat.optuna_trials(searcher)
+    assert isinstance(trials, dict) and isinstance(trials["t0"], optuna.Trial), "OptunaSearch._ot_trials"
+    assert isinstance(_compat.completed_trials(searcher), set), "OptunaSearch._completed_trials"
+    assert _compat.enqueued_points(searcher) and isinstance(_compat.enqueued_points(searcher)[0], dict), \
+        "OptunaSearch._points_to_evaluate"
+    assert isinstance(_compat.searcher_study(searcher), optuna.Study), "OptunaSearch._ot_study"
+
+
+def test_optuna_storage_trial_id_and_finished(searcher):
+    study, trial = _compat.searcher_study(searcher), _compat.optuna_trials(searcher)["t0"]
+    frozen = study.get_trials(deepcopy=False)[0]
+    assert _compat.storage_trial_id(trial) == _compat.storage_trial_id(frozen), "Trial._trial_id"
+    assert not _compat.trial_finished(study, trial), "Study._storage.get_trial"
+    study.tell(trial, 0.5)
+    assert _compat.trial_finished(study, trial)
+
+
+def test_tuner_run_config_and_search_alg(tmp_path):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    search = BasicVariantGenerator()
+    tuner = ray.tune.Tuner(lambda config: None, tune_config=ray.tune.TuneConfig(search_alg=search, num_samples=1),
+                           run_config=ray.tune.RunConfig(storage_path=str(tmp_path), callbacks=[]))
+    assert isinstance(_compat.tuner_run_config(tuner), ray.tune.RunConfig), "Tuner._local_tuner.get_run_config"
+    assert _compat.tuner_search_alg(tuner) is search, "TunerInternal._tune_config.search_alg"
+
+
+def test_asha_internals(tmp_path):
+    asha = make_scheduler("asha", "val_top1", "max", 8, 2, 2.0, state_dir=str(tmp_path))
+    assert _compat.asha_budget(asha) == ("epoch", 8), "AsyncHyperBandScheduler._time_attr / _max_t"
+    rungs = _compat.asha_rungs(asha)
+    assert rungs and all(isinstance(m, (int, float)) and rec == {} for m, rec in rungs[0]), "_brackets[i]._rungs"
+    rungs[0][0][1]["t0"] = 0.5
+    _compat.set_asha_rungs(asha, rungs)
+    assert _compat.asha_rungs(asha)[0][0][1] == {"t0": 0.5}
+    _compat.set_asha_stopped(asha, 3)
+    assert _compat.asha_stopped(asha) == 3 and "3" in asha.debug_string(), "AsyncHyperBandScheduler._num_stopped"
+
+
+def test_placement_group_from_its_hex_id():
+    from ray._raylet import PlacementGroupID
+
+    hex_id = os.urandom(PlacementGroupID.size()).hex()
+    assert _compat.placement_group(hex_id).id.hex() == hex_id, "ray._raylet.PlacementGroupID"
+
+
+def test_worker_node_starter_arguments_exist():
+    """What start_worker_node passes (tests start loopback worker nodes with it): Ray's RayParams and Node."""
+    import ray._private.node
+    import ray._private.parameter
+
+    params = inspect.signature(ray._private.parameter.RayParams).parameters
+    for name in ("gcs_address", "redis_address", "node_ip_address", "min_worker_port", "max_worker_port",
+                 "dashboard_agent_listen_port", "num_cpus", "num_gpus", "object_store_memory", "resources"):
+        assert name in params, f"ray._private.parameter.RayParams lost {name}"
+    node = inspect.signature(ray._private.node.Node).parameters
+    assert {"head", "shutdown_at_exit", "spawn_reaper"} <= set(node), "ray._private.node.Node"
+
+
+@pytest.mark.slow
+def test_runtime_internals_on_a_local_ray(ray_local, tmp_path):
+    """The GCS cluster config, the autoscaler's status key and the trial's storage check, on a real Ray."""
+    assert _compat.gcs_cluster_config() is None  # callable; a local Ray has no autoscaler config
+    status = _compat.autoscaler_status()  # the local Ray's own monitor publishes one too
+    assert status is not None and "monitor_pid" in json.loads(status), "DEBUG_AUTOSCALING_STATUS"
+    assert _compat.check_trial_storage() is None  # outside a trial: nothing to check
+
+    def trial(config):
+        from ray.train._internal.session import get_session
+
+        storage = get_session().storage
+        ray.tune.report({"has_check": hasattr(storage, "_check_validation_file"),
+                         "problem": str(_compat.check_trial_storage())})
+
+    result = ray.tune.Tuner(trial, run_config=ray.tune.RunConfig(storage_path=str(tmp_path), verbose=0)).fit()[0]
+    assert result.metrics["has_check"], "StorageContext._check_validation_file"
+    assert result.metrics["problem"] == "None"  # the trial's node sees the storage
