@@ -8,7 +8,7 @@ y and logits z = W a + b the augmented logits are
 
 and the loss is the class-balanced (β = ``beta``) CE on ẑ; the LDAM variant (``loss: ldam``) also
 subtracts the margin m_y (``ldam_margins(counts, max_m)``) from ẑ_y. Σ_y is tracked by the running
-estimator of §5.4 (``CovarianceEstimator``), ``covariance: full`` (C×A×A) or ``diag`` (C×A, for many
+estimator ``CovarianceEstimator`` (the reference's ``EstimatorCV``), ``covariance: full`` (C×A×A) or ``diag`` (C×A, for many
 classes). Each step of the MetaSAug phase:
 
 1. Σ (the estimate) becomes a leaf requiring grad;
@@ -131,7 +131,7 @@ def metasaug_loss(logits: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, c
 
 
 class CovarianceEstimator:
-    """Running per-class feature mean and covariance (§5.4), full (C,A,A) or diagonal (C,A).
+    """Running per-class feature mean and covariance, full (C,A,A) or diagonal (C,A).
 
     For each class c in a batch with n_b samples, mean μ_b and biased covariance S_b, and state
     (N, μ, Σ), ω = n_b / (n_b + N):  Σ ← (1-ω)Σ + ω S_b + ω(1-ω)(μ - μ_b)(μ - μ_b)ᵀ,

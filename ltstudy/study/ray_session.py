@@ -50,7 +50,7 @@ def ray_init(address: str | None, verbose: int = 0) -> bool:
     Without ``--address`` the study always starts its own Ray (``address="local"``): a plain
     ``ray.init()`` would join whatever cluster Ray's current-cluster file names, a dead one included.
     Ray 2.60 turns token auth on for a new local cluster; ltstudy keeps it off unless the user set
-    ``RAY_AUTH_MODE`` (documented in the README; cluster.yaml sets it explicitly).
+    ``RAY_AUTH_MODE`` (cluster.yaml sets it explicitly).
     """
     if ray.is_initialized():
         return False
