@@ -27,7 +27,6 @@ PICKLED = (
     "ltstudy.study.cluster.placement.PlacementGroupReaper",
     "ltstudy.study.callbacks.ProgressCallback",
     "ltstudy.study.callbacks.StartupCallback",
-    "ltstudy.study.trainable.Resources",
 )
 
 

@@ -23,6 +23,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ltstudy.study import _compat
 from ltstudy.study.search.optuna_storage import OPTUNA_JOURNAL, open_optuna_storage
 from ltstudy.study.search.schedulers import STATE_FILE
 
@@ -78,6 +79,22 @@ def _rungs(storage: Path) -> dict[float, dict[str, float]]:
     return {m: rec for m, rec in state["rungs"][0]}
 
 
+def _pickled_classes(folder: Path) -> set[str]:
+    """Every ltstudy class the study's pickle files name (what --resume unpickles by module path)."""
+    found: set[str] = set()
+
+    class Recording(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if module.startswith("ltstudy"):
+                found.add(f"{module}.{name}")
+            return super().find_class(module, name)
+
+    for path in folder.glob("*.pkl"):
+        with path.open("rb") as src:
+            Recording(src).load()
+    return found
+
+
 def test_interrupt_kill_and_resume(tmp_path, mlflow_server):
     ray_env()
     storage = tmp_path / "storage"
@@ -124,3 +141,6 @@ def test_interrupt_kill_and_resume(tmp_path, mlflow_server):
         assert recorded.items() <= after[milestone].items(), (milestone, recorded, after[milestone])
     (parent,) = mlc.search_runs([exp.experiment_id], "tags.`ltstudy.role` = 'study'")
     assert parent.info.status == "FINISHED" and parent.data.tags["ltstudy.interrupted"] == "false"
+    # the classes the saved study named, and which the new processes unpickled, are the contract's
+    pickled = _pickled_classes(storage / "resume")
+    assert "ltstudy.study.search.searcher.LtOptunaSearch" in pickled and pickled <= set(_compat.PICKLED), pickled
