@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from ltstudy.cli.common import OVERRIDES, console, features_app
@@ -22,11 +24,15 @@ def features_extract(
 ) -> None:
     """Extract train/val/test features of a backbone checkpoint into the cache; prints the key."""
     from ltstudy.config import parse_overrides
-    from ltstudy.features.extract import extract_features
-    from ltstudy.study.tracking.records import resolve_backbone
+    from ltstudy.features.extract import extract_features, names_a_file
 
-    r = extract_features(resolve_backbone(checkpoint, tracking_uri), storage=storage, overrides=parse_overrides(overrides or []),
-                         fmaps=fmaps, augmented_views=augmented_views, device=device,
+    if names_a_file(checkpoint):
+        backbone = str(Path(checkpoint).expanduser().resolve())
+    else:  # a trial's MLflow run id: only then is MLflow imported (extraction itself never needs it)
+        from ltstudy.study.tracking.records import checkpoint_of_run
+
+        backbone = checkpoint_of_run(tracking_uri, checkpoint)
+    r = extract_features(backbone, storage=storage, overrides=parse_overrides(overrides or []), fmaps=fmaps, augmented_views=augmented_views, device=device,
                          endpoint_override=endpoint_url, force=force)
     rows = ", ".join(f"{k} {v}" for k, v in r.rows.items())
     console.print(f"feature cache {r.key} ({'reused' if r.reused else f'extracted in {r.seconds:.1f}s'})")

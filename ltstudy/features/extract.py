@@ -75,6 +75,11 @@ class ExtractResult:
         return self.storage.path(self.key)
 
 
+def names_a_file(value: str) -> bool:
+    """Whether a ``--backbone`` / ``--checkpoint`` value is a checkpoint path (else: a trial's MLflow run id)."""
+    return Path(value).expanduser().exists() or "/" in value or value.endswith(".pt")
+
+
 def load_backbone_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():

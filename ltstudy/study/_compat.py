@@ -4,7 +4,8 @@ Ray and Optuna change their internals between releases without notice; a study t
 five modules broke one place at a time, silently. Here each touch is one small function with the version it
 was written against, and ``tests/study/test_compat.py`` exercises each one on the installed versions, so an
 upgrade that removes or renames a private fails one named test instead of a study in the middle of a run.
-This module imports nothing from the rest of ``ltstudy.study``: every sub-package may import it.
+This module imports nothing from the rest of ``ltstudy.study``: every sub-package may import it. Each
+function imports the private it touches, so a private that is gone fails that call, not ``import ltstudy``.
 
 Written against Ray 2.60 and Optuna 5.0/5.1 (``pyproject.toml`` pins those ranges).
 """
@@ -144,6 +145,17 @@ def placement_group(hex_id: str) -> Any:
     from ray.util.placement_group import PlacementGroup
 
     return PlacementGroup(PlacementGroupID(bytes.fromhex(hex_id)))
+
+
+def prepare_and_validate_cluster_config(config: dict[str, Any]) -> dict[str, Any]:
+    """What ``ray up`` does to a cluster-launcher file before anything starts: fill in the provider's
+    defaults, then check it against Ray's schema (``ray.autoscaler._private.util``); returns the prepared
+    config, raises on a refused one."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(config)
+    validate_config(prepared)
+    return prepared
 
 
 def start_worker_node(gcs_address: str, resources: dict[str, float], object_store_bytes: int) -> Any:

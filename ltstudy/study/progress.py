@@ -73,7 +73,7 @@ class ProgressBoard:
         if self.live is None:
             self.live = self.console.is_terminal
         if self.live:
-            from rich.live import Live
+            from rich.live import Live  # only on a terminal: a plain run never sets up a live display
 
             self._live = Live(console=self.console, get_renderable=self.footer, refresh_per_second=2,
                               transient=True, redirect_stdout=False, redirect_stderr=False)

@@ -20,7 +20,7 @@ DEFAULT_STORAGE = "ltstudy_results"
 
 def filesystem(uri: str) -> tuple[Any, str]:
     """The pyarrow filesystem and path of a local path or a URI (``s3://bucket/prefix``)."""
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # lazily: see the module docstring
 
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from ltstudy.errors import ConfigError, LtstudyError
+from ltstudy.study import _compat
 
 #: the EFS id a template carries until ``render --efs-id`` replaces it
 EFS_PLACEHOLDER = "fs-REPLACE_ME"
@@ -164,11 +165,8 @@ def unexpanded(config: dict[str, Any]) -> list[str]:
 
 def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Ray's own checks, as ``ray up`` runs them: ``prepare_config`` then ``validate_config``."""
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
     try:
-        prepared = prepare_config(copy.deepcopy(config))
-        validate_config(prepared)
+        prepared = _compat.prepare_and_validate_cluster_config(copy.deepcopy(config))
     except Exception as exc:  # noqa: BLE001 - jsonschema / ValueError: one line
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"Ray refuses the cluster file: {detail}") from None

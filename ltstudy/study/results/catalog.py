@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pandas as pd
+import pyarrow.fs as pafs
 
 from ltstudy.study.results.selection import Objectives, pick_best
 from ltstudy.study.search.optuna_storage import open_optuna_storage
@@ -86,8 +88,6 @@ def _number_or_text(values: list[Any]) -> list[Any]:
 def trials_frame(trials: list[dict[str, Any]], metric: str):
     """One row per trial: Optuna number, Tune id, status, objective, epochs, the tuned values it used,
     node, wall time, start, MLflow run id."""
-    import pandas as pd
-
     tuned: list[str] = []
     for t in trials:
         tuned += [k for k in t["tuned"] if k not in tuned]
@@ -116,10 +116,8 @@ def trials_frame(trials: list[dict[str, Any]], metric: str):
 def _path_exists(uri: str) -> bool:
     if "://" not in uri:
         return Path(uri).exists()
-    from pyarrow import fs
-
-    filesystem, path = fs.FileSystem.from_uri(uri)
-    return filesystem.get_file_info(path).type != fs.FileType.NotFound
+    filesystem, path = pafs.FileSystem.from_uri(uri)
+    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def resumability(storage: str, status: str, ended: int, num_trials: int) -> tuple[bool, str]:
@@ -219,9 +217,7 @@ def delete_study(uri: str, info: StudyInfo) -> list[str]:
             done.append(f"Optuna study {info.study!r}: already gone")
     for path in paths:
         if "://" in path:
-            from pyarrow import fs
-
-            filesystem, inner = fs.FileSystem.from_uri(path)
+            filesystem, inner = pafs.FileSystem.from_uri(path)
             filesystem.delete_dir(inner)
         else:
             shutil.rmtree(path)

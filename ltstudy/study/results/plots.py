@@ -17,6 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import optuna
+
 from ltstudy.study.results.selection import published_trial
 from ltstudy.study.tracking.dataset import record_from_run
 from ltstudy.study.tracking.figures import message_png, per_class_png, plain_style, png_bytes, pyplot
@@ -36,8 +39,6 @@ def importances(study: Any, metric: str) -> tuple[dict[str, float], str | None]:
     Optuna warns and returns equal importances when too few trials completed; that is reported as no
     importances rather than as a misleading flat bar chart.
     """
-    import optuna
-
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(complete) < 2:
         return {}, f"{len(complete)} completed trial(s): importances need at least 2"
@@ -53,16 +54,14 @@ def importances(study: Any, metric: str) -> tuple[dict[str, float], str | None]:
 
 
 def _axes_figure(result: Any):
-    import numpy as np
-
     first = np.asarray(result, dtype=object).flat[0]
     return first.figure
 
 
 def optuna_pngs(study: Any, metric: str, imp: dict[str, float] | None = None) -> dict[str, bytes]:
     """Every plot of :data:`OPTUNA_PLOTS` for ``study`` (``imp``: importances already computed)."""
-    import optuna
-    import optuna.visualization.matplotlib as ovm
+    pyplot()  # Agg first: Optuna's matplotlib module imports pyplot
+    import optuna.visualization.matplotlib as ovm  # here, after the backend is set
 
     if imp is None:
         imp, why = importances(study, metric)
@@ -115,8 +114,6 @@ def _draw_all(draw: dict[str, Callable[[], Any]], imp: dict[str, float], why: st
 
 def bucket_png(rows: dict[str, dict[str, tuple[float, float]]], split: str = "test") -> bytes:
     """Grouped bars: top-1 / many / medium / few accuracy (%) per method, mean ± std over seeds."""
-    import numpy as np
-
     plt = pyplot()
     with plain_style():
         buckets = ("top1", "many", "medium", "few")

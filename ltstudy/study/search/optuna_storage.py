@@ -11,6 +11,8 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import optuna
+import sqlalchemy
+from optuna.storages.journal import JournalFileBackend
 
 from ltstudy.errors import ConfigError
 
@@ -23,8 +25,6 @@ def open_optuna_storage(location: str):
     ``postgresql://…``)."""
     if "://" in location:
         return optuna.storages.RDBStorage(location)
-    from optuna.storages.journal import JournalFileBackend
-
     return optuna.storages.JournalStorage(JournalFileBackend(location))
 
 
@@ -58,8 +58,6 @@ def _check_rdb(url: str) -> None:
         if not folder.is_dir():
             raise ConfigError(f"--optuna-storage {url}: folder {folder} does not exist")
         return
-    import sqlalchemy
-
     try:
         engine = sqlalchemy.create_engine(url)
         with engine.connect():

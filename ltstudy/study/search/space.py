@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ltstudy.config import TrainConfig, TrialConfig, load_yaml, parse_yaml, resolve_config
+from ltstudy.data import dataset_family
 from ltstudy.errors import ConfigError
 from ltstudy.methods import get_method
 
@@ -338,8 +339,6 @@ def default_space_path(method: str, dataset: str | None = None) -> Path:
     family needs its own ranges (MetaSAug and FSA on file lists), else ``search_spaces/<method>.yaml``;
     a user's copy in the current directory first, then the one shipped with the package
     (``ltstudy/search_spaces``, the repository's top-level folder)."""
-    from ltstudy.data import dataset_family
-
     names = [f"{method}.yaml"]
     if dataset:
         names.insert(0, f"{method}.{dataset_family(dataset)}.yaml")

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from mlflow.entities import Dataset, DatasetInput, InputTag
+
 from ltstudy.config import DATA_KEYS, TrialConfig, load_data
 
 CONTEXT_TAG = "mlflow.data.context"
@@ -37,8 +39,6 @@ class DatasetRecord:
 
     def to_mlflow(self):
         """An ``mlflow.entities.DatasetInput`` (context ``train``)."""
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-
         schema = {"mlflow_colspec": [{"name": "image", "type": "tensor"}, {"name": "label", "type": "long"}]}
         ds = Dataset(self.name, self.digest, "local" if "://" not in self.source else "uri",
                      json.dumps({"uri": self.source}), json.dumps(schema), json.dumps(self.profile()))

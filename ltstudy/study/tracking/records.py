@@ -8,7 +8,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mlflow.exceptions import MlflowException
+
 from ltstudy.errors import ConfigError
+from ltstudy.features.extract import names_a_file
 from ltstudy.study.tracking.store import (
     CHECKPOINT_TAG,
     CONFIRMS_TAG,
@@ -66,8 +69,6 @@ def find_study(uri: str, study: str):
 
 def per_class_of(mlc, run_id: str) -> dict[str, list[float]] | None:
     """A finished trial's ``per_class_accuracy.json`` (val and, after the last epoch, test)."""
-    from mlflow.exceptions import MlflowException
-
     try:
         with tempfile.TemporaryDirectory() as tmp:
             return json.loads(Path(mlc.download_artifacts(run_id, "per_class_accuracy.json", tmp)).read_text())
@@ -77,8 +78,6 @@ def per_class_of(mlc, run_id: str) -> dict[str, list[float]] | None:
 
 def checkpoint_of_run(tracking_uri: str | None, run_id: str) -> str:
     """The checkpoint folder of a finished trial's MLflow run (tagged when the trial ended)."""
-    from mlflow.exceptions import MlflowException
-
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
     try:
@@ -94,6 +93,6 @@ def checkpoint_of_run(tracking_uri: str | None, run_id: str) -> str:
 
 def resolve_backbone(value: str, tracking_uri: str | None = None) -> str:
     """A checkpoint file or folder as given, or the checkpoint of the MLflow run with that id."""
-    if Path(value).expanduser().exists() or "/" in value or value.endswith(".pt"):
+    if names_a_file(value):
         return str(Path(value).expanduser().resolve())
     return checkpoint_of_run(tracking_uri, value)

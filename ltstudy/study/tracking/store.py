@@ -7,6 +7,7 @@ callback that writes one child run per trial :mod:`.callback` (through the backg
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -14,6 +15,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from mlflow.entities import Param, RunTag
+from mlflow.tracking import MlflowClient
 
 from ltstudy.errors import LtstudyError
 
@@ -71,14 +75,10 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             raise TrackingError(f"tracking store {uri}: folder {folder} does not exist")
 
 
-def client(uri: str):
-    import logging
-
+def client(uri: str) -> MlflowClient:
     # MLflow draws a tqdm bar on stderr for every artifact download, terminal or not, and logs its
     # database set-up at INFO: neither is news to a person reading a command's output
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from mlflow.tracking import MlflowClient
-
     for name in ("mlflow.store.db.utils", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -115,8 +115,6 @@ def params_as_strings(flat: dict[str, Any]) -> dict[str, str]:
 def log_batch(mlc, run_id: str, metrics=(), params=None, tags=None) -> int:
     """Metrics, params and tags in as few ``log_batch`` calls as MLflow allows (100 params, 100 tags and
     1000 metrics a call, 1000 entities in all); returns the number of calls."""
-    from mlflow.entities import Param, RunTag
-
     params = [Param(k, v) for k, v in (params or {}).items()]
     tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
     metrics = list(metrics)

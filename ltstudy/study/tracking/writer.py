@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlflow.exceptions import MlflowException
+
 from ltstudy.errors import TrackingWriteError
 from ltstudy.study.tracking.store import client, log_batch
 
@@ -76,8 +78,6 @@ class _Op:
 
 def transient(exc: BaseException) -> bool:
     """Whether a failed write may succeed later (the store was out of reach) rather than being rejected."""
-    from mlflow.exceptions import MlflowException
-
     if isinstance(exc, MlflowException):
         return exc.error_code in TRANSIENT_CODES
     return isinstance(exc, OSError)  # connection refused or reset, timeouts (requests' errors are OSErrors)
