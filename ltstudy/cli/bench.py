@@ -177,3 +177,44 @@ def bench_cluster_cmd(
         table.add_row(name, str(r["worker_nodes_launched"]), str(r["trials_per_node"]),
                       f"{r['concurrency_max']} / {r['concurrency_reached']}", f"{r['study_wall_s']:.1f}")
     console.print(table)
+
+
+@bench_app.command("overhead")
+def bench_overhead_cmd(
+    trials: str | None = typer.Option(None, help="trial counts, comma-separated (default 8,32,96; with "
+                                                 "--features 1000)"),
+    concurrent: int = typer.Option(2, help="trials at a time (one CPU each)"),
+    features: bool = typer.Option(False, "--features", help="the feature-stage case: ce_classifier on cached "
+                                  "features, trials of about a second, and the commands run over the study"),
+) -> None:
+    """What a study spends around its trials, beside plain Ray Tune + OptunaSearch + MLflowLoggerCallback."""
+    from ltstudy.experiments.bench_overhead import bench_overhead, bench_overhead_features
+
+    try:
+        counts = tuple(int(n) for n in (trials or ("1000" if features else "8,32,96")).split(","))
+    except ValueError:
+        raise LtstudyError(f"--trials takes numbers like 8,32,96; got {trials!r}") from None
+    if min(counts) < 1 or concurrent < 1:
+        raise LtstudyError("--trials and --concurrent must be at least 1")
+    if features:
+        rows, fits = [bench_overhead_features(counts[-1], concurrent)], {}
+    else:
+        result = bench_overhead(counts, concurrent)
+        rows, fits = result["rows"], {"ltstudy": result["ltstudy_fit"], "plain Tune": result["plain_fit"]}
+    table = Table(title=f"bench overhead: {'feature' if features else 'image'}-stage trials, {concurrent} at a "
+                        "time (process start to exit)")
+    for col in ("trials", "trial s", "wall s (ltstudy / plain)", "share used", "overhead per trial, slot-s"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        a, b = r["ltstudy"], r["plain"]
+        table.add_row(str(r["trials"]), f"{r['trial_s']:.2f}", f"{a['wall_s']:.1f} / {b['wall_s']:.1f}",
+                      f"{a['share']:.2f} / {b['share']:.2f}",
+                      f"{a['overhead_per_trial']:.2f} / {b['overhead_per_trial']:.2f}")
+    console.print(table)
+    for name, fit in fits.items():
+        if fit:
+            console.print(f"{name}: fixed cost {fit['fixed_slot_s']:.1f} slot-s "
+                          f"({fit['fixed_slot_s'] / concurrent:.1f} s of wall), {fit['per_trial_slot_s']:.2f} "
+                          "slot-s per trial", highlight=False)
+    for what, seconds in rows[0].get("after", {}).items():
+        console.print(f"{what}: {seconds:.2f} s", highlight=False)

@@ -34,24 +34,30 @@ from ltstudy.study.startup import STAGES
 DEFAULT_TRIALS, DEFAULT_EPOCHS = 8, 2
 
 
-def _tune(tmp: Path, name: str, trials: int, concurrent: int, workers: int, cpus: float, gpus: float,
-          overrides: list[str]) -> float:
-    """One ``ltstudy tune`` process; returns its wall seconds (a failed study raises)."""
-    argv = [sys.executable, "-m", "ltstudy.cli", "tune", "--method", "ce", "--study-name", name,
-            "--num-trials", str(trials), "--max-concurrent", str(concurrent), "--scheduler", "none",
-            "--sampler", "random", "--seed", "0", "--retries", "0", "--workers", str(workers),
-            "--cpus-per-worker", f"{cpus:g}", "--gpus-per-worker", f"{gpus:g}",
-            "--storage", str(tmp / "storage"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", *overrides]
+def tune_process(root: Path, name: str, flags: list[str]) -> float:
+    """One ``ltstudy tune`` process of study ``name`` under ``root`` (its storage and MLflow store there);
+    returns its wall seconds, from the process's start to its exit (a failed study raises)."""
+    argv = [sys.executable, "-m", "ltstudy.cli", "tune", "--study-name", name, "--storage", str(root / "storage"),
+            "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", *flags]
     tic = time.perf_counter()
-    done = subprocess.run(argv, cwd=tmp, capture_output=True, text=True)
+    done = subprocess.run(argv, cwd=root, capture_output=True, text=True)
     wall = time.perf_counter() - tic
     if done.returncode != 0:
         tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["no output"]
-        raise StudyFailed(f"bench study: `ltstudy tune` ({name}) exited {done.returncode}: {tail[0]}")
+        raise StudyFailed(f"bench: `ltstudy tune` ({name}) exited {done.returncode}: {tail[0]}")
     return wall
 
 
-def _trials(tmp: Path, name: str) -> list[dict[str, Any]]:
+def _tune(tmp: Path, name: str, trials: int, concurrent: int, workers: int, cpus: float, gpus: float,
+          overrides: list[str]) -> float:
+    """One ``ltstudy tune`` process of the bench's CE study; returns its wall seconds."""
+    return tune_process(tmp, name, [
+        "--method", "ce", "--num-trials", str(trials), "--max-concurrent", str(concurrent), "--scheduler", "none",
+        "--sampler", "random", "--seed", "0", "--retries", "0", "--workers", str(workers),
+        "--cpus-per-worker", f"{cpus:g}", "--gpus-per-worker", f"{gpus:g}", *overrides])
+
+
+def trial_records(tmp: Path, name: str) -> list[dict[str, Any]]:
     """Per trial: seconds inside run_trial, training images, its start-up stages (first report)."""
     from ltstudy.study.tracking.records import find_study, study_trials
 
@@ -96,7 +102,7 @@ def bench_study(trials: int = DEFAULT_TRIALS, epochs: int = DEFAULT_EPOCHS, work
             wall = _tune(Path(tmp), name, trials, concurrent, w, per_worker, 0,
                          [*(overrides or []), f"epochs={epochs}"])
             rows.append(_row(f"{w} worker{'s' if w > 1 else ''} x {concurrent} concurrent",
-                             _trials(Path(tmp), name), wall, concurrent * w, w))
+                             trial_records(Path(tmp), name), wall, concurrent * w, w))
     return rows
 
 
@@ -121,7 +127,7 @@ def bench_gpu_packing(per_gpu: tuple[int, ...] = (1, 2, 4, 8), epochs: int = DEF
             except LtstudyError as exc:
                 rows.append({"config": f"{n} per GPU", "per_gpu": n, "error": str(exc)})
                 break
-            row = _row(f"{n} per GPU", _trials(Path(tmp), name), wall, concurrent, 1)
+            row = _row(f"{n} per GPU", trial_records(Path(tmp), name), wall, concurrent, 1)
             rows.append({**row, "per_gpu": n, "trials_per_hour_per_gpu": row["trials_per_hour"] / gpus})
     done = [r for r in rows if "error" not in r]
     if not done:
