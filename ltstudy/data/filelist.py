@@ -92,11 +92,6 @@ def read_class_names(path: str | Path, num_classes: int) -> list[str]:
     return [n.replace("_", " ") for n in names]
 
 
-def _stack_crops(crops: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """FiveCrop's tuple as one (5, C, H, W) tensor (a module-level function: workers pickle the transform)."""
-    return torch.stack(list(crops))
-
-
 def make_transform(size: int, train: bool, color: bool = False, pre: Preprocess | None = None) -> v2.Transform:
     """Standard ImageNet-style uint8 transforms.
 
@@ -117,7 +112,7 @@ def make_transform(size: int, train: bool, color: bool = False, pre: Preprocess 
             return v2.Compose([v2.Resize(int(size * 256 / 224), antialias=True), v2.CenterCrop(size)])
         resize = v2.Resize(pre.resize_side, interpolation=mode, antialias=True)
         if pre.eval_crops == 5:
-            return v2.Compose([resize, v2.FiveCrop(size), v2.Lambda(_stack_crops)])
+            return v2.Compose([resize, v2.FiveCrop(size)])  # a tuple: FileListDataset stacks it
         return v2.Compose([resize, v2.CenterCrop(size)])
     if not color:
         return v2.Compose([v2.RandomResizedCrop(size, interpolation=mode, antialias=True), v2.RandomHorizontalFlip()])
@@ -163,7 +158,8 @@ class FileListDataset(torch.utils.data.Dataset):
 
     def _views(self, image: torch.Tensor) -> torch.Tensor:
         if self.views == 1:
-            return self.transform(image)
+            out = self.transform(image)
+            return torch.stack(list(out)) if isinstance(out, (tuple, list)) else out  # five crops: (5, C, H, W)
         return torch.stack([self.transform(image) for _ in range(self.views)])
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:

@@ -65,7 +65,7 @@ from ltstudy.methods.logit_adjust import logit_adjusted_loss
 from ltstudy.methods.registry import Params, Recipe, register
 from ltstudy.models import Classifier, ScaledCosineHead, build_backbone, is_pretrained_name
 from ltstudy.models.adapters import add_adaptformer, add_lora, add_vpt, block_biases, freeze_backbone
-from ltstudy.models.weights import parse_model_name
+from ltstudy.models.weights import parse_model_name, require
 
 #: LIFT's default prompt and CLIP's single-name prompt; ``ensemble`` uses open_clip's OPENAI_IMAGENET_TEMPLATES
 TEMPLATES = {"default": "a photo of a {}.", "classname": "{}"}
@@ -88,8 +88,9 @@ def prompts_for(class_names: list[str], prompt: str) -> list[list[str]]:
 def text_head_weight(backbone: nn.Module, class_names: list[str], prompt: str) -> torch.Tensor:
     """LIFT's text initialisation: per template the normalised text features, averaged over templates, mapped
     into the image feature space (through the projection's transpose) and normalised."""
-    per_template = [backbone.encode_text(p) for p in prompts_for(class_names, prompt)]
-    mean = torch.stack(per_template).mean(0)
+    groups = prompts_for(class_names, prompt)
+    flat = backbone.encode_text([p for group in groups for p in group])  # one pass over every prompt
+    mean = flat.view(len(groups), len(class_names), -1).mean(0)
     return F.normalize(backbone.text_to_feature(mean), dim=-1)
 
 
@@ -159,6 +160,8 @@ class LIFT(ImageMethod):
                               "init_head=class_mean")
         if train.class_names and not Path(train.class_names).is_file():
             raise DataError(f"class-names file {train.class_names} not found")
+        if params.lora:
+            require("peft")  # a missing library is one line here, not a failure in every trial
 
     def preprocess(self, pre: Preprocess | None) -> Preprocess | None:
         if pre is None or not self.p.tte:

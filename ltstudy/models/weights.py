@@ -16,6 +16,7 @@ local file never pay for them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -203,9 +204,11 @@ def fetch_weights(name: str, pretrained: str | None, cache: str | os.PathLike | 
         return hit
     spec = parse_model_name(name)
     folder = cache_folder(cache, spec, src.tag)
+    created = next((p for p in reversed([folder.parent, *folder.parent.parents]) if not p.exists()), None)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp-{src.tag}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    fetched = False
     try:
         try:
             got = (_download_timm if spec.library == "timm" else _download_open_clip)(spec, src.tag, tmp)
@@ -229,8 +232,15 @@ def fetch_weights(name: str, pretrained: str | None, cache: str | os.PathLike | 
             if cached_weights(cache, name, src.tag) is None:
                 raise DataError(f"cannot store the weights of {spec} in {folder} (a damaged cache is in the way; "
                                 "remove it)") from None
+        fetched = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not fetched and created is not None:  # a failed fetch leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                for p in [folder.parent, *folder.parent.parents]:
+                    p.rmdir()
+                    if p == created:
+                        break
     hit = cached_weights(cache, name, src.tag)
     assert hit is not None
     return hit

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from support.pretrained import tiny_clip_settings
 
 from ltstudy.config import TrainConfig, TrialConfig, load_data, resolve_config
 from ltstudy.data import dataset_family
@@ -24,7 +25,6 @@ from ltstudy.train.feature import FeatureStage
 from ltstudy.train.image import ImageStage, build_method, model_preprocess, prepare_model
 from ltstudy.train.loop import run_epochs
 from ltstudy.train.optim import make_optimizer
-from support.pretrained import tiny_clip_settings
 
 METRICS = [f"{split}_{m}" for split in ("val", "test")
            for m in ("top1", "many", "medium", "few", "loss", "ece", "ece_many", "ece_few", "nll")]

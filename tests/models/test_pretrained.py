@@ -9,6 +9,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from support.pretrained import (
+    TINY_CLIP,
+    TINY_CLIP_KWARGS,
+    TINY_VIT,
+    TINY_VIT_KWARGS,
+    write_clip_weights,
+    write_timm_weights,
+)
 
 from ltstudy.errors import ConfigError, DataError
 from ltstudy.models import build_backbone, build_model, param_count
@@ -29,14 +37,6 @@ from ltstudy.models.weights import (
     parse_model_name,
     weights_digest,
     weights_source,
-)
-from support.pretrained import (
-    TINY_CLIP,
-    TINY_CLIP_KWARGS,
-    TINY_VIT,
-    TINY_VIT_KWARGS,
-    write_clip_weights,
-    write_timm_weights,
 )
 
 
