@@ -160,7 +160,10 @@ def _offline_line(name: str, exc: BaseException, folder: Path) -> ConfigError:
 
 def _download_timm(spec: ModelName, tag: str, into: Path) -> Path:
     timm = require("timm")
-    cfg = timm.models.get_pretrained_cfg(f"{spec.arch}.{tag}", allow_unregistered=False)
+    try:
+        cfg = timm.models.get_pretrained_cfg(f"{spec.arch}.{tag}", allow_unregistered=False)
+    except RuntimeError:  # timm raises for a tag it does not know
+        cfg = None
     if cfg is None:
         tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{spec.arch}.*") if "." in n]
         raise ConfigError(f"timm has no pretrained tag {tag!r} for {spec.arch}; tags: {', '.join(tags) or 'none'}")

@@ -189,6 +189,9 @@ def test_no_internet_is_one_line(tmp_path, monkeypatch):
 def test_unknown_tag_and_unknown_model_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="no pretrained tag 'nope'"):
         fetch_weights("open_clip:ViT-B-16/nope", None, tmp_path)
+    with pytest.raises(ConfigError, match="timm has no pretrained tag 'nope' for vit_base_patch16_224; tags: "):
+        fetch_weights("timm:vit_base_patch16_224.nope", None, tmp_path)
+    assert not any(tmp_path.iterdir())  # no folder left behind
     from ltstudy.models.pretrained import check_model_name
 
     with pytest.raises(ConfigError, match="timm has no model"):
