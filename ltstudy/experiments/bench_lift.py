@@ -4,8 +4,9 @@ parameters it trains — measured on the trainer's own trial body at a reduced s
 The network has the shape of the model named (default ``open_clip:ViT-B-16``, LIFT's CLIP ViT-B/16 at 224 px)
 with random weights (``pretrained=none``: nothing is downloaded, and the cost does not depend on the
 weights' values), built by the ``lift`` method with its published options (AdaptFormer of LIFT's width, the
-text-initialised cosine head, the LA loss, SGD), on synthetic 32-px images that the loader resizes on the
-device to the model's side, as it does CIFAR. Timed: ``steps`` training steps (the trial's loader, random
+text-initialised cosine head, the LA loss, SGD), on synthetic 32-px images of 100 classes (CIFAR-100-LT's
+shape, so the adapter width and the head are CIFAR-100's) that the loader resizes on the device to the
+model's side, as it does CIFAR. Timed: ``steps`` training steps (the trial's loader, random
 resized crop, forward, loss, backward, update) after one warm-up step, and the same number of evaluation
 batches with and without the five-crop test-time ensemble; medians of ``repeats``. The seconds per epoch
 are the training rate scaled to CIFAR-100-LT IF 100's 10,847 training images and the evaluation rate to
@@ -42,7 +43,8 @@ def bench_lift(model: str = "open_clip:ViT-B-16", batch_size: int = 16, steps: i
                device: str = "auto", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """LIFT's cost at ``model``'s shape; see the module docstring."""
     dev = resolve_device(device)
-    values = {"method": "lift", "dataset": "synthetic", "synthetic_classes": 10, "imbalance": 10,
+    # CIFAR-100-LT's shape: 100 classes (LIFT's AdaptFormer width 4 and a 100-row head), 32-px images
+    values = {"method": "lift", "dataset": "synthetic", "synthetic_classes": 100, "imbalance": 100,
               "image_size": 32, "model": model, "pretrained": "none", "batch_size": batch_size,
               "eval_batch_size": batch_size, "device": str(dev), "crop_padding": 0, "random_resized_crop": True,
               **(overrides or {})}
