@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +137,8 @@ def key_fields(checkpoint_sha256: str, cfg: TrialConfig, fmaps: bool, augmented_
         fields[name] = _list_digest(value) if name.endswith("_list") else value
     if carved_sets(cfg):
         fields["carved"] = carved_sets(cfg)
+    if is_pretrained_name(t.model):  # a fine-tuned timm / open_clip network: its evaluation crop shapes its features
+        fields["crop_pct"] = t.crop_pct
     if augmented_views:
         fields["augment"] = vars(augment) if augment is not None else None
     return fields
@@ -194,7 +196,9 @@ def build_backbone_model(ckpt: dict[str, Any], cfg: TrainConfig, num_classes: in
         head = getattr(get_method(ckpt["config"].get("method", "ce")), "head", "linear")
     except ConfigError:
         head = "linear"
-    model = build_model(cfg.model, num_classes, head=head)
+    # a fine-tuned timm / open_clip network: its architecture from model_kwargs, its weights from the checkpoint
+    options = {"pretrained": "none", "model_kwargs": dict(cfg.model_kwargs)} if is_pretrained_name(cfg.model) else {}
+    model = build_model(cfg.model, num_classes, head=head, **options)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
@@ -289,11 +293,12 @@ def extract_features(checkpoint: str | Path, *, storage: str | Storage | None = 
         model, head = pretrained_backbone(cfg), None
         pre = model.preprocess
         if t.crop_pct:
-            from dataclasses import replace
-
             pre = replace(pre, crop_pct=t.crop_pct)
     else:
         model, head = build_backbone_model(ckpt, t, data.num_classes)
+        pre = model.preprocess  # a fine-tuned pretrained network keeps its library's preprocessing
+        if pre is not None and t.crop_pct:
+            pre = replace(pre, crop_pct=t.crop_pct)
     model.to(dev).eval()
     splits: dict[str, SplitArrays] = {}
     for split in SPLITS:

@@ -51,12 +51,16 @@ def test_extract_a_pretrained_backbone_and_key_it_by_its_weights(tmp_path, capsy
     assert f.shape[1] == 32 and len(y) == manifest["rows"]["train"]
 
 
-@pytest.mark.parametrize("method", ["tailcalibx", "crt", "ce_classifier"])
+#: small enough for the tiny data (DLSA's flow and clusters as in the contract suite)
+SMALL = {"dlsa": {"num_cluster": 8, "flow_epochs": 2, "flow_batch_size": 64}}
+
+
+@pytest.mark.parametrize("method", ["tailcalibx", "crt", "ce_classifier", "dlsa"])
 def test_pretrained_features_feed_feature_trials(method, tmp_path):
     weights = write_timm_weights(tmp_path / "w.safetensors", seed=1)
     cfg = resolve_config({"method": method, **DATA, "backbone": TINY_VIT, "pretrained": str(weights),
                           "model_kwargs": TINY_VIT_KWARGS, "feature_storage": str(tmp_path / "store"), "epochs": 2,
-                          "device": "cpu", "batch_size": 32})
+                          "device": "cpu", "batch_size": 32, **SMALL.get(method, {})})
     metrics = run_trial(cfg)
     assert 0.0 <= metrics["test_top1"] <= 1.0 and 0.0 <= metrics["val_ece"] <= 1.0
     # the same cache serves the next trial of another seed (the split is the extraction's)
@@ -72,3 +76,16 @@ def test_what_a_pretrained_cache_cannot_serve_is_one_line(tmp_path):
         run_trial(resolve_config({"method": "tau_norm", **base}))
     with pytest.raises(ConfigError, match="feature maps .* need a convolutional backbone"):
         run_trial(resolve_config({"method": "fsa", **base}))
+
+
+def test_a_fine_tuned_pretrained_network_is_extracted_with_its_own_preprocessing(tmp_path):
+    """ce fine-tunes the tiny ViT end to end (8-px data resized to its 16 px); its checkpoint's features come
+    from the same network at the same side."""
+    from ltstudy.train import TrialContext
+
+    cfg = resolve_config({"method": "ce", **DATA, "model": TINY_VIT, "model_kwargs": TINY_VIT_KWARGS, "epochs": 1,
+                          "device": "cpu", "batch_size": 32})
+    run_trial(cfg, ctx=TrialContext(checkpoint_dir=str(tmp_path / "ce")))
+    r = extract_features(str(tmp_path / "ce" / "checkpoint.pt"), storage=str(tmp_path / "store"), device="cpu")
+    assert r.manifest["feature_dim"] == 32 and r.manifest["head_type"] == "linear"
+    assert r.manifest["key_fields"]["crop_pct"] is None  # the model's own (timm's 0.9)
