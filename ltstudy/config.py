@@ -26,8 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ltstudy.data import DATASETS, LTData, build_data, dataset_family
 from ltstudy.errors import ConfigError
 from ltstudy.methods import get_method
+from ltstudy.methods.feature import FeatureMethod
 from ltstudy.methods.image import ImageMethod
-from ltstudy.models import list_models
+from ltstudy.models import is_pretrained_name, known_model, list_models
+from ltstudy.models.weights import parse_model_name, weights_source
 
 #: Marks the published configuration (the first trial of a study) in a Tune trial's config.
 PUBLISHED_KEY = "ltstudy_published"
@@ -40,9 +42,9 @@ META_KEYS = ("provenance", PUBLISHED_KEY, CONFIRMS_KEY)
 DATA_KEYS = ("dataset", "imbalance", "profile", "val_per_class", "seed", "image_size", "synthetic_classes",
              "train_list", "val_list", "test_list")
 #: The keys whose values are file-system paths (made absolute before a trial runs in another folder).
-PATH_KEYS = ("data_root", "train_list", "val_list", "test_list", "backbone")
+PATH_KEYS = ("data_root", "train_list", "val_list", "test_list", "backbone", "class_names", "weights_cache")
 #: Where the data is and how it is read: needed to load a dataset, but not part of what it is.
-DATA_LOCATION_KEYS = ("data_root", "download", "num_workers")
+DATA_LOCATION_KEYS = ("data_root", "download", "num_workers", "class_names")
 
 
 class TrainConfig(BaseModel):
@@ -65,6 +67,9 @@ class TrainConfig(BaseModel):
         None, ge=8, description="image side (default: 224 for file lists, 32 for synthetic data)"
     )
     synthetic_classes: int = Field(10, ge=2, description="synthetic dataset: number of classes")
+    class_names: str | None = Field(None, description="file lists: class-names file (one name per line in label "
+                                                      "order, or LIFT's classnames.txt / categories.json); CIFAR's "
+                                                      "names come from its meta batch")
     # augmentation and sampling
     crop_padding: int = Field(4, ge=0, description="random-crop padding (0 = no crop)")
     crop_pad_mode: Literal["zeros", "reflect"] = Field("zeros", description="random-crop padding: zeros "
@@ -74,12 +79,25 @@ class TrainConfig(BaseModel):
     flip: bool = Field(True, description="random horizontal flip")
     cutout: int = Field(0, ge=0, description="Cutout square size (0 = off)")
     autoaugment: bool = Field(False, description="AutoAugment (CIFAR-10 policy)")
+    random_resized_crop: bool = Field(False, description="in-memory data (CIFAR): random resized crop (scale "
+                                                         "0.08-1) on the device, to a pretrained model's side")
     sampler: Literal["instance", "class_balanced", "sqrt", "power"] = Field(
         "instance", description="training sampler"
     )
     sampler_q: float = Field(0.5, ge=0.0, description="exponent q of the power sampler (n_c^-q)")
     # model
-    model: str = Field("resnet32", description="backbone (`ltstudy/models`)")
+    model: str = Field("resnet32", description="backbone: resnet32 | resnet32_w4 | resnet34_cifar | resnet50 | "
+                                                "resnext50_32x4d | timm:NAME | open_clip:ARCH/TAG")
+    pretrained: str | None = Field(None, description="timm / open_clip models: a local weights file "
+                                   "(.safetensors or a checkpoint), a hub tag, or none (random init); default: "
+                                   "the tag in the model name, else none")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="timm / open_clip models: keyword "
+                                         "arguments of the library's constructor (e.g. a tiny ViT)")
+    weights_cache: str | None = Field(None, description="where hub weights are fetched to (default "
+                                                        "STORAGE/weights, ./ltstudy_results/weights)")
+    crop_pct: float | None = Field(None, gt=0.0, le=1.0, description="pretrained models, evaluation: the shorter "
+                                   "side resized to size / crop_pct, then the centre crop (default: the "
+                                   "model's own)")
     # optimisation
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -127,9 +145,26 @@ class TrainConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        if value not in list_models():
-            raise ValueError(f"unknown model {value!r}; choose one of {', '.join(list_models())}")
+        if not known_model(value):
+            raise ValueError(f"unknown model {value!r}; choose one of {', '.join(list_models())}, timm:NAME "
+                             "or open_clip:ARCH/TAG")
+        if is_pretrained_name(value):
+            parse_model_name(value)  # syntax here; the library and its weights are checked before a trial
         return value
+
+    @property
+    def pretrained_model(self) -> str | None:
+        """The timm / open_clip model this trial runs: ``model`` (image methods) or ``backbone`` (feature
+        methods whose backbone is a pretrained model), else None."""
+        spec = get_method(self.method)
+        if issubclass(spec, FeatureMethod):
+            return self.backbone if is_pretrained_name(self.backbone) else None
+        return self.model if is_pretrained_name(self.model) else None
+
+    def backbone_options(self) -> dict[str, Any]:
+        """What ``ltstudy.models.build_backbone`` takes besides the name: the weights and constructor kwargs."""
+        return {"pretrained": self.pretrained, "model_kwargs": dict(self.model_kwargs),
+                "weights_cache": self.weights_cache} if is_pretrained_name(self.model) else {}
 
 
 @dataclass(frozen=True)
@@ -272,9 +307,47 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def check_runnable(cfg: TrialConfig) -> TrialConfig:
     """Raise :class:`ConfigError` when the method cannot run this config (e.g. MetaSAug's classifier-only
-    recipe without a stage-1 ``backbone``); returns ``cfg``."""
+    recipe without a stage-1 ``backbone``); returns ``cfg``. A pretrained model's library must be installed
+    and know the architecture, and a local weights file must fit it tensor for tensor (checked without
+    loading it: :func:`ltstudy.models.pretrained.meta_fits`)."""
+    check_pretrained(cfg.train)
     get_method(cfg.method).check(cfg.train, cfg.params)
     return cfg
+
+
+def check_pretrained(t: TrainConfig) -> None:
+    name = t.pretrained_model
+    if name is None:
+        if t.pretrained is not None or t.model_kwargs:
+            raise ConfigError(f"pretrained= and model_kwargs= apply to timm: and open_clip: models; this trial "
+                              f"runs {t.model!r}")
+        return
+    from ltstudy.models.pretrained import check_model_name, meta_fits
+
+    check_model_name(name)
+    src = weights_source(name, t.pretrained)
+    if src.kind == "file":
+        meta_fits(name, src.path, t.model_kwargs)
+
+
+def stage_weights(cfg: TrialConfig, storage: str | None = None) -> dict[str, Any]:
+    """On the driver, before any trial: fetch the hub weights a config names into the weights cache
+    (``weights_cache``, else ``STORAGE/weights``) once, check the file against the model, and return the
+    settings that pin it for every trial (``pretrained=<local file>``), so no trial reaches the hub."""
+    t = cfg.train
+    name = t.pretrained_model
+    if name is None:
+        return {}
+    from ltstudy.models.pretrained import check_model_name, meta_fits
+    from ltstudy.models.weights import DEFAULT_CACHE, fetch_weights
+
+    check_model_name(name)
+    cache = t.weights_cache or (str(Path(storage) / "weights") if storage and "://" not in storage else DEFAULT_CACHE)
+    path = fetch_weights(name, t.pretrained, cache)
+    if path is None:
+        return {}
+    meta_fits(name, path, t.model_kwargs)
+    return {"pretrained": path}
 
 
 def lr_milestones(cfg: TrialConfig) -> tuple[float, ...]:

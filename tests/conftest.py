@@ -1,4 +1,4 @@
-"""Shared pytest fixtures; the helpers behind them live in ``ltstudy.testing``."""
+"""Shared pytest fixtures; the helpers behind them live in ``tests/support``."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def synthetic_backbone(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> str:
-    """A ResNet-32 trained one epoch with CE on ``ltstudy.testing.configs.TINY`` data (8 px, 4 classes)."""
+    """A ResNet-32 trained one epoch with CE on ``support.configs.TINY`` data (8 px, 4 classes)."""
     from support.configs import train_backbone
 
     return train_backbone(str(tmp_path_factory.mktemp("tiny_backbone")))

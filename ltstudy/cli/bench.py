@@ -35,6 +35,35 @@ def bench_train(
     console.print(table)
 
 
+@bench_app.command("lift")
+def bench_lift_cmd(
+    model: str = typer.Option("open_clip:ViT-B-16", help="the network's shape (random weights; nothing is "
+                              "downloaded): open_clip:ARCH or timm:NAME"),
+    batch_size: int = typer.Option(16, help="images per step"),
+    steps: int = typer.Option(3, help="timed steps per repeat"),
+    repeats: int = typer.Option(3, help="repeats; the median is reported"),
+    device: str = typer.Option("auto"),
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """LIFT's cost: training and evaluation images/s, seconds per CIFAR-100-LT epoch, trained-parameter share."""
+    from ltstudy.config import parse_overrides
+    from ltstudy.experiments.bench_lift import CIFAR100_LT_TRAIN, CIFAR100_TEST, bench_lift
+
+    r = bench_lift(model=model, batch_size=batch_size, steps=steps, repeats=repeats, device=device,
+                   overrides=parse_overrides(overrides or []))
+    table = Table(title=f"bench lift: {r['model']} at {r['side']} px (random weights), batch {r['batch_size']} "
+                        f"on {r['device']}" + (", bf16/fp16 autocast" if r["amp"] else ""))
+    for col in ("train img/s", "eval img/s", "eval img/s (5-crop TTE)", f"s/epoch ({CIFAR100_LT_TRAIN:,} img)",
+                f"test s ({CIFAR100_TEST:,} img, TTE)", "trained params", "share"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{r['train_images_per_s']:.2f}", f"{r['eval_images_per_s']:.2f}",
+                  f"{r['eval_tte_images_per_s']:.2f}", f"{r['epoch_seconds']:.0f}", f"{r['test_tte_seconds']:.0f}",
+                  f"{r['trained_parameters']:,} of {r['parameters']:,}", f"{100 * r['trained_share']:.3f}%")
+    console.print(table)
+    console.print("s/epoch and test s scale the measured rates to CIFAR-100-LT IF 100 (10,847 training, 10,000 "
+                  "test images)", highlight=False)
+
+
 def _shape(text: str, parts: int) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.lower().split("x"))

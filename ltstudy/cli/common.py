@@ -27,7 +27,8 @@ app.add_typer(cluster_app, name="cluster")
 console = Console(highlight=False)
 OVERRIDES = typer.Argument(None, metavar="[KEY=VALUE]...", help="override any config key")
 METHOD = typer.Option(None, "--method", "-m", help="method name (see `ltstudy methods`)")
-DATASET = typer.Option(None, "--dataset", "-d", help="cifar10-lt | cifar100-lt | filelist | synthetic")
+DATASET = typer.Option(None, "--dataset", "-d", help="cifar10-lt | cifar100-lt | filelist | imagenet-lt | "
+                       "places-lt | inat2018 | synthetic")
 IMBALANCE = typer.Option(None, "--imbalance", help="imbalance factor n_max/n_min (>= 1)")
 DATA_ROOT = typer.Option(None, "--data-root", help="folder holding the dataset")
 CONFIG = typer.Option(None, "--config", "-c", help="YAML config file")
@@ -42,14 +43,16 @@ def pct(value: float) -> str:
 
 def metrics_table(rows: dict[str, dict[str, float]], title: str = "metrics (%)") -> Table:
     table = Table(title=title)
-    for col in ("split", "top-1", "many", "medium", "few", "loss"):
+    for col in ("split", "top-1", "many", "medium", "few", "ECE", "ECE many/med/few", "loss"):
         table.add_column(col, justify="right" if col != "split" else "left")
     for split, m in rows.items():
         table.add_row(split, pct(m.get("top1")), pct(m.get("many")), pct(m.get("medium")),
-                      pct(m.get("few")), f"{m.get('loss', math.nan):.4f}")
+                      pct(m.get("few")), pct(m.get("ece")),
+                      f"{pct(m.get('ece_many'))}/{pct(m.get('ece_medium'))}/{pct(m.get('ece_few'))}",
+                      f"{m.get('loss', math.nan):.4f}")
     return table
 
 
 def split_metrics(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix) and
-            not k.endswith("per_class")}
+            not k.endswith(("per_class", "reliability"))}

@@ -32,7 +32,7 @@ def _print_epoch(epochs: int) -> Any:
         console.print(
             f"epoch {m['epoch']:>3}/{epochs}  loss {m['train_loss']:.4f}  lr {m['lr']:.4g}  "
             f"val top-1 {pct(m['val_top1'])}  many/med/few {pct(m['val_many'])}/"
-            f"{pct(m['val_medium'])}/{pct(m['val_few'])}  {m['epoch_seconds']:.1f}s"
+            f"{pct(m['val_medium'])}/{pct(m['val_few'])}  ECE {pct(m.get('val_ece'))}  {m['epoch_seconds']:.1f}s"
         )
     return report
 
@@ -53,18 +53,24 @@ def train(
     """Train and evaluate one configuration; ends with a metrics table."""
     import yaml
 
-    from ltstudy.config import load_config
+    from ltstudy.config import check_runnable, load_config, stage_weights
     from ltstudy.train import TrialContext, run_trial
 
     cfg = load_config(config, overrides or [], method=method, dataset=dataset, imbalance=imbalance,
                       data_root=data_root, download=download)
     if resume and checkpoint_dir is None:
         raise LtstudyError("--resume needs --checkpoint-dir")
+    check_runnable(cfg)
+    pins = stage_weights(cfg)  # a hub tag: fetched once into the weights cache, then loaded from there
+    if pins:
+        cfg = cfg.replace(**pins)
     if save_config:
         save_config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     t = cfg.train
+    weights = f" (weights {t.pretrained})" if t.pretrained else (" (random initialisation)" if t.pretrained_model
+                                                                  else "")
     console.print(f"ltstudy train: {t.method} on {t.dataset} (IF {t.imbalance:g}), "
-                  f"{t.model}, {t.epochs} epochs, seed {t.seed}")
+                  f"{t.model}{weights}, {t.epochs} epochs, seed {t.seed}", soft_wrap=True, markup=False)
     ctx = TrialContext(checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
                        resume_from=str(checkpoint_dir) if resume else None)
     metrics = run_trial(cfg, _print_epoch(t.epochs), ctx)

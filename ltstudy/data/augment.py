@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import v2
 
+from ltstudy.data.preprocess import Preprocess, eval_views, random_resized_crop, train_resize
+
 
 def _source_index(i: torch.Tensor, n: int, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Map padded coordinates ``i`` (may fall outside [0, n)) to source pixels; zeros mode also gives the mask."""
@@ -120,6 +122,8 @@ class AugmentSpec:
         pad_mode: ``"zeros"`` or ``"reflect"`` padding of the random crop.
         color: File lists: MoCo-v2 colour jitter, grayscale and blur after the random resized crop (applied
             per image by the dataset's transform).
+        resized_crop: In-memory data: torchvision's random resized crop (scale 0.08-1, ratio 3/4-4/3) on the
+            device, to the model's side when it declares a ``Preprocess`` (file lists always crop this way).
     """
 
     crop_padding: int = 4
@@ -128,13 +132,14 @@ class AugmentSpec:
     autoaugment: bool = False
     pad_mode: str = "zeros"
     color: bool = False
+    resized_crop: bool = False
 
     @classmethod
     def of(cls, settings: object) -> AugmentSpec:
         """The augmentation a trial's settings (a ``TrainConfig``) ask for."""
         return cls(crop_padding=settings.crop_padding, flip=settings.flip, cutout=settings.cutout,
                    autoaugment=settings.autoaugment, pad_mode=settings.crop_pad_mode,
-                   color=settings.color_augment)
+                   color=settings.color_augment, resized_crop=getattr(settings, "random_resized_crop", False))
 
 
 def apply(
@@ -143,16 +148,45 @@ def apply(
     mean: Sequence[float] | torch.Tensor,
     std: Sequence[float] | torch.Tensor,
     generator: torch.Generator | None = None,
+    pre: Preprocess | None = None,
 ) -> torch.Tensor:
     """Augment a uint8 batch and normalise it to float32.
 
     Order as in the reference CIFAR pipelines: AutoAugment, crop, flip, normalise, then cutout
     (applied after normalisation, so the hole is zero in normalised space, as in DeVries & Taylor).
+    With a model's ``pre`` (or ``spec.resized_crop``) the batch is brought to the model's side after the
+    padded crop: by a random resized crop, or by resizing the whole image, with the model's interpolation.
     """
     if spec.autoaugment:
         x = autoaugment(x, generator)
     x = random_crop(x, spec.crop_padding, generator, spec.pad_mode)
+    if pre is None and not spec.resized_crop:
+        if spec.flip:
+            x = random_flip(x, generator)
+        return cutout(normalize(x, mean, std), spec.cutout, generator)
+    x = x.to(torch.float32) / 255.0
+    if spec.resized_crop:
+        x = random_resized_crop(x, pre.size if pre else None, generator,
+                                pre.interpolation if pre else "bilinear")
+    elif pre is not None:
+        x = train_resize(x, pre)
     if spec.flip:
         x = random_flip(x, generator)
-    x = normalize(x, mean, std)
-    return cutout(x, spec.cutout, generator)
+    return cutout(standardize(x, mean, std), spec.cutout, generator)
+
+
+def standardize(x: torch.Tensor, mean: Sequence[float] | torch.Tensor,
+                std: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Float (N,C,H,W) in [0,1] -> ``(x - mean) / std``."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device)[None, :, None, None]
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device)[None, :, None, None]
+    return (x - m) / s
+
+
+def eval_batch(x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor,
+               pre: Preprocess | None = None) -> list[torch.Tensor]:
+    """The evaluation views of a uint8 batch, normalised: the batch itself without a model preprocessing,
+    else the model's centre crop (or its five crops)."""
+    if pre is None:
+        return [normalize(x, mean, std)]
+    return [standardize(v, mean, std) for v in eval_views(x.to(torch.float32) / 255.0, pre)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,20 +11,52 @@ import torch
 from ltstudy.data.augment import AugmentSpec
 from ltstudy.data.cifar import load_cifar
 from ltstudy.data.containers import LTData, Split, split_in_memory
-from ltstudy.data.filelist import FileListDataset, read_filelist
+from ltstudy.data.filelist import FileListDataset, read_class_names, read_filelist
 from ltstudy.data.loader import FileListLoader, TensorLoader
+from ltstudy.data.preprocess import Preprocess
 from ltstudy.data.samplers import sample_weights
 from ltstudy.data.synthetic import make_synthetic
 from ltstudy.errors import ConfigError, DataError
 
-DATASETS = ("cifar10-lt", "cifar100-lt", "filelist", "synthetic")
+
+@dataclass(frozen=True)
+class NamedLists:
+    """A file-list benchmark known by name: its class count, training size and the references' list files.
+
+    ``lists`` are the default file names of the train / val / test lists under the data root (the names
+    the references ship: classifier-balancing, OLTR, LIFT); None where the benchmark has no such list
+    (iNaturalist 2018 has no validation list: the references test on its official val split).
+    """
+
+    title: str
+    family: str
+    num_classes: int
+    train_images: int
+    lists: tuple[str | None, str | None, str | None]
+
+
+#: the named file-list benchmarks (``--dataset imagenet-lt|places-lt|inat2018``); ``filelist`` is any other
+NAMED_LISTS = {
+    "imagenet-lt": NamedLists("ImageNet-LT", "imagenet", 1000, 115_846,
+                              ("ImageNet_LT_train.txt", "ImageNet_LT_val.txt", "ImageNet_LT_test.txt")),
+    "places-lt": NamedLists("Places-LT", "places", 365, 62_500,
+                            ("Places_LT_train.txt", "Places_LT_val.txt", "Places_LT_test.txt")),
+    "inat2018": NamedLists("iNaturalist 2018", "inat", 8142, 437_513,
+                           ("iNaturalist18_train.txt", None, "iNaturalist18_val.txt")),
+}
+DATASETS = ("cifar10-lt", "cifar100-lt", "filelist", *NAMED_LISTS, "synthetic")
 #: dataset families, each with its own published recipes: name -> what it covers
 FAMILIES = {
     "cifar10": "CIFAR-10-LT (and the synthetic smoke-test data)",
     "cifar100": "CIFAR-100-LT",
-    "imagenet": "ImageNet-LT / Places-LT / iNaturalist (file lists)",
+    "imagenet": "ImageNet-LT (and any other file list)",
+    "places": "Places-LT",
+    "inat": "iNaturalist 2018",
 }
-_FAMILY_OF = {"cifar10-lt": "cifar10", "cifar100-lt": "cifar100", "filelist": "imagenet", "synthetic": "cifar10"}
+_FAMILY_OF = {"cifar10-lt": "cifar10", "cifar100-lt": "cifar100", "filelist": "imagenet", "synthetic": "cifar10",
+              **{name: spec.family for name, spec in NAMED_LISTS.items()}}
+#: the file-list datasets (decoded from image files listed in train / val / test lists)
+LIST_DATASETS = ("filelist", *NAMED_LISTS)
 SPLITS = ("train", "val", "test")
 
 CIFAR_STATS = {
@@ -62,10 +95,10 @@ def _build_cifar(name: str, data_root, download, imbalance, profile, val_per_cla
     )
 
 
-def _list_split(path, role: str) -> Split:
+def _list_split(path, role: str, dataset: str = "filelist") -> Split:
     """Read one file list into a Split."""
     if path is None:
-        raise DataError(f"the filelist dataset needs a {role} list file (--{role}-list)")
+        raise DataError(f"the {dataset} dataset needs a {role} list file ({role}_list=FILE)")
     paths, labels = read_filelist(path)
     return Split(labels=torch.from_numpy(labels), indices=torch.arange(len(paths)), paths=paths)
 
@@ -101,22 +134,43 @@ def carve_list(split: Split, carved: dict[str, int], num_classes: int, seed: int
     return take(keep), {name: take(chunks) for name, chunks in parts.items()}
 
 
+def _named_list(dataset: str, data_root, given, role: str, index: int) -> str | None:
+    """A named benchmark's list: the one given, else the reference's file name under the data root."""
+    if given is not None or dataset not in NAMED_LISTS:
+        return given
+    spec = NAMED_LISTS[dataset]
+    default = spec.lists[index]
+    if default is None:
+        raise DataError(f"{spec.title} has no {role} list (the references test on its official val split, "
+                        f"which is the test list here); give {role}_list=FILE, e.g. a split of the train list")
+    path = Path(data_root) / default
+    if not path.is_file():
+        raise DataError(f"{spec.title}: {role} list {path} not found (give {role}_list=FILE)")
+    return str(path)
+
+
 def _build_filelist(data_root, train_list, val_list, test_list, image_size: int, carved: dict[str, int] | None,
-                    seed: int) -> LTData:
+                    seed: int, dataset: str = "filelist", class_names: str | None = None) -> LTData:
     """File-list data (ImageNet-LT / Places-LT / iNaturalist format) under ``data_root``.
 
     The lists fix the splits. Carved sets (MetaSAug's meta set) come from the validation list, as the
     MetaSAug reference samples its ImageNet-LT meta set from the ImageNet-LT val split; validation is the
-    rest of that list.
+    rest of that list. A named benchmark (``imagenet-lt``, ``places-lt``, ``inat2018``) finds its lists
+    under the data root by the references' file names when they are not given, and its lists must name
+    its number of classes. ``class_names`` is a class-names file (``read_class_names``).
     """
     if data_root is None:
-        raise ConfigError("the filelist dataset needs a data root (the image folder)")
+        raise ConfigError(f"the {dataset} dataset needs a data root (the image folder)")
     if not Path(data_root).is_dir():
         raise DataError(f"image root {data_root} is not a folder")
-    train, val, test = (
-        _list_split(p, r) for p, r in ((train_list, "train"), (val_list, "val"), (test_list, "test"))
-    )
+    lists = [_named_list(dataset, data_root, given, role, i)
+             for i, (given, role) in enumerate(((train_list, "train"), (val_list, "val"), (test_list, "test")))]
+    train, val, test = (_list_split(p, r, dataset) for p, r in zip(lists, ("train", "val", "test"), strict=True))
     num_classes = int(max(s.labels.max() for s in (train, val, test))) + 1
+    if dataset in NAMED_LISTS and num_classes != NAMED_LISTS[dataset].num_classes:
+        spec = NAMED_LISTS[dataset]
+        raise DataError(f"{spec.title} has {spec.num_classes} classes; its lists name {num_classes} "
+                        f"(labels 0..{num_classes - 1})")
     counts = torch.bincount(train.labels, minlength=num_classes)
     if int(counts.min()) == 0:
         raise DataError(f"class {int(counts.argmin())} has no image in the train list {train_list}")
@@ -124,10 +178,11 @@ def _build_filelist(data_root, train_list, val_list, test_list, image_size: int,
     if carved:
         val, parts = carve_list(val, carved, num_classes, seed)
     mean, std = IMAGENET_STATS
+    names = read_class_names(class_names, num_classes) if class_names else [str(c) for c in range(num_classes)]
     return LTData(
-        "filelist",
+        dataset,
         num_classes,
-        [str(c) for c in range(num_classes)],
+        names,
         train,
         val,
         test,
@@ -156,6 +211,7 @@ def build_data(
     image_size: int | None = None,
     synthetic_classes: int = 10,
     carved: dict[str, int] | None = None,
+    class_names: str | Path | None = None,
 ) -> LTData:
     """Build a long-tailed dataset by name.
 
@@ -175,12 +231,15 @@ def build_data(
         synthetic_classes: Classes of the synthetic dataset.
         carved: Extra balanced sets to carve from the training pool (``{name: images per class}``,
             e.g. MetaSAug's meta set), in ``LTData.carved``; file lists carve them from the val list.
+        class_names: File lists: a class-names file (one name per line in label order; CIFAR's names come
+            from its meta batch, the synthetic data's are ``class_c``).
     """
     if dataset in ("cifar10-lt", "cifar100-lt"):
         name = dataset.removesuffix("-lt")
         return _build_cifar(name, data_root, download, imbalance, profile, val_per_class, seed, carved)
-    if dataset == "filelist":
-        return _build_filelist(data_root, train_list, val_list, test_list, image_size or 224, carved, seed)
+    if dataset in LIST_DATASETS:
+        return _build_filelist(data_root, train_list, val_list, test_list, image_size or 224, carved, seed,
+                               dataset, str(class_names) if class_names else None)
     if dataset == "synthetic":
         return make_synthetic(
             num_classes=synthetic_classes,
@@ -219,6 +278,7 @@ def make_loader(
     num_workers: int | None = None,
     drop_last: bool = False,
     views: int = 1,
+    preprocess: Preprocess | None = None,
 ) -> TensorLoader | FileListLoader:
     """A loader over one split (``train``, ``val``, ``test`` or a carved set such as ``meta``): a
     :class:`TensorLoader` for in-memory data, a :class:`FileListLoader` for file lists.
@@ -227,6 +287,8 @@ def make_loader(
     (``sampler``: instance, class_balanced, sqrt, power with ``sampler_q``) and augments (call ``set_epoch``
     before each epoch); ``num_workers``: DataLoader workers of file-list data (default min(4, cpu count));
     ``views``: independently augmented views of every image, batches are ``(x_1, ..., x_V, y)``.
+    ``preprocess``: a pretrained model's preprocessing (``ltstudy.data.preprocess``): batches at its side,
+    normalised with its mean and std; at evaluation its crop, or its five crops as five views.
     """
     part = _split(data, split)
     weights = None
@@ -236,8 +298,8 @@ def make_loader(
     common = dict(
         batch_size=batch_size,
         device=device,
-        mean=data.mean,
-        std=data.std,
+        mean=preprocess.mean if preprocess is not None else data.mean,
+        std=preprocess.std if preprocess is not None else data.std,
         train=train,
         augment=augment,
         sampler_weights=weights,
@@ -248,8 +310,9 @@ def make_loader(
         channels_last=channels_last,
     )
     if part.images is not None:
-        return TensorLoader(part.images, part.labels, views=views, **common)
+        return TensorLoader(part.images, part.labels, views=views, preprocess=preprocess, **common)
     dataset = FileListDataset(data.image_root, part.paths, part.labels.numpy(), size=data.image_size, train=train,
-                              color=bool(train and augment is not None and augment.color), views=views)
+                              color=bool(train and augment is not None and augment.color), views=views,
+                              pre=preprocess)
     return FileListLoader(dataset, num_workers=num_workers, **common)
 

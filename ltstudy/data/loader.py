@@ -15,8 +15,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from ltstudy.data.augment import AugmentSpec, apply, normalize
+from ltstudy.data.augment import AugmentSpec, apply, eval_batch, normalize
 from ltstudy.data.filelist import FileListDataset
+from ltstudy.data.preprocess import Preprocess
 from ltstudy.data.samplers import epoch_order
 from ltstudy.errors import ConfigError
 
@@ -114,6 +115,8 @@ class TensorLoader(_EpochOrder):
     shared generator and keeps its shard, so the result equals single-process training with the same
     global batch; the extra work is cheap next to the forward pass on CIFAR-sized images. With
     ``views = V > 1`` every image is augmented V times independently and a batch is ``(x_1, ..., x_V, y)``.
+    With a model's ``preprocess`` the images are brought to its side on the device (training: by the random
+    resized crop or a resize; evaluation: its centre crop, or its five crops as five views).
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class TensorLoader(_EpochOrder):
         drop_last: bool = False,
         channels_last: bool = False,
         views: int = 1,
+        preprocess: Preprocess | None = None,
     ):
         super().__init__(len(labels), batch_size, train, sampler_weights, seed, rank, world_size, drop_last)
         self.device = torch.device(device)
@@ -144,16 +148,25 @@ class TensorLoader(_EpochOrder):
         self.augment = augment if train else None
         self.channels_last = channels_last
         self.views = views
+        self.preprocess = preprocess
+        self.train_mode = train
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _view(self, batch: torch.Tensor, local: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         if self.augment is None:
-            x = normalize(self.images[local.to(self.device)], self.mean, self.std)
+            x = self.images[local.to(self.device)]
+            if self.preprocess is not None:  # training without augmentation: resized to the model's side
+                x = apply(AugmentSpec(crop_padding=0, flip=False), x, self.mean, self.std, None, self.preprocess)
+            else:
+                x = normalize(x, self.mean, self.std)
         elif self.world_size == 1:
-            x = apply(self.augment, self.images[local.to(self.device)], self.mean, self.std, gen)
+            x = apply(self.augment, self.images[local.to(self.device)], self.mean, self.std, gen, self.preprocess)
         else:
-            x = apply(self.augment, self.images[batch.to(self.device)], self.mean, self.std, gen)
+            x = apply(self.augment, self.images[batch.to(self.device)], self.mean, self.std, gen, self.preprocess)
             x = shard(x, self.rank, self.world_size)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return self._layout(x)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         batches = self.batches()
@@ -162,7 +175,11 @@ class TensorLoader(_EpochOrder):
             gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, self.epoch, 1))
         for batch in batches:
             local = shard(batch, self.rank, self.world_size)
-            views = [self._view(batch, local, gen) for _ in range(self.views)]
+            if not self.train_mode:  # evaluation: one view, or the model's crops (test-time ensemble)
+                views = [self._layout(v) for v in
+                         eval_batch(self.images[local.to(self.device)], self.mean, self.std, self.preprocess)]
+            else:
+                views = [self._view(batch, local, gen) for _ in range(self.views)]
             yield *views, self.labels[local.to(self.device)]
 
 

@@ -17,7 +17,7 @@ import torch
 from ltstudy.config import load_data, resolve_config
 from ltstudy.data import AugmentSpec, make_loader
 from ltstudy.runtime import make_amp, resolve_device
-from ltstudy.train.image import build_method, prepare_model
+from ltstudy.train.image import build_method, model_preprocess, prepare_model
 from ltstudy.train.optim import make_optimizer
 
 
@@ -42,12 +42,9 @@ def _timed(loop: Any, steps: int, batch: int, device: torch.device) -> float:
 
 def bench_train(method: str = "ce", model: str = "resnet32", batch_size: int = 128, steps: int = 30,
                 repeats: int = 5, device: str = "auto", compile: bool = False, **overrides: Any) -> dict[str, Any]:
-    """Median train and eval images/s and peak memory of ``method`` on synthetic CIFAR-sized data.
-
-    ``compile``: the network under ``torch.compile`` (default mode; the warm-up then includes the
-    compilation). A measurement only, so far: trials do not compile (docs/benchmarks.md has the figures
-    and why).
-    """
+    """Median train and eval images/s and peak memory of ``method`` on synthetic CIFAR-sized data;
+    ``compile``: the network under ``torch.compile`` (the warm-up then includes the compilation; a
+    measurement only, trials do not compile: docs/benchmarks.md says why)."""
     dev = resolve_device(device)
     cfg = resolve_config({"method": method, "model": model, "dataset": "synthetic", "image_size": 32,
                           "batch_size": batch_size, "device": str(dev), **overrides})
@@ -63,8 +60,10 @@ def bench_train(method: str = "ce", model: str = "resnet32", batch_size: int = 1
     opt = make_optimizer(net.parameters(), t)
     amp = make_amp(t.amp, dev)
     cl = dev.type == "cuda" and t.channels_last
+    pre = model_preprocess(net, t, meth)  # a timm / open_clip model's side and statistics
+    extra = {"preprocess": pre} if pre is not None else {}
     loader = meth.train_loader(batch_size=batch_size, train=True, augment=AugmentSpec(),
-                               channels_last=cl)
+                               channels_last=cl, **extra)
 
     def batches() -> Any:
         epoch = 0
@@ -75,7 +74,7 @@ def bench_train(method: str = "ce", model: str = "resnet32", batch_size: int = 1
 
     stream = batches()
     eval_batch = next(iter(make_loader(data, "train", batch_size=batch_size, device=dev,
-                                       train=False, channels_last=cl)))[0]
+                                       train=False, channels_last=cl, **extra)))[0]
 
     def train_steps(n: int) -> None:
         net.train()

@@ -8,10 +8,13 @@ from ltstudy.methods import (  # noqa: F401  (registration, in a fixed order)
     balanced_softmax,
     ce,
     ce_classifier,
+    decoupled,
     dlsa,
     fsa,
     fsgl,
     ldam_drw,
+    lift,
+    logit_adjust,
     metasaug,
     tailcalibx,
 )

@@ -20,17 +20,23 @@ hook                      default                                               
 ``extract_options(p)``    no maps, no augmented views                           tailcalibx, fsa
 ``state_dict()``          empty                                                 dlsa
 ========================= ===================================================== =============================
+
+Post-hoc rules (:class:`PostHocMethod`: ``tau_norm``, ``logit_adjust_posthoc``) rewrite the logits of the
+backbone's trained classifier; they choose their strength in ``prepare`` (on the validation split, or fixed),
+have ``post_hoc = True`` and no trainable parameter: the trainer runs their epochs without an optimiser.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from ltstudy.errors import ConfigError
 from ltstudy.methods.registry import Method, Params
 
 
@@ -80,6 +86,9 @@ class FeatureMethod(Method):
     """Base of the feature methods; see the module docstring for the hooks and who uses them."""
 
     stage = "feature"
+    #: a post-hoc rule on the backbone's classifier (:class:`PostHocMethod`): nothing to optimise, so the
+    #: trainer builds no optimiser and runs no step
+    post_hoc: ClassVar[bool] = False
 
     @classmethod
     def extract_options(cls, params: Params) -> dict[str, Any]:
@@ -106,3 +115,89 @@ class FeatureMethod(Method):
         """(N, C) logits of the cached ``"val"`` or ``"test"`` features."""
         x = self.feats.val_x if split == "val" else self.feats.test_x
         return self.classifier()(x)
+
+
+# ------------------------------------------------------------------------------------------ post hoc
+def tau_grid(tau_max: float, step: float) -> list[float]:
+    n = int(round(tau_max / step))
+    return [round(i * step, 10) for i in range(n + 1)]
+
+
+def best_on_validation(logits_of: Any, grid: list[float], y: torch.Tensor) -> float:
+    """The grid value whose logits are most accurate on the (balanced) validation split; ties: the smallest."""
+    best, best_acc = grid[0], -1.0
+    for value in grid:
+        acc = (logits_of(value).argmax(1) == y).double().mean().item() if len(y) else 0.0
+        if acc > best_acc + 1e-12:
+            best, best_acc = value, acc
+    return best
+
+
+class FrozenHead(nn.Module):
+    """A trained classifier, frozen, and the post-hoc rule that computes logits from it: ``rule(x)``."""
+
+    def __init__(self, head: nn.Module, rule: Any) -> None:
+        super().__init__()
+        self.head = head.requires_grad_(False)
+        self.rule = rule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rule(x)
+
+
+class SelectParams(Params):
+    """A post-hoc rule's strength: chosen on validation, or fixed."""
+
+    select: Literal["validation", "fixed"] = Field(
+        "validation", description="validation: the best tau of the grid 0, tau_step, ..., tau_max on the "
+                                  "validation split; fixed: tau as given")
+    tau: float = Field(1.0, ge=0.0, description="the rule's tau when select=fixed")
+    tau_max: float = Field(2.0, gt=0.0, description="top of the validation grid")
+    tau_step: float = Field(0.1, gt=0.0, description="step of the validation grid")
+
+
+class PostHocMethod(FeatureMethod):
+    """A rule applied to the backbone's trained classifier: no parameters to train (the trainer runs no step),
+    the rule's τ chosen in :meth:`prepare` on the validation split or fixed."""
+
+    post_hoc: ClassVar[bool] = True
+    #: the head types the rule applies to
+    heads: tuple[str, ...] = ("linear", "normed", "cosine", "scaled_cosine")
+
+    def rule(self, tau: float) -> Any:
+        """The logits of features ``x`` under the rule at strength ``tau``: a function ``x -> logits``."""
+        raise NotImplementedError
+
+    def prepare(self, feats: FeatureSet) -> None:
+        super().prepare(feats)
+        if feats.head is None:
+            raise ConfigError(f"{self.name} adjusts a trained classifier, and the feature cache holds none (a "
+                              "pretrained backbone's cache has no classifier of this dataset): use a trained "
+                              "backbone=CHECKPOINT")
+        if feats.head_type not in self.heads:
+            raise ConfigError(f"{self.name} applies to a {' or '.join(self.heads)} classifier; the backbone's is "
+                              f"{feats.head_type!r}")
+        grid = tau_grid(self.p.tau_max, self.p.tau_step)
+        fixed = self.p.tau
+        if self.p.select == "validation":
+            with torch.no_grad():
+                self.tau = best_on_validation(lambda t: self.rule(t)(feats.val_x), grid, feats.val_y)
+        else:
+            self.tau = fixed
+        self.module = FrozenHead(feats.head, self.rule(self.tau))
+
+    def classifier(self) -> nn.Module:
+        return self.module
+
+    def batches(self, epoch: int) -> Iterable[Any]:
+        return ()  # nothing to train
+
+    def batch_loss(self, batch: Any) -> torch.Tensor:
+        raise RuntimeError(f"{self.name} trains nothing")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tau": self.tau}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tau = float(state["tau"])
+        self.module.rule = self.rule(self.tau)

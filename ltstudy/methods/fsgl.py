@@ -250,7 +250,7 @@ class FSGL(ImageMethod):
         self.alpha_t = 1.0
 
     def build_model(self) -> nn.Module:
-        return FSGLNet(build_backbone(self.ctx.model_name), self.ctx.num_classes)
+        return FSGLNet(build_backbone(self.ctx.model_name, **self.ctx.model_options), self.ctx.num_classes)
 
     def on_epoch_start(self, epoch: int) -> None:
         self.alpha_t = 1.0 - (epoch / self.ctx.epochs) ** self.p.cumulative_power

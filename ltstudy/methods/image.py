@@ -15,6 +15,7 @@ hook                  default                                                 me
 ``train_step(...)``   forward, ``loss``, :func:`ltstudy.runtime.optimizer_step` fsgl, metasaug
 ``carved_sets(p)``    no carved sets                                          metasaug
 ``state_dict()``      empty                                                   metasaug
+``preprocess(pre)``   the model's own preprocessing (None for ResNets)        lift (test-time crops)
 ===================== ======================================================= ==========================
 
 ``carved_sets(params)`` declares data a method needs besides train / val / test (MetaSAug's balanced
@@ -29,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ltstudy.data import Preprocess
 from ltstudy.methods.registry import Method, Params, Recipe
 from ltstudy.models import build_model
 from ltstudy.runtime import Amp, optimizer_step
@@ -48,13 +50,24 @@ DECOUPLING_SOURCE = ("Decoupling joint training on ImageNet-LT (facebookresearch
                      "batch 512, 90 epochs, cosine to 0")
 
 
+#: Decoupling's joint training on iNaturalist 2018 (``config/iNaturalist18/feat_unifrom.yaml``)
+DECOUPLING_INAT = {"model": "resnet50", "epochs": 90, "batch_size": 512, "optimizer": "sgd", "lr": 0.2,
+                   "momentum": 0.9, "weight_decay": 1e-4, "warmup_epochs": 0, "schedule": "cosine"}
+DECOUPLING_INAT_SOURCE = ("Decoupling joint training on iNaturalist 2018 (facebookresearch/classifier-balancing "
+                          "config/iNaturalist18/feat_unifrom.yaml): ResNet-50, SGD lr 0.2 momentum 0.9 wd 1e-4, "
+                          "batch 512, 90 epochs, cosine to 0")
+
+
 def baseline_recipes(cifar: dict | None = None, imagenet: dict | None = None, note: str = "") -> dict[str, Recipe]:
-    """The baselines' recipes: LDAM-DRW's on CIFAR, Decoupling's joint training on ImageNet-LT-like data."""
+    """The baselines' recipes: LDAM-DRW's on CIFAR, Decoupling's joint training on ImageNet-LT-like data (its
+    iNaturalist 2018 config there; Places-LT, which the reference trains from an ImageNet-pretrained
+    ResNet-152 without a config, falls back to the ImageNet-LT one)."""
     tail = f"; {note}" if note else ""
     return {
         "cifar10": Recipe({**LDAM_CIFAR, **(cifar or {})}, LDAM_CIFAR_SOURCE + tail),
         "cifar100": Recipe({**LDAM_CIFAR, **(cifar or {})}, LDAM_CIFAR_SOURCE + tail),
         "imagenet": Recipe({**DECOUPLING_IMAGENET, **(imagenet or {})}, DECOUPLING_SOURCE + tail),
+        "inat": Recipe({**DECOUPLING_INAT, **(imagenet or {})}, DECOUPLING_INAT_SOURCE + tail),
     }
 
 
@@ -71,7 +84,12 @@ class ImageMethod(Method):
         return {}
 
     def build_model(self) -> nn.Module:
-        return build_model(self.ctx.model_name, self.ctx.num_classes, head=self.head)
+        return build_model(self.ctx.model_name, self.ctx.num_classes, head=self.head, **self.ctx.model_options)
+
+    def preprocess(self, pre: Preprocess | None) -> Preprocess | None:
+        """The preprocessing of this method's batches: the model's own (``pre``; None for ltstudy's ResNets),
+        which a method may change (LIFT's five test-time crops)."""
+        return pre
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} defines neither loss() nor train_step()")

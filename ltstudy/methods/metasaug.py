@@ -393,7 +393,7 @@ class MetaSAug(ImageMethod):
     # -- model -----------------------------------------------------------------------------
 
     def build_model(self) -> nn.Module:
-        backbone = build_backbone(self.ctx.model_name)
+        backbone = build_backbone(self.ctx.model_name, **self.ctx.model_options)
         net = MetaSAugNet(backbone, LinearHead(int(backbone.feature_dim), self.ctx.num_classes))
         if self.classifier_only:
             load_stage1(net, self.ctx.train.backbone)

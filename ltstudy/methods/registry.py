@@ -61,6 +61,8 @@ class MethodContext:
     rank: int = 0
     world_size: int = 1
     extras: dict[str, Any] = field(default_factory=dict)
+    #: ``ltstudy.models.build_backbone``'s options for a timm / open_clip model (weights, constructor kwargs)
+    model_options: dict[str, Any] = field(default_factory=dict)
 
 
 class Method:
@@ -128,16 +130,31 @@ class Method:
 
 
 _REGISTRY: dict[str, type[Method]] = {}
+#: families whose recipe is another family's when a method's reference publishes none for them (the
+#: recipe's source says so): Places-LT and iNaturalist 2018 fall back to the ImageNet-LT recipe
+FALLBACK_FAMILY = {"places": "imagenet", "inat": "imagenet"}
+
+
+def _with_fallbacks(cls: type[Method]) -> dict[str, Recipe]:
+    recipes = dict(cls.recipes)
+    for family, base in FALLBACK_FAMILY.items():
+        if family not in recipes and base in recipes:
+            b = recipes[base]
+            recipes[family] = Recipe(b.settings, f"no {FAMILIES[family]} recipe in the reference; its "
+                                                 f"{FAMILIES[base].split(' (')[0]} one: {b.source}", b.by_imbalance)
+    return recipes
 
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available under ``cls.name``.
 
     Every dataset family needs a recipe (its keys are checked against the training settings and ``Params``
-    when a config resolves, and by the contract tests).
+    when a config resolves, and by the contract tests); a family of :data:`FALLBACK_FAMILY` the method does
+    not declare gets the recipe of the family it falls back to, with a source that says so.
     """
     if cls.name in _REGISTRY:
         raise ValueError(f"method {cls.name!r} is registered twice")
+    cls.recipes = _with_fallbacks(cls)
     missing = [f for f in FAMILIES if f not in cls.recipes]
     if missing:
         raise ValueError(f"method {cls.name!r} declares no recipe for {', '.join(missing)}")

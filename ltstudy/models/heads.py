@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LinearHead", "NormedHead", "CosineHead"]
+__all__ = ["LinearHead", "NormedHead", "CosineHead", "ScaledCosineHead"]
 
 
 class LinearHead(nn.Linear):
@@ -79,3 +79,32 @@ class CosineHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_classes={self.num_classes}"
+
+
+class ScaledCosineHead(nn.Module):
+    """LIFT's CosineClassifier: ``scale * cos(x, w_c)``, a fixed scale (25 in LIFT's config), no bias.
+
+    The scale is a buffer, so it travels with the state dict. Rows start on the unit sphere (LIFT draws
+    U(-1, 1) and renormalises each class vector); :meth:`set_weight` puts given class vectors there (text
+    features, class means).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, scale: float = 25.0) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        with torch.no_grad():
+            self.weight.uniform_(-1.0, 1.0)
+            self.weight.copy_(F.normalize(self.weight, dim=1))
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        self.weight.copy_(F.normalize(weight.to(self.weight), dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1)) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_classes={self.num_classes}, scale={float(self.scale):g}"

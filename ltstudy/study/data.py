@@ -11,6 +11,7 @@ import ray
 from ltstudy.config import PATH_KEYS, load_data, resolve_config
 from ltstudy.errors import ConfigError
 from ltstudy.features.extract import load_backbone_checkpoint
+from ltstudy.models import is_pretrained_name
 from ltstudy.runtime import resolve_device
 from ltstudy.study.search.space import SearchSpace
 from ltstudy.study.tracking.records import resolve_backbone
@@ -43,6 +44,8 @@ def backbone_settings(method: str, backbone: str | None, fixed: dict[str, Any],
     if not value:
         raise ConfigError(f"method {method!r} tunes on cached backbone features: pass --backbone "
                           "CHECKPOINT (a checkpoint.pt, its folder, or the MLflow run id of a trial)")
+    if is_pretrained_name(str(value)):  # timm:/open_clip: -- no checkpoint; the data is the flags' own
+        return {**fixed, "backbone": str(value)}
     state = load_backbone_checkpoint(resolve_backbone(str(value), tracking_uri))
     keys = (*CHECKED_KEYS, *(k for k in PATH_KEYS if k != "backbone"))
     data = {k: state["config"][k] for k in keys if state["config"].get(k) is not None}

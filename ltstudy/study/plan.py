@@ -19,6 +19,7 @@ import yaml
 from ltstudy.config import PATH_KEYS, check_runnable, resolve_config
 from ltstudy.errors import ConfigError
 from ltstudy.methods import get_method
+from ltstudy.models import is_pretrained_name
 from ltstudy.study.checks import check_data
 from ltstudy.study.cluster.shape import TrialShape, check_trial_shape
 from ltstudy.study.data import backbone_settings
@@ -155,7 +156,8 @@ def _absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
     out = dict(values)
     for key in PATH_KEYS:
         value = out.get(key)
-        if isinstance(value, str) and "://" not in value and not os.path.isabs(value):
+        if isinstance(value, str) and "://" not in value and not os.path.isabs(value) and \
+                not is_pretrained_name(value):  # backbone=timm:NAME names a model, not a file
             out[key] = str(Path(value).resolve())
     return out
 

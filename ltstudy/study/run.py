@@ -32,7 +32,7 @@ import optuna
 import ray
 import ray.tune
 
-from ltstudy.config import TrialConfig
+from ltstudy.config import TrialConfig, stage_weights
 from ltstudy.errors import LtstudyError, StudyInterrupted, TrackingWriteError
 from ltstudy.methods import get_method
 from ltstudy.study import _compat
@@ -101,7 +101,10 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
 
 
 def _stage_data(plan: StudyPlan) -> StudyPlan:
-    """With ``download``: the dataset fetched once, here, before Ray starts (not for a backbone's data)."""
+    """Pretrained weights and, with ``download``, the dataset (not a backbone's data) fetched once, here,
+    before Ray starts."""
+    if plan.fresh:
+        plan = plan.with_fixed(stage_weights(plan.space.published_config(), plan.storage))
     values = plan.space.published_values()
     if not plan.fresh or "backbone" in plan.space.fixed or not values.get("download"):
         return plan

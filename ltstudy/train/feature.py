@@ -5,29 +5,29 @@ Where the features come from:
 * ``feature_key`` set: that cache under ``feature_storage`` (default ``./ltstudy_results``);
   when it is missing and ``backbone`` is set, it is extracted first;
 * else ``backbone`` (a checkpoint file): the key is derived from the checkpoint and its dataset, and the
-  cache is extracted if needed (``ltstudy.features.extract``).
+  cache is extracted if needed (``ltstudy.features.extract``);
+* or ``backbone`` a pretrained model (``timm:NAME``, ``open_clip:ARCH/TAG``, with ``pretrained=``): the key is
+  derived from the model, its weights and the trial's own data settings.
 
 The data split is always the backbone's own (its checkpoint config): the val/test images must be ones
-the backbone never trained on. The trial's dataset settings (:data:`CHECKED_KEYS`) are checked against it
+the backbone never trained on. A pretrained backbone never saw the data: the trial's settings draw the split. The trial's dataset settings (:data:`CHECKED_KEYS`) are checked against it
 (a mismatch is a ``ConfigError``); the trial's ``seed`` only seeds the classifier stage, so several seeds
 can share one cache. No DataLoader: tensors stay on the device, batches come from ``torch.randperm``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ltstudy.config import DATA_KEYS, PATH_KEYS, TrialConfig, data_location
 from ltstudy.errors import ConfigError
-from ltstudy.features.extract import extract_features, load_backbone_checkpoint
+from ltstudy.features.extract import PRETRAINED_KEYS, extract_features, load_backbone_checkpoint
 from ltstudy.features.store import Storage, cache_exists, load_split, open_storage, read_head, read_manifest
 from ltstudy.methods import FeatureMethod, FeatureSet, MethodContext, get_method
-from ltstudy.metrics import accuracy_metrics
-from ltstudy.models import build_head
+from ltstudy.metrics import evaluation_metrics
+from ltstudy.models import build_head, is_pretrained_name
 from ltstudy.runtime import optimizer_step
 from ltstudy.train.loop import Stage, TrialContext
 
@@ -73,6 +73,14 @@ def resolve_features(cfg: TrialConfig, device: torch.device | str = "cpu") -> tu
                               "backbone=CHECKPOINT to extract it")
         raise ConfigError(f"method {t.method!r} works on cached backbone features: set "
                           "backbone=CHECKPOINT (or feature_key=KEY)")
+    if is_pretrained_name(t.backbone):
+        result = extract_features(t.backbone, storage=storage, overrides=pretrained_overrides(t), device=device,
+                                  fmaps=opts.get("fmaps", False), augmented_views=opts.get("augmented_views", 0))
+        if t.feature_key and t.feature_key != result.key:
+            raise ConfigError(f"feature_key {t.feature_key} does not match backbone {t.backbone} "
+                              f"(its key is {result.key})")
+        check_manifest(result.manifest, cfg, opts)
+        return storage, result.key
     ckpt_cfg = load_backbone_checkpoint(t.backbone)["config"]
     for name in CHECKED_KEYS:
         if name in ckpt_cfg and ckpt_cfg[name] != getattr(t, name):
@@ -87,6 +95,13 @@ def resolve_features(cfg: TrialConfig, device: torch.device | str = "cpu") -> tu
                           f"(its key is {result.key})")
     check_manifest(result.manifest, cfg, opts)
     return storage, result.key
+
+
+def pretrained_overrides(t: Any) -> dict[str, Any]:
+    """What defines a pretrained backbone's features besides its name: the trial's data settings, where the
+    data is, and the backbone's weights, constructor kwargs and evaluation crop."""
+    keys = (*DATA_KEYS, *data_location(t), *PRETRAINED_KEYS)
+    return {k: getattr(t, k) for k in dict.fromkeys(keys) if getattr(t, k) not in (None, {})}
 
 
 def load_feature_set(storage: Storage, key: str, device: torch.device, *, fmaps: bool = False,
@@ -153,14 +168,12 @@ class FeatureStage(Stage):
         return optimizer_step(self.optimizer, self.method.batch_loss(batch))
 
     @torch.no_grad()
-    def evaluate(self, split: str) -> tuple[dict[str, float], list[float]]:
+    def evaluate(self, split: str) -> tuple[dict[str, Any], list[float]]:
         self.module.eval()
         y = self.feats.val_y if split == "val" else self.feats.test_y
         logits = self.method.logits(split).float()
-        metrics, per_class = accuracy_metrics(logits.argmax(1), y, self.feats.class_counts,
-                                              self.cfg.many_threshold, self.cfg.few_threshold)
-        metrics["loss"] = F.cross_entropy(logits, y).item() if len(y) else math.nan
-        return metrics, per_class
+        return evaluation_metrics(logits, y, self.feats.class_counts, self.cfg.many_threshold,
+                                  self.cfg.few_threshold)
 
     def state(self) -> dict[str, Any]:
         return {**super().state(), "feature_key": self.key}

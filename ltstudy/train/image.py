@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ltstudy.config import DATA_KEYS, PATH_KEYS, TrialConfig, load_data
-from ltstudy.data import AugmentSpec, LTData, make_loader
+from ltstudy.data import LIST_DATASETS, AugmentSpec, LTData, Preprocess, make_loader
 from ltstudy.errors import ConfigError
 from ltstudy.methods import ImageMethod, MethodContext, get_method
-from ltstudy.metrics import accuracy_metrics
+from ltstudy.metrics import evaluation_from, summarise
 from ltstudy.runtime import make_amp
 from ltstudy.train.checkpoint import load_checkpoint
 from ltstudy.train.loop import Stage, TrialContext
@@ -30,7 +30,7 @@ def check_stage1(cfg: TrialConfig) -> None:
     if state is None or "config" not in state:
         raise ConfigError(f"stage-1 checkpoint not found (or not an ltstudy checkpoint): {t.backbone}")
     own = state["config"]
-    keys = ("dataset", "image_size") if t.dataset == "filelist" else DATA_KEYS
+    keys = ("dataset", "image_size") if t.dataset in LIST_DATASETS else DATA_KEYS
     for key in keys:
         if key in PATH_KEYS:
             continue
@@ -51,7 +51,7 @@ def build_method(cfg: TrialConfig, data: LTData, device: torch.device, rank: int
     ctx = MethodContext(
         num_classes=data.num_classes, class_counts=data.class_counts.to(device), epochs=t.epochs,
         device=device, model_name=t.model, train=t, data=data, make_loader=loader, rank=rank,
-        world_size=world_size,
+        world_size=world_size, model_options=t.backbone_options(),
     )
     return get_method(t.method)(cfg.params, ctx)
 
@@ -73,6 +73,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def model_preprocess(model: nn.Module, t: Any, method: ImageMethod | None = None) -> Preprocess | None:
+    """The preprocessing the trial's batches get: the network's backbone's own (a timm / open_clip model's;
+    None for ltstudy's ResNets) with the trial's ``crop_pct``, as the method wants it."""
+    net = unwrap(model)
+    pre = getattr(net, "preprocess", None) or getattr(getattr(net, "backbone", None), "preprocess", None)
+    if pre is not None and getattr(t, "crop_pct", None):
+        pre = replace(pre, crop_pct=t.crop_pct)
+    return method.preprocess(pre) if method is not None else pre
+
+
 class ImageStage(Stage):
     """An end-to-end trial: the method's loader and ``train_step`` on the (possibly DDP) network."""
 
@@ -87,12 +97,15 @@ class ImageStage(Stage):
         self.cfg = t
         channels_last = device.type == "cuda" and t.channels_last
         augment = AugmentSpec.of(t)
+        pre = model_preprocess(self.model, t, method)
+        extra = {"preprocess": pre} if pre is not None else {}
         self.loader = method.train_loader(
             batch_size=t.batch_size, train=True, augment=augment, sampler=t.sampler, sampler_q=t.sampler_q,
             rank=ctx.rank, world_size=ctx.world_size, channels_last=channels_last, num_workers=t.num_workers,
+            **extra,
         )
         self.eval_kw = dict(batch_size=t.eval_batch_size, device=device, train=False,
-                            channels_last=channels_last, num_workers=t.num_workers)
+                            channels_last=channels_last, num_workers=t.num_workers, **extra)
         self.val_loader = make_loader(data, "val", **self.eval_kw)
         super().__init__(method, unwrap(self.model), cfg, device, self.loader.num_samples,
                          parameters=self.model.parameters())
@@ -106,21 +119,22 @@ class ImageStage(Stage):
         return self.method.train_step(self.model, batch, self.optimizer, self.amp)
 
     @torch.no_grad()
-    def evaluate(self, split: str) -> tuple[dict[str, float], list[float]]:
+    def evaluate(self, split: str) -> tuple[dict[str, Any], list[float]]:
+        """The split's metrics from the network's logits; with several views of each image (test-time crops)
+        the mean of the views' logits."""
         self.model.eval()
         loader = self.val_loader if split == "val" else make_loader(self.data, split, **self.eval_kw)
-        preds, labels, loss_sum = [], [], 0.0
-        for x, y in loader:
+        parts, labels = [], []
+        for *views, y in loader:
             with self.amp.autocast():
-                logits = self.model(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            preds.append(logits.argmax(1))
-            labels.append(y)
-        pred, lab = torch.cat(preds), torch.cat(labels)
-        metrics, per_class = accuracy_metrics(pred, lab, self.data.class_counts, self.cfg.many_threshold,
-                                              self.cfg.few_threshold)
-        metrics["loss"] = loss_sum / max(len(lab), 1)
-        return metrics, per_class
+                logits = torch.stack([self.model(v).float() for v in views]).mean(0)
+            parts.append(summarise(logits, y))
+            labels.append(y.cpu())
+        if not parts:
+            raise ConfigError(f"the {split} split holds no image")
+        pred, conf, nll = (torch.cat(col) for col in zip(*parts, strict=True))
+        return evaluation_from(pred, conf, nll, torch.cat(labels), self.data.class_counts,
+                               self.cfg.many_threshold, self.cfg.few_threshold)
 
     def state(self) -> dict[str, Any]:
         state = super().state()

@@ -67,13 +67,18 @@ class Stage:
 
     ``module`` is what the checkpoint stores as ``model`` and whose parameters the trial's SGD optimises
     under the trial's lr schedule; ``num_samples`` is the training set size (for the images/s figure).
+    A module without a trainable parameter (a post-hoc rule) gets no optimiser and no schedule.
     """
 
     def __init__(self, method: Method, module: nn.Module, cfg: TrialConfig, device: torch.device,
                  num_samples: int, parameters: Iterable[nn.Parameter] | None = None) -> None:
         self.method, self.module, self.device, self.num_samples = method, module, device, num_samples
-        self.optimizer = make_optimizer(module.parameters() if parameters is None else parameters, cfg.train)
-        self.scheduler = make_scheduler(self.optimizer, cfg.train, lr_milestones(cfg))
+        params = list(module.parameters() if parameters is None else parameters)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        if any(p.requires_grad for p in params):
+            self.optimizer = make_optimizer(params, cfg.train)
+            self.scheduler = make_scheduler(self.optimizer, cfg.train, lr_milestones(cfg))
 
     def batches(self, epoch: int) -> Iterable[Any]:
         """Put the module in training mode and return this epoch's batches."""
@@ -83,20 +88,23 @@ class Stage:
         """One update on one batch; returns the detached training loss."""
         raise NotImplementedError
 
-    def evaluate(self, split: str) -> tuple[dict[str, float], list[float]]:
-        """Loss, top-1, many/medium/few and per-class accuracy on ``"val"`` or ``"test"``."""
+    def evaluate(self, split: str) -> tuple[dict[str, Any], list[float]]:
+        """Loss, top-1, many/medium/few, calibration (ECE overall and per bucket, NLL, the reliability bins)
+        and per-class accuracy on ``"val"`` or ``"test"`` (``ltstudy.metrics.evaluation_metrics``)."""
         raise NotImplementedError
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint holds besides the epoch and the config."""
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "method": self.method.state_dict(),
-                "rng": rng_state(self.device)}
+        return {"model": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+                "method": self.method.state_dict(), "rng": rng_state(self.device)}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state["method"])
 
 
@@ -136,10 +144,11 @@ def run_epochs(stage: Stage, cfg: TrialConfig, ctx: TrialContext,
         tic = time.perf_counter()
         train_loss = _train_epoch(stage, epoch)
         seconds = time.perf_counter() - tic
-        metrics = {"epoch": epoch + 1, "train_loss": train_loss,
-                   "lr": stage.optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
+        lr = stage.optimizer.param_groups[0]["lr"] if stage.optimizer is not None else 0.0
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr, "epoch_seconds": seconds,
                    "train_images_per_s": stage.num_samples / max(seconds, 1e-9)}
-        stage.scheduler.step()
+        if stage.scheduler is not None:
+            stage.scheduler.step()
         val, val_per_class = stage.evaluate("val")
         metrics.update({f"val_{k}": v for k, v in val.items()}, val_per_class=val_per_class)
         if epoch + 1 == t.epochs:

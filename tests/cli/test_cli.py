@@ -79,7 +79,9 @@ def test_methods_shows_the_published_recipe_of_a_dataset_family(capsys, monkeypa
     code, out, _ = run(capsys, "methods", "-m", "tailcalibx", "--dataset", "cifar100-lt", "--imbalance", "50")
     assert code == 0 and "tukey=0.9" in out and "alpha=0.2" in out and "momentum=0.0" in out
     code, out, _ = run(capsys, "methods", "-m", "metasaug")
-    assert code == 0 and out.count("recipe ") == 3 and "train_scope=classifier" in out
+    recipes = [line for line in out.splitlines() if line.strip().startswith("recipe ")]
+    assert code == 0 and len(recipes) == 5 and "train_scope=classifier" in out  # cifar10/100, imagenet, places, inat
+    assert "recipe places (Places-LT)" in out and "no Places-LT recipe in the reference; its ImageNet-LT one" in out
     assert "lr milestones follow the phase switch: (0.8, 0.9)" in out
 
 

@@ -20,18 +20,25 @@ from ltstudy.methods import ImageMethod, get_method, list_methods
 from ltstudy.runtime import NO_AMP
 from ltstudy.train import TrialContext, run_trial
 from ltstudy.train.feature import FeatureStage
-from ltstudy.train.image import ImageStage, build_method, prepare_model
+from ltstudy.train.image import ImageStage, build_method, model_preprocess, prepare_model
 from ltstudy.train.loop import run_epochs
 from ltstudy.train.optim import make_optimizer
 
 from support.configs import RecordingParams, tiny_config
+from support.pretrained import tiny_clip_settings
 
-METRICS = [f"{split}_{m}" for split in ("val", "test") for m in ("top1", "many", "medium", "few", "loss")]
+METRICS = [f"{split}_{m}" for split in ("val", "test")
+           for m in ("top1", "many", "medium", "few", "loss", "ece", "ece_many", "ece_few", "nll")]
 IMAGE = [m for m in list_methods() if issubclass(get_method(m), ImageMethod)]
-FEATURE = [m for m in list_methods() if get_method(m).stage == "feature"]
+FEATURE = [m for m in list_methods() if get_method(m).stage == "feature" and not get_method(m).post_hoc]
+#: post-hoc rules on the backbone's classifier: nothing to train
+POST_HOC = [m for m in list_methods() if get_method(m).stage == "feature" and get_method(m).post_hoc]
 #: small enough for every method, big enough that each method's own phase runs in epoch 1 of 2
 SMALL = {"fsgl": {"batch_size": 32}, "metasaug": {"meta_batch": 16, "switch": 0.5, "num_meta": 2},
-         "dlsa": {"num_cluster": 8, "flow_epochs": 2, "flow_batch_size": 64}}
+         "dlsa": {"num_cluster": 8, "flow_epochs": 2, "flow_batch_size": 64},
+         # a tiny random CLIP (image and text towers), every option of LIFT at once, AMP off on the CPU anyway
+         "lift": tiny_clip_settings(lora=True, vpt="deep", bias_tuning=True, batch_size=32, crop_padding=0,
+                                    random_resized_crop=True)}
 
 
 def _cfg(name: str, backbone: str, **extra) -> TrialConfig:
@@ -81,7 +88,8 @@ def test_image_method_one_step_gives_finite_loss_and_gradients(name):
     model = prepare_model(method.build_model(), cfg.train, device, 1)
     optimizer = make_optimizer(model.parameters(), cfg.train)
     method.on_epoch_start(1)  # the last phase of the schedule (DRW, meta step)
-    loader = method.train_loader(batch_size=32, train=True, augment=None)
+    pre = model_preprocess(model, cfg.train, method)
+    loader = method.train_loader(batch_size=32, train=True, augment=None, **({"preprocess": pre} if pre else {}))
     loader.set_epoch(0)
     loss = method.train_step(model, next(iter(loader)), optimizer, NO_AMP)
     assert loss.dim() == 0 and torch.isfinite(loss)
@@ -98,6 +106,17 @@ def test_feature_method_batch_loss_is_finite_with_finite_gradients(name, tiny_ba
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
     _grads_finite(stage.module.parameters())
+
+
+@pytest.mark.parametrize("name", POST_HOC)
+def test_post_hoc_rule_trains_nothing_and_gives_finite_logits(name, tiny_backbone, tmp_path):
+    cfg = _cfg(name, tiny_backbone, feature_storage=str(tmp_path))
+    stage = FeatureStage(cfg, TrialContext(), torch.device("cpu"))
+    assert stage.optimizer is None and list(stage.batches(0)) == []
+    assert not any(p.requires_grad for p in stage.module.parameters())
+    for split in ("val", "test"):
+        logits = stage.method.logits(split)
+        assert logits.shape[1] == 4 and torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("name", list_methods())

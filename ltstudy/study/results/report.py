@@ -5,8 +5,9 @@ report also works for a study that was interrupted before its summary. Figures a
 ``data:`` URIs and the styles are inline: the file opens anywhere, offline, and can be mailed.
 
 Sections: the summary (method, data, objective, search, trials by status, dates, resumability,
-addresses), best vs published trial (metrics per bucket and the tuned values), accuracy per class head
-to tail, the Optuna plots with the importances, every trial, and the best configuration as YAML.
+addresses), best vs published trial (metrics per bucket and the tuned values), their calibration (ECE
+overall and per bucket, NLL, reliability diagrams), accuracy per class head to tail, the Optuna plots with
+the importances, every trial, and the best configuration as YAML.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from ltstudy.study.results.export import export_best
 from ltstudy.study.results.plots import OPTUNA_PLOTS, study_pngs
 from ltstudy.study.results.selection import published_trial
 from ltstudy.study.search.optuna_storage import open_optuna_storage
+from ltstudy.study.tracking.figures import reliability_png
+from ltstudy.study.tracking.records import reliability_of_run
 from ltstudy.study.tracking.store import client, run_url
 
 REPORT_ARTIFACT = "report.html"
@@ -96,6 +99,42 @@ def _best_vs_published(info: StudyInfo) -> str:
     return f"<h2>Best vs published</h2><table>{head}{body}</table>"
 
 
+_CALIBRATION = ("ece", "ece_many", "ece_medium", "ece_few", "nll")
+
+
+def _calibration(mlc: Any, info: StudyInfo) -> str:
+    """ECE overall and per bucket and NLL of the best and the published trial, and their test reliability."""
+    rows = [("best", info.best), ("published (trial 0)", published_trial(info.trials))]
+    rows = [(label, t) for label, t in rows if t is not None]
+    if not rows:
+        return ""
+    head = "<tr><th>trial</th>" + "".join(f"<th>{split} {m.replace('_', ' ')}{'' if m == 'nll' else ' (%)'}</th>"
+                                          for split in ("val", "test") for m in _CALIBRATION) + "</tr>"
+    body, series = "", {}
+    for label, t in rows:
+        m = t["metrics"]
+        cells = "".join(f"<td>{_pct(m.get(f'{s}_{k}')) if k != 'nll' else _num(m.get(f'{s}_{k}'))}</td>"
+                        for s in ("val", "test") for k in _CALIBRATION)
+        body += f"<tr><td>{_e(label)}: trial {_e(t['number'])}</td>{cells}</tr>"
+        bins = reliability_of_run(mlc, t["run_id"])
+        if bins:
+            split = "test" if "test" in bins else "val"
+            series[f"{label}, {split}"] = bins[split]
+    out = ("<h2>Calibration</h2><p class='muted'>ECE over 15 equal-width confidence bins; a bucket's ECE counts "
+           f"the samples of its classes; NLL of the true class.</p><table>{head}{body}</table>")
+    if series:
+        out += _figure("reliability_best_vs_published", reliability_png(series, "reliability, best vs published"),
+                       "accuracy against confidence per bin (bars; the dashed line is perfect calibration), "
+                       "the share of samples per bin below")
+    return out
+
+
+def _num(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{float(value):.4f}"
+
+
 def _optuna(pngs: dict[str, bytes], imp: dict[str, float]) -> str:
     out = "<h2>Optuna</h2>"
     if imp:
@@ -130,6 +169,7 @@ def build_report(uri: str, study: str) -> tuple[str, StudyInfo]:
         "</p>",
         _summary(info, uri),
         _best_vs_published(info),
+        _calibration(mlc, info),
         "<h2>Accuracy per class, head to tail</h2>",
         _figure("per_class_best_vs_published", pngs["per_class_best_vs_published"],
                 "accuracy per class (left axis) with the class's training images (bars, log scale, right "

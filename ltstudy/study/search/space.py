@@ -21,7 +21,10 @@ from ltstudy.errors import ConfigError
 from ltstudy.methods import get_method
 
 #: metrics reported every epoch that a study may select on (test metrics are report-only)
-OBJECTIVES = ("val_top1", "val_many", "val_medium", "val_few", "val_loss")
+OBJECTIVES = ("val_top1", "val_many", "val_medium", "val_few", "val_loss", "val_ece", "val_ece_many",
+              "val_ece_medium", "val_ece_few", "val_nll")
+#: calibration objectives: lower is better, so a study minimises them (accuracy against ECE: two objectives)
+MINIMISED = ("val_ece", "val_ece_many", "val_ece_medium", "val_ece_few", "val_nll")
 _TOP_KEYS = {"method", "metric", "mode", "fixed", "tune", "description"}
 _PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
 #: keys that describe where a trial runs, not what it is; they never belong in a search space
@@ -285,6 +288,9 @@ def _objectives(where: str, metric: Any, mode: Any) -> tuple[tuple[str, ...], tu
         raise SpaceError(f"{where}: metric must be one metric or a list of 2 or 3 different ones, got {metric!r}")
     if len(modes) != len(metrics) or any(m not in ("max", "min") for m in modes):
         raise SpaceError(f"{where}: mode must be 'max' or 'min', or one of them per metric; got {mode!r}")
+    wrong = next((m for m, d in zip(metrics, modes, strict=True) if m in MINIMISED and d != "min"), None)
+    if wrong:
+        raise SpaceError(f"{where}: {wrong} is a calibration error, lower is better: its mode is min")
     return metrics, modes
 
 

@@ -28,7 +28,7 @@ from ltstudy.config import CONFIRMS_KEY, PUBLISHED_KEY, TrialConfig, resolve_con
 from ltstudy.errors import TrackingWriteError
 from ltstudy.study.search.space import Param, active_values
 from ltstudy.study.tracking.dataset import DatasetRecord, data_key, dataset_record
-from ltstudy.study.tracking.figures import per_class_png
+from ltstudy.study.tracking.figures import per_class_png, reliability_png
 from ltstudy.study.tracking.store import (
     CHECKPOINT_TAG,
     CONFIG_ARTIFACT,
@@ -39,6 +39,8 @@ from ltstudy.study.tracking.store import (
     PARENT_TAG,
     PER_CLASS_PLOT,
     PUBLISHED_TAG,
+    RELIABILITY_JSON,
+    RELIABILITY_PLOT,
     ROLE_TAG,
     STATUS_TAG,
     STUDY_TAG,
@@ -251,6 +253,16 @@ class MLflowTrialCallback(ray.tune.Callback):
         if per_class:
             mlc.log_dict(run_id, per_class, "per_class_accuracy.json")
             self._log_per_class_plot(mlc, run_id, tid, config, per_class)
+        reliability = reliability_of(last)
+        if reliability:  # the calibration of the last evaluation: its bins and its diagram
+            mlc.log_dict(run_id, reliability, RELIABILITY_JSON)
+            number = self.links.number(tid) if self.links is not None else None
+            png = reliability_png(reliability, f"{self.study}, trial {number if number is not None else tid}: "
+                                               "reliability")
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / RELIABILITY_PLOT
+                path.write_bytes(png)
+                mlc.log_artifact(run_id, str(path))
         mlc.set_terminated(run_id, status)
 
     def _log_per_class_plot(self, mlc: Any, run_id: str, tid: str, config: dict[str, Any],
@@ -267,6 +279,19 @@ class MLflowTrialCallback(ray.tune.Callback):
             path = Path(tmp) / PER_CLASS_PLOT
             path.write_bytes(png)
             mlc.log_artifact(run_id, str(path))
+
+
+def reliability_of(result: dict[str, Any]) -> dict[str, dict[str, list]]:
+    """``{"val": bins, "test": bins}`` of a trial's last result (nested, or flattened by Tune as
+    ``val_reliability/count``); splits without bins are left out."""
+    out = {}
+    for split in ("val", "test"):
+        bins = result.get(f"{split}_reliability")
+        if not isinstance(bins, dict):
+            bins = {k: result.get(f"{split}_reliability/{k}") for k in ("count", "confidence", "accuracy")}
+        if all(isinstance(bins.get(k), list) for k in ("count", "confidence", "accuracy")):
+            out[split] = {k: bins[k] for k in ("count", "confidence", "accuracy")}
+    return out
 
 
 def _error_trace(trial: Any) -> str | None:

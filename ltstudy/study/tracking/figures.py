@@ -1,8 +1,11 @@
-"""The figure every finished trial run carries: accuracy per class, head to tail (matplotlib, Agg; no
-display needed), and the small figure that says why a plot could not be drawn.
+"""The figures every finished trial run carries: accuracy per class, head to tail, and the reliability
+diagram of its last evaluation (matplotlib, Agg; no display needed); and the small figure that says why a
+plot could not be drawn.
 
 :func:`per_class_png` sorts classes by training count, draws the count on a log-scale twin axis and shades
-the many/medium/few bands: the picture long-tail papers look at first. The study's own figures (Optuna's
+the many/medium/few bands: the picture long-tail papers look at first. :func:`reliability_png` draws
+accuracy against confidence in ``ltstudy.metrics``' 15 equal-width bins, the share of samples per bin below,
+one panel per split (also best vs published in the report). The study's own figures (Optuna's
 plots, best vs published) are :mod:`ltstudy.study.results.plots`.
 """
 
@@ -90,4 +93,41 @@ def per_class_png(class_counts: Sequence[int], series: dict[str, Sequence[float]
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, below), ncol=min(len(series), 3), fontsize=8,
                   frameon=False)
         ax.set_title(title, fontsize=10, pad=16)
+        return png_bytes(fig)
+
+
+def reliability_png(series: dict[str, dict[str, list]], title: str) -> bytes:
+    """Reliability diagrams side by side: ``series`` maps a label (``val``, ``test``, ``best, test``) to the
+    bins of ``ltstudy.metrics.reliability_bins`` (``count``, ``confidence``, ``accuracy``; None when empty)."""
+    plt = pyplot()
+    with plain_style():
+        n = max(len(series), 1)
+        fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 4.6), squeeze=False,
+                                 gridspec_kw={"height_ratios": [3, 1], "hspace": 0.08})
+        for col, (label, bins) in enumerate(series.items()):
+            top, bottom = axes[0][col], axes[1][col]
+            k = len(bins["count"])
+            width = 1.0 / k
+            mids = [(i + 0.5) * width for i in range(k)]
+            total = sum(bins["count"]) or 1
+            acc = [a if a is not None else 0.0 for a in bins["accuracy"]]
+            conf = [c if c is not None else 0.0 for c in bins["confidence"]]
+            ece = sum(c / total * abs(a - p) for c, a, p in zip(bins["count"], acc, conf, strict=True) if c)
+            top.bar(mids, acc, width=width * 0.95, color="tab:blue", alpha=0.8, label="accuracy")
+            gaps = [p - a if c else 0.0 for c, a, p in zip(bins["count"], acc, conf, strict=True)]
+            top.bar(mids, gaps, bottom=acc, width=width * 0.95, color="tab:red", alpha=0.25,
+                    label="gap to confidence")
+            top.plot([0, 1], [0, 1], ls="--", color="0.4", lw=1)
+            top.set_xlim(0, 1)
+            top.set_ylim(0, 1)
+            top.set_xticklabels([])
+            top.set_ylabel("accuracy" if col == 0 else "")
+            top.set_title(f"{label}: ECE {100 * ece:.2f}%", fontsize=10)
+            if col == 0:
+                top.legend(loc="upper left", fontsize=8, frameon=False)
+            bottom.bar(mids, [c / total for c in bins["count"]], width=width * 0.95, color="0.5")
+            bottom.set_xlim(0, 1)
+            bottom.set_xlabel("confidence (top softmax probability)")
+            bottom.set_ylabel("share" if col == 0 else "")
+        fig.suptitle(title, fontsize=10)
         return png_bytes(fig)

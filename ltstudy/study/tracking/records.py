@@ -18,6 +18,7 @@ from ltstudy.study.tracking.store import (
     NUMBER_TAG,
     PARENT_TAG,
     PUBLISHED_TAG,
+    RELIABILITY_JSON,
     ROLE_TAG,
     STATUS_TAG,
     STUDY_TAG,
@@ -72,6 +73,15 @@ def per_class_of(mlc, run_id: str) -> dict[str, list[float]] | None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             return json.loads(Path(mlc.download_artifacts(run_id, "per_class_accuracy.json", tmp)).read_text())
+    except (MlflowException, OSError, ValueError):
+        return None
+
+
+def reliability_of_run(mlc, run_id: str) -> dict[str, Any] | None:
+    """A finished trial's ``reliability.json`` (the bins of its last val and test evaluations)."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads(Path(mlc.download_artifacts(run_id, RELIABILITY_JSON, tmp)).read_text())
     except (MlflowException, OSError, ValueError):
         return None
 

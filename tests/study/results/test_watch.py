@@ -236,10 +236,10 @@ def test_report_is_one_html_file_with_every_plot(two_studies, tmp_path):
     assert code == 0, err
     parser = _Images()
     parser.feed(out.read_text())
-    assert set(parser.figures) == {*OPTUNA_PLOTS, "per_class_best_vs_published"}
+    assert set(parser.figures) == {*OPTUNA_PLOTS, "per_class_best_vs_published", "reliability_best_vs_published"}
     assert all(png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 2000 for png in parser.figures.values())
-    assert parser.headings == ["Summary", "Best vs published", "Accuracy per class, head to tail", "Optuna",
-                               "Trials", "Best configuration"]
+    assert parser.headings == ["Summary", "Best vs published", "Calibration", "Accuracy per class, head to tail",
+                               "Optuna", "Trials", "Best configuration"]
     assert "method: ce" in out.read_text()
     mlc, _, parent = find_study(uri, name)
     assert "report.html" in {a.path for a in mlc.list_artifacts(parent.info.run_id)}
