@@ -1,5 +1,5 @@
 """``python -m ltstudy.cli``."""
 
-from ltstudy.cli import main
+from ltstudy.cli import run
 
-main()
+run()

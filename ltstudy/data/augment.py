@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torchvision.transforms import v2
 
 from ltstudy.data.preprocess import Preprocess, eval_views, random_resized_crop, train_resize
 
@@ -103,6 +102,8 @@ def autoaugment(x: torch.Tensor, generator: torch.Generator | None = None, chunk
     8 chunks of a shuffled batch the variety is close to per-image policies at a fraction of the
     cost. torchvision draws from the global CPU RNG, which is forked and seeded from ``generator``.
     """
+    from torchvision.transforms import v2  # only here: torchvision costs every process about 2 s
+
     policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=x.device).item())
     with torch.random.fork_rng(devices=[]):

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.datasets
 
 from ltstudy.errors import ConfigError, DataError
 
@@ -64,6 +63,8 @@ def _read_batches(folder: Path, files: tuple[str, ...], label_key: str) -> tuple
 
 def _download(root: Path, name: str) -> None:
     """Fetch the official archive through torchvision (needs internet)."""
+    import torchvision.datasets  # only here: importing torchvision costs a study's driver about 2 s
+
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     root.mkdir(parents=True, exist_ok=True)
     cls(root=str(root), train=True, download=True)

@@ -6,17 +6,16 @@ Each line of a list file is ``relative/path.jpg label``; images live under an im
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image, read_file
-from torchvision.transforms import InterpolationMode, v2
 
 from ltstudy.data.preprocess import Preprocess
 from ltstudy.errors import DataError
 
-_MODES = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-          "nearest": InterpolationMode.NEAREST}
+if TYPE_CHECKING:  # torchvision is imported when a file list is read: it costs every process about 2 s
+    from torchvision.transforms import v2
 
 
 def read_filelist(path: str | Path) -> tuple[list[str], np.ndarray]:
@@ -104,7 +103,9 @@ def make_transform(size: int, train: bool, color: bool = False, pre: Preprocess 
             ``crop_pct`` (the shorter side resized to size / crop_pct, then the centre crop) or its five
             crops of the image resized to size + expand (a (5, 3, size, size) tensor: five views).
     """
-    mode = _MODES[pre.interpolation] if pre is not None else InterpolationMode.BILINEAR
+    from torchvision.transforms import InterpolationMode, v2
+
+    mode = InterpolationMode(pre.interpolation) if pre is not None else InterpolationMode.BILINEAR
     if pre is not None:
         size = pre.size
     if not train:
@@ -151,6 +152,8 @@ class FileListDataset(torch.utils.data.Dataset):
         path = self.root / self.paths[index]
         if not path.is_file():
             raise DataError(f"image {path} listed in the file list does not exist")
+        from torchvision.io import ImageReadMode, decode_image, read_file
+
         try:
             return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
         except RuntimeError as exc:

@@ -5,13 +5,13 @@ Weights are never downloaded (``weights=None``); torchvision's ``fc`` is dropped
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torchvision.models import ResNet
-from torchvision.models import resnet50 as _tv_resnet50
-from torchvision.models import resnext50_32x4d as _tv_resnext50_32x4d
+
+if TYPE_CHECKING:  # torchvision is imported when such a backbone is built: it costs a process about 2 s
+    from torchvision.models import ResNet
 
 __all__ = ["TorchvisionResNet", "resnet50", "resnext50_32x4d"]
 
@@ -37,15 +37,15 @@ class TorchvisionResNet(nn.Module):
         return torch.flatten(nn.functional.adaptive_avg_pool2d(self.forward_features(x), 1), 1)
 
 
-def _wrap(factory: Callable[..., ResNet]) -> TorchvisionResNet:
-    return TorchvisionResNet(factory(weights=None))
-
-
 def resnet50() -> TorchvisionResNet:
     """torchvision ResNet-50, randomly initialised; 2048-d feature."""
-    return _wrap(_tv_resnet50)
+    from torchvision.models import resnet50 as factory
+
+    return TorchvisionResNet(factory(weights=None))
 
 
 def resnext50_32x4d() -> TorchvisionResNet:
     """torchvision ResNeXt-50 32x4d, randomly initialised; 2048-d feature."""
-    return _wrap(_tv_resnext50_32x4d)
+    from torchvision.models import resnext50_32x4d as factory
+
+    return TorchvisionResNet(factory(weights=None))

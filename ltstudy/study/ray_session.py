@@ -44,17 +44,22 @@ def check_address(address: str | None, timeout: float = 5.0) -> None:
                           f"{exc.strerror or exc}") from None
 
 
-def ray_init(address: str | None, verbose: int = 0) -> bool:
+def ray_init(address: str | None, verbose: int = 0, dashboard: bool = True) -> bool:
     """Connect to ``address`` or start a new local Ray; returns whether this call started it.
 
     Without ``--address`` the study always starts its own Ray (``address="local"``): a plain
     ``ray.init()`` would join whatever cluster Ray's current-cluster file names, a dead one included.
     Ray 2.60 turns token auth on for a new local cluster; ltstudy keeps it off unless the user set
     ``RAY_AUTH_MODE`` (cluster.yaml sets it explicitly).
+
+    ``dashboard=False`` starts a local Ray without its dashboard (1-2 s of every study's start). Only
+    studies of one-worker trials may: Ray Train's placement-group cleaner asks the dashboard's State API
+    whether a stopped multi-worker trial's controller is gone, and without it the groups leak.
     """
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address=address or "local", log_to_driver=verbose > 0,
-             logging_level="INFO" if verbose > 1 else "WARNING")
+             logging_level="INFO" if verbose > 1 else "WARNING",
+             **({} if dashboard or address is not None else {"include_dashboard": False}))
     return True

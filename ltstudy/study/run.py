@@ -90,14 +90,26 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
         for note in plan.notes:
             (say or print)(note)
     plan = _stage_data(plan)
-    started = ray_init(plan.opts.address, plan.opts.verbose)
+    started = ray_init(plan.opts.address, plan.opts.verbose, dashboard=plan.opts.workers > 1)
     try:
         study = prepare(plan)
         interrupted, callback, confirmed = fit(study, echo, say, console)
-    finally:
+    except BaseException:
         if started:
             ray.shutdown()
-    return summarise(study, interrupted, callback, confirmed, time.time() - tic, console is not None)
+        raise
+    stopping = _in_background(ray.shutdown) if started else None  # Ray's processes end while the summary is drawn
+    try:
+        return summarise(study, interrupted, callback, confirmed, time.time() - tic, console is not None)
+    finally:
+        if stopping is not None:
+            stopping.join()
+
+
+def _in_background(work: Callable[..., Any], *args: Any) -> threading.Thread:
+    thread = threading.Thread(target=work, args=args, name=f"ltstudy-{work.__name__}", daemon=True)
+    thread.start()
+    return thread
 
 
 def _stage_data(plan: StudyPlan) -> StudyPlan:

@@ -96,3 +96,21 @@ def test_datasets_show_says_where_a_file_list_meta_set_comes_from(capsys, monkey
     assert code == 0, out
     assert "held out per class from the val list: meta 2; validation is the rest of the val list (3 images)" in out
     assert "IF 6 as realised (6 / 1 training images)" in out
+
+
+def test_the_command_keeps_exit_codes_and_exit_handlers_and_no_torchvision(tmp_path):
+    """``ltstudy`` (``run``) exits without Python's teardown, yet with main's exit code, its output flushed
+    and the exit handlers run; a study's driver never imports torchvision (2 s of every start)."""
+    import subprocess
+    import sys
+
+    code = ("import atexit, sys\nimport ltstudy.cli, ltstudy.study.run\n"
+            "atexit.register(lambda: print('handlers ran', 'torchvision' in sys.modules))\n"
+            "ltstudy.cli.run()\n")
+    ok = subprocess.run([sys.executable, "-c", code, "methods"], capture_output=True, text=True, timeout=300,
+                        cwd=tmp_path)
+    assert ok.returncode == 0 and "fsgl" in ok.stdout, ok.stderr
+    assert ok.stdout.strip().splitlines()[-1] == "handlers ran False"
+    bad = subprocess.run([sys.executable, "-c", code, "tune", "--no-such-flag"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert bad.returncode == 2 and "--no-such-flag" in bad.stderr and "handlers ran" in bad.stdout

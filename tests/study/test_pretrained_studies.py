@@ -68,13 +68,15 @@ def test_a_lift_study_loads_the_cached_hub_weights_every_trial(ray_local, tmp_pa
     summary = _study("lift", tmp_path, overrides, trials=1)
     assert summary.counts == {"completed": 1}, summary.counts
     assert summary.trials[0]["params"]["pretrained"] == str(cached)
-    # every finished trial carries its reliability diagram, and the report its calibration
+    # every finished trial carries its calibration bins, the study run and the report the diagram
     from mlflow.tracking import MlflowClient
 
     from ltstudy.study.results.report import build_report
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     names = {a.path for a in MlflowClient(uri).list_artifacts(summary.trials[0]["run_id"])}
-    assert {"reliability.json", "reliability.png"} <= names
+    assert "reliability.json" in names
+    plots = {a.path for a in MlflowClient(uri).list_artifacts(summary.parent_run_id, "plots")}
+    assert "plots/reliability_best_vs_published.png" in plots
     html, _ = build_report(uri, "lift-pretrained")
     assert "<h2>Calibration</h2>" in html and 'id="plot-reliability_best_vs_published"' in html

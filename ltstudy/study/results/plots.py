@@ -22,8 +22,15 @@ import optuna
 
 from ltstudy.study.results.selection import published_trial
 from ltstudy.study.tracking.dataset import record_from_run
-from ltstudy.study.tracking.figures import message_png, per_class_png, plain_style, png_bytes, pyplot
-from ltstudy.study.tracking.records import per_class_of
+from ltstudy.study.tracking.figures import (
+    message_png,
+    per_class_png,
+    plain_style,
+    png_bytes,
+    pyplot,
+    reliability_png,
+)
+from ltstudy.study.tracking.records import per_class_of, reliability_of_run
 from ltstudy.study.tracking.store import STUDY_TAG
 
 #: the Optuna plots logged on every study run, in the order the report shows them
@@ -136,8 +143,9 @@ def bucket_png(rows: dict[str, dict[str, tuple[float, float]]], split: str = "te
 
 def study_pngs(mlc, parent: Any, trials: list[dict[str, Any]], metric: str, optuna_study: Any,
                best: dict[str, Any] | None) -> tuple[dict[str, bytes], dict[str, float]]:
-    """Every figure of a study (the Optuna plots and the best-vs-published per-class plot) and the
-    parameter importances, from its records."""
+    """Every figure of a study (the Optuna plots, the best-vs-published per-class and reliability plots) and
+    the parameter importances, from its records. The trials' own runs hold the data (per-class accuracy
+    and calibration bins as JSON), not figures."""
     if optuna_study is not None:
         imp, _ = importances(optuna_study, metric)
         pngs = optuna_pngs(optuna_study, metric, imp)
@@ -168,6 +176,12 @@ def study_pngs(mlc, parent: Any, trials: list[dict[str, Any]], metric: str, optu
         pngs["per_class_best_vs_published"] = message_png(
             "accuracy per class", "no finished trial with per-class accuracy" if data else
             "the study run has no dataset record (class counts)")
+    reliability = {}
+    for label, t in picks:
+        if bins := reliability_of_run(mlc, t["run_id"]):
+            reliability[f"{label}, {'test' if 'test' in bins else 'val'}"] = bins["test" if "test" in bins else "val"]
+    if reliability:  # a study whose trials record calibration bins (every image and feature method does)
+        pngs["reliability_best_vs_published"] = reliability_png(reliability, "reliability, best vs published")
     return pngs, imp
 
 

@@ -15,9 +15,7 @@ accuracy plotted head to tail.
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import ray.tune
@@ -28,7 +26,6 @@ from ltstudy.config import CONFIRMS_KEY, PUBLISHED_KEY, TrialConfig, resolve_con
 from ltstudy.errors import TrackingWriteError
 from ltstudy.study.search.space import Param, active_values
 from ltstudy.study.tracking.dataset import DatasetRecord, data_key, dataset_record
-from ltstudy.study.tracking.figures import per_class_png, reliability_png
 from ltstudy.study.tracking.store import (
     CHECKPOINT_TAG,
     CONFIG_ARTIFACT,
@@ -37,10 +34,8 @@ from ltstudy.study.tracking.store import (
     EPOCHS_TAG,
     NUMBER_TAG,
     PARENT_TAG,
-    PER_CLASS_PLOT,
     PUBLISHED_TAG,
     RELIABILITY_JSON,
-    RELIABILITY_PLOT,
     ROLE_TAG,
     STATUS_TAG,
     STUDY_TAG,
@@ -245,40 +240,20 @@ class MLflowTrialCallback(ray.tune.Callback):
 
     def _finish(self, mlc: Any, run_id: str, tid: str, config: dict[str, Any], last: dict[str, Any],
                 tags: dict[str, Any], trace: str | None, status: str) -> None:
-        """A trial's end (writer thread): outcome tags, error text, per-class accuracy and plot, status."""
+        """A trial's end (writer thread): outcome tags, error text, per-class accuracy and calibration bins,
+        status. No figure is drawn here: a trial's end holds up the next trial's start, and two matplotlib
+        figures cost about a second of a 2-core machine; the study run gets the best-vs-published figures
+        (:func:`~ltstudy.study.results.plots.study_pngs`) and ``ltstudy report`` draws from these records."""
         log_batch(mlc, run_id, tags=tags)
         if trace:
             mlc.log_text(run_id, trace, "error.txt")
         per_class = {k: last[k] for k in ("val_per_class", "test_per_class") if k in last}
         if per_class:
             mlc.log_dict(run_id, per_class, "per_class_accuracy.json")
-            self._log_per_class_plot(mlc, run_id, tid, config, per_class)
         reliability = reliability_of(last)
-        if reliability:  # the calibration of the last evaluation: its bins and its diagram
+        if reliability:  # the calibration of the last evaluation: its bins
             mlc.log_dict(run_id, reliability, RELIABILITY_JSON)
-            number = self.links.number(tid) if self.links is not None else None
-            png = reliability_png(reliability, f"{self.study}, trial {number if number is not None else tid}: "
-                                               "reliability")
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / RELIABILITY_PLOT
-                path.write_bytes(png)
-                mlc.log_artifact(run_id, str(path))
         mlc.set_terminated(run_id, status)
-
-    def _log_per_class_plot(self, mlc: Any, run_id: str, tid: str, config: dict[str, Any],
-                            per_class: dict[str, list[float]]) -> None:
-        record = self.dataset(resolve_config(dict(config)))
-        if record is None:
-            return
-        series = {k.split("_")[0]: v for k, v in per_class.items()}
-        number = self.links.number(tid) if self.links is not None else None
-        label = f"trial {number}" if number is not None else tid
-        png = per_class_png(record.class_counts, series, f"{self.study}, {label}: accuracy per class",
-                            record.many_threshold, record.few_threshold, record.class_names)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / PER_CLASS_PLOT
-            path.write_bytes(png)
-            mlc.log_artifact(run_id, str(path))
 
 
 def reliability_of(result: dict[str, Any]) -> dict[str, dict[str, list]]:

@@ -38,8 +38,7 @@ OPTUNA_STORAGE_TAG = "ltstudy.optuna_storage"  # the journal file / RDB URL hold
 #: MLflow 3 opens an experiment on its GenAI "Traces" view unless it is marked as model training
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 CONFIG_ARTIFACT = "config.yaml"
-PER_CLASS_PLOT = "per_class_accuracy.png"
-RELIABILITY_JSON, RELIABILITY_PLOT = "reliability.json", "reliability.png"  # a finished trial's calibration
+RELIABILITY_JSON = "reliability.json"  # a finished trial's calibration bins
 _METRIC_PREFIXES = ("train_", "val_", "test_", "startup_")
 _METRIC_EXTRA = ("lr", "epoch_seconds", "epoch_wall_s", "time_in_run_trial_s", "reused_process")
 

@@ -159,11 +159,12 @@ def test_mlflow_records_read_back(two_studies):
             assert profile["class_counts"] == sorted(profile["class_counts"], reverse=True)
             artifacts = {a.path for a in mlc.list_artifacts(t["run_id"])}
             if t["status"] != "failed":
-                assert "per_class_accuracy.png" in artifacts
+                assert "per_class_accuracy.json" in artifacts
         [study_data] = mlc.get_run(parent.info.run_id).inputs.dataset_inputs
         assert study_data.dataset.digest == data.dataset.digest
         plots = {Path(a.path).name for a in mlc.list_artifacts(parent.info.run_id, "plots")}
-        assert plots == {f"{n}.png" for n in (*OPTUNA_PLOTS, "per_class_best_vs_published")}
+        assert plots == {f"{n}.png" for n in (*OPTUNA_PLOTS, "per_class_best_vs_published",
+                                              "reliability_best_vs_published")}
         assert ot.metric_names == [metric] and ot.user_attrs["mlflow_study_run_id"] == parent.info.run_id
     second = find_study(uri, "second")[2]
     importances = {k for k in second.data.metrics if k.startswith("importance.")}
