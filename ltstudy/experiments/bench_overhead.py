@@ -36,7 +36,7 @@ from ltstudy.experiments.local_cluster import mlflow_server
 IMAGE_TRIAL = ["--method", "ce", "--dataset", "synthetic", "epochs=1", "image_size=16", "synthetic_classes=10",
                "val_per_class=10", "batch_size=64", "warmup_epochs=0", "device=cpu"]
 #: the feature-stage trial: ce_classifier on cached features, a handful of epochs (about a second)
-FEATURE_TRIAL = ["--method", "ce_classifier", "epochs=3", "batch_size=256", "device=cpu"]
+FEATURE_TRIAL = ["--method", "ce_classifier", "epochs=6", "batch_size=256", "device=cpu"]
 
 #: plain Tune, as a user wires it by hand; argv: trials, concurrent, work seconds, root folder
 PLAIN_TUNE = r"""
