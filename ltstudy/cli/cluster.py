@@ -28,6 +28,8 @@ def render(
                                                           "e.g. postgresql://user:pw@host/db)"),
     worker_instance_profile: str | None = typer.Option(
         None, help="IAM instance profile (name or ARN) of the worker nodes: needed for s3:// storage"),
+    pgpass: Path | None = typer.Option(None, help="PostgreSQL password file (mode 0600) copied to the head's "
+                                                   "~/.pgpass: the --mlflow-backend password"),
 ) -> None:
     """Write a copy of cluster.yaml with your values, validated by Ray as `ray up` would."""
     from ltstudy.study.cluster.launcher import RenderOptions, render_file
@@ -35,7 +37,8 @@ def render(
     config = render_file(template, output, RenderOptions(
         efs_id=efs_id, region=region, availability_zone=availability_zone, image_id=image_id,
         max_gpu_workers=max_gpu_workers, head_cpus=head_cpus, docker=docker, docker_image=docker_image,
-        mlflow_backend=mlflow_backend, worker_instance_profile=worker_instance_profile))
+        mlflow_backend=mlflow_backend, worker_instance_profile=worker_instance_profile,
+        pgpass=str(pgpass) if pgpass else None))
     docker_note = ", Docker" if "docker" in config else ""
     console.print(f"wrote {output} (region {config['provider']['region']}, up to {config['max_workers']} "
                   f"worker nodes{docker_note}); next: ray up {output} -y", soft_wrap=True)
@@ -49,17 +52,16 @@ def check(
     data_root: list[str] | None = typer.Option(None, "--data-root", help="data paths every node must see"),
 ) -> None:
     """Check every node: storage marker, data paths, tracking server, versions. Exit 2 on any problem."""
-    import os
+    import ray
 
     from ltstudy.study.cluster.nodes import ClusterCheckError, check_nodes
+    from ltstudy.study.ray_session import check_address, ray_init
     from ltstudy.study.tracking.store import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    check_address(address)
+    ray_init(address)  # token auth as a study joins the cluster
     try:
         report = check_nodes(storage, uri, [str(Path(p).resolve()) if "://" not in p else p
                                             for p in data_root or []])

@@ -29,6 +29,23 @@ _LAYOUTS = {
 
 CifarArrays = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]
 
+#: the only globals the official batches name: numpy's array and dtype reconstructors (numpy 1 and 2 names);
+#: ``_codecs.encode`` is how a protocol-2 pickle written by Python 3 spells a bytes object
+_ALLOWED_GLOBALS = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+                    for name in ("_reconstruct", "scalar")} | {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes, str, numbers and numpy arrays; any other global (``os.system``,
+    ``builtins.eval``, a class with a ``__reduce__``) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refused global {module}.{name} (not part of a CIFAR batch)")
+        return super().find_class(module, name)
+
 
 def _unpickle(path: Path) -> dict:
     """Load one pickle file, turning any read failure into a DataError naming it."""
@@ -36,7 +53,7 @@ def _unpickle(path: Path) -> dict:
         raise DataError(f"missing CIFAR file {path}; re-download the dataset (pass --download to fetch it)")
     try:
         with path.open("rb") as f:
-            obj = pickle.load(f, encoding="latin1")
+            obj = _BatchUnpickler(f, encoding="latin1").load()
     except Exception as exc:  # truncated or corrupt pickles raise many different types
         raise DataError(f"cannot read CIFAR file {path} (truncated or corrupt?): {exc}") from exc
     if not isinstance(obj, dict):

@@ -39,6 +39,9 @@ def read_filelist(path: str | Path) -> tuple[list[str], np.ndarray]:
             parts = line.rsplit(None, 1)
             if len(parts) != 2 or not parts[1].isdigit():
                 raise DataError(f"{path}, line {lineno}: expected 'relative/path.jpg label', got {line!r}")
+            if Path(parts[0]).is_absolute() or ".." in Path(parts[0]).parts:
+                raise DataError(f"{path}, line {lineno}: image path {parts[0]!r} leaves the image root "
+                                "(absolute or with '..'); list paths relative to it")
             paths.append(parts[0])
             labels.append(int(parts[1]))
     if not paths:

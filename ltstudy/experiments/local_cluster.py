@@ -4,19 +4,23 @@ tests use them too."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import ltstudy
+from ltstudy.study import _compat
 
 #: the checkout (or site-packages folder) holding the ltstudy package: Ray workers import it from there
 REPO = Path(ltstudy.__file__).resolve().parents[1]
@@ -29,8 +33,19 @@ def free_port() -> int:
 
 
 def ray_env() -> None:
-    """Token auth off for the test clusters; Ray workers import ltstudy from this checkout."""
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    """Token auth on for the clusters this process starts or joins, and Ray workers import ltstudy from this
+    checkout. Without a token source of the user's (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``), a fresh
+    token goes into a private file (mode 0600, removed at exit) that ``RAY_AUTH_TOKEN_PATH`` names for this
+    process and the ones it starts; ``~/.ray/auth_token`` is left alone."""
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        folder = tempfile.mkdtemp(prefix="ltstudy-ray-auth-")  # mode 0700
+        atexit.register(shutil.rmtree, folder, True)
+        path = Path(folder) / "auth_token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    _compat.use_token_auth()
     path = os.environ.get("PYTHONPATH", "")
     if str(REPO) not in path.split(os.pathsep):
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), path) if p)
@@ -114,7 +129,7 @@ def stop_session(proc: subprocess.Popen, timeout: float = 30.0) -> None:
 #: Ray binds to the node's address; with this it takes the loopback one (127.0.0.1) for every server.
 #: It is read when Ray is imported, so only processes started with it (``ray start``, CLI subprocesses)
 #: can talk to such a cluster.
-RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def ray_bin() -> str:

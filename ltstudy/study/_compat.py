@@ -28,6 +28,7 @@ PICKLED = (
     "ltstudy.study.cluster.placement.PlacementGroupReaper",
     "ltstudy.study.callbacks.ProgressCallback",
     "ltstudy.study.callbacks.StartupCallback",
+    "ltstudy.study.search.optuna_storage.PrivateRDBStorage",
 )
 
 
@@ -170,3 +171,37 @@ def start_worker_node(gcs_address: str, resources: dict[str, float], object_stor
         max_worker_port=0, dashboard_agent_listen_port=0, num_cpus=resources.pop("CPU", 0),
         num_gpus=resources.pop("GPU", 0), object_store_memory=object_store_bytes, resources=resources)
     return ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=False)
+
+
+# ------------------------------------------------------------------------------ Ray's token authentication
+def use_token_auth() -> None:
+    """Token mode for this process and the ones it starts: ``RAY_AUTH_MODE=token`` and Ray's cached config
+    and token refreshed (``authentication_token_setup._enable_token_auth`` and
+    ``AuthenticationTokenLoader.reset_cache``, what Ray's own auth test helpers do after changing the
+    token's source)."""
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    from ray._raylet import AuthenticationTokenLoader
+
+    _enable_token_auth()
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def has_auth_token() -> bool:
+    """Whether Ray finds a token (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``):
+    ``AuthenticationTokenLoader.has_token(ignore_auth_mode=True)``."""
+    from ray._raylet import AuthenticationTokenLoader
+
+    return AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
+
+
+def bind_to_loopback() -> None:
+    """A new local Ray on 127.0.0.1 only: every server of the node (GCS, raylet, object manager, agents)
+    then listens on the loopback address instead of all interfaces. Ray does this itself on macOS and
+    Windows (``ray_constants.ENABLE_RAY_CLUSTER``, read from ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when Ray
+    is imported); the environment variable carries it to the processes Ray starts."""
+    import os
+
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False

@@ -15,6 +15,7 @@ from typing import Any
 
 from ltstudy.errors import ConfigError
 from ltstudy.study.storage import filesystem
+from ltstudy.study.storage import public_url as _public_url
 
 OPTIONS_FILE = "ltstudy_study.json"
 #: options that belong to one run of a study, not to the study: they may change on --resume
@@ -95,12 +96,16 @@ class StudyOptions:
                 continue
             mine = getattr(self, key)
             given = key in self.given if self.given is not None else mine != defaults[key]
+            if key == "optuna_storage" and mine:  # saved without its password (``public_url``)
+                mine = _public_url(mine)
             if given and _normal(mine) != _normal(value):
                 flag = FLAG.get(key, "--" + key.replace("_", "-"))
                 raise ConfigError(f"{flag} {_show(getattr(self, key))} differs from the study's saved "
                                   f"{_show(value)}; drop it to resume the study as it was started")
         kept = {k: v for k, v in saved.items() if k in names and k not in PER_RUN}
         run = {k: getattr(self, k) for k in PER_RUN}
+        if self.optuna_storage:  # the URL given again, with the password the saved one lacks
+            kept["optuna_storage"] = self.optuna_storage
         return StudyOptions(**{**kept, **run, "given": None})
 
 

@@ -25,11 +25,11 @@ from ltstudy.study.cluster.shape import TrialShape, check_trial_shape
 from ltstudy.study.data import backbone_settings
 from ltstudy.study.options import StudyOptions, read_saved
 from ltstudy.study.ray_session import check_address
-from ltstudy.study.search.optuna_storage import optuna_location
+from ltstudy.study.search.optuna_storage import optuna_location, public_url, redact_url
 from ltstudy.study.search.schedulers import first_rung, make_scheduler, rung_epochs
 from ltstudy.study.search.searcher import make_sampler, sampler_warning, study_seed
 from ltstudy.study.search.space import SearchSpace, default_space_path, space_from_text
-from ltstudy.study.storage import is_remote, locate, storage_root
+from ltstudy.study.storage import check_study_name, is_remote, locate, storage_root
 from ltstudy.study.tracking.store import OPTUNA_STORAGE_TAG, check_reachable, git_commit, resolve_tracking_uri
 from ltstudy.train import phase_epochs
 
@@ -63,14 +63,14 @@ class StudyPlan:
 
     def resume_command(self) -> str:
         parts = ["ltstudy tune --resume", f"--method {self.space.method}", f"--study-name {self.study}",
-                 f"--storage {self.storage}", f"--tracking-uri {self.tracking_uri}"]
+                 f"--storage {self.storage}", f"--tracking-uri {redact_url(self.tracking_uri)}"]
         if self.opts.address:
             parts.append(f"--address {self.opts.address}")
         return " ".join(parts)
 
     def saved(self) -> dict[str, Any]:
         """What ``--resume`` reads back (``options.write_saved``)."""
-        return {**self.opts.saved(), "seed": self.seed, "space_yaml": self.space_yaml, "study": self.study}
+        return {**self.opts.saved(), "optuna_storage": public_url(self.optuna_storage), "seed": self.seed, "space_yaml": self.space_yaml, "study": self.study}
 
     def tags(self) -> dict[str, Any]:
         """The study run's tags: what the study is, for ``studies list`` and the report."""
@@ -80,7 +80,7 @@ class StudyPlan:
                 "ltstudy.scheduler": o.scheduler, "ltstudy.grace_period": self.grace,
                 "ltstudy.reduction_factor": o.reduction_factor, "ltstudy.num_trials": o.num_trials,
                 "ltstudy.workers": o.workers, "ltstudy.storage": self.experiment_path,
-                "ltstudy.tuned": ",".join(s.tuned_names), OPTUNA_STORAGE_TAG: self.optuna_storage,
+                "ltstudy.tuned": ",".join(s.tuned_names), OPTUNA_STORAGE_TAG: public_url(self.optuna_storage),
                 "dataset": s.dataset, "git_commit": git_commit(),
                 **({"ltstudy.feature_key": s.fixed["feature_key"]} if s.fixed.get("feature_key") else {})}
 
@@ -173,8 +173,7 @@ def schedule_budget(space: SearchSpace, o: StudyOptions) -> tuple[int, list[int]
 
 def _study_name(o: StudyOptions, space: SearchSpace) -> str:
     study = o.study_name or f"{o.method}-{space.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
-    if "/" in study or not study.strip():
-        raise ConfigError(f"--study-name {study!r} must be a non-empty name without '/'")
+    check_study_name(study)
     if o.confirm and space.multi_objective:
         raise ConfigError("--confirm ranks configurations by one objective; this study has "
                           f"{len(space.metrics)} ({', '.join(space.metrics)})")

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 import ray
 
 from ltstudy.errors import ConfigError
+from ltstudy.study import _compat
 
 RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
 
@@ -48,9 +49,11 @@ def ray_init(address: str | None, verbose: int = 0, dashboard: bool = True) -> b
     """Connect to ``address`` or start a new local Ray; returns whether this call started it.
 
     Without ``--address`` the study always starts its own Ray (``address="local"``): a plain
-    ``ray.init()`` would join whatever cluster Ray's current-cluster file names, a dead one included.
-    Ray 2.60 turns token auth on for a new local cluster; ltstudy keeps it off unless the user set
-    ``RAY_AUTH_MODE`` (cluster.yaml sets it explicitly).
+    ``ray.init()`` would join whatever cluster Ray's current-cluster file names, a dead one included. That
+    Ray listens on 127.0.0.1 only, and Ray 2.60 turns token auth on for it (writing ``~/.ray/auth_token``
+    when there is none). Joining a cluster by address, Ray never turns token auth on by itself; ltstudy
+    does whenever a token is at hand (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``),
+    unless the user set ``RAY_AUTH_MODE``.
 
     ``dashboard=False`` starts a local Ray without its dashboard (1-2 s of every study's start). Only
     studies of one-worker trials may: Ray Train's placement-group cleaner asks the dashboard's State API
@@ -58,7 +61,10 @@ def ray_init(address: str | None, verbose: int = 0, dashboard: bool = True) -> b
     """
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address in (None, "local"):
+        _compat.bind_to_loopback()
+    elif "RAY_AUTH_MODE" not in os.environ and _compat.has_auth_token():
+        _compat.use_token_auth()
     ray.init(address=address or "local", log_to_driver=verbose > 0,
              logging_level="INFO" if verbose > 1 else "WARNING",
              **({} if dashboard or address is not None else {"include_dashboard": False}))

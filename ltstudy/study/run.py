@@ -48,10 +48,10 @@ from ltstudy.study.ray_session import ray_init
 from ltstudy.study.results.selection import Objectives
 from ltstudy.study.results.summary import StudySummary, record_summary
 from ltstudy.study.search.concurrency import StudyConcurrency
-from ltstudy.study.search.optuna_storage import open_optuna_storage
+from ltstudy.study.search.optuna_storage import open_optuna_storage, public_url
 from ltstudy.study.search.schedulers import make_scheduler
 from ltstudy.study.search.searcher import make_searcher
-from ltstudy.study.storage import is_remote
+from ltstudy.study.storage import is_remote, write_marker
 from ltstudy.study.tracking.callback import MLflowTrialCallback
 from ltstudy.study.tracking.dataset import DatasetRecord, dataset_record
 from ltstudy.study.tracking.links import OptunaLinks, annotate_study
@@ -140,6 +140,7 @@ def prepare(plan: StudyPlan) -> PreparedStudy:
             tracker.mlc.log_inputs(parent, datasets=[record.to_mlflow()])
         _drop_stale_optuna_study(plan)
         write_saved(plan.experiment_path, plan.saved())
+    write_marker(plan.experiment_path, plan.study)  # on --resume too: a study started before markers
     if "://" not in plan.optuna_storage:
         Path(plan.optuna_storage).parent.mkdir(parents=True, exist_ok=True)
     return PreparedStudy(plan=plan, place=place, tracker=tracker, parent=parent, cfg=cfg, record=record)
@@ -269,7 +270,7 @@ def _annotate(study: PreparedStudy, links: OptunaLinks) -> None:
     """The objective names and the MLflow study run on the Optuna study."""
     plan, tracker = study.plan, study.tracker
     annotate_study(links.storage, plan.study, list(plan.space.metrics), {
-        "mlflow_tracking_uri": plan.tracking_uri, "mlflow_experiment_id": tracker.experiment_id,
+        "mlflow_tracking_uri": public_url(plan.tracking_uri), "mlflow_experiment_id": tracker.experiment_id,
         "mlflow_study_run_id": study.parent,
         "mlflow_study_run": run_url(plan.tracking_uri, tracker.experiment_id, study.parent)})
 
@@ -280,10 +281,10 @@ def _header(plan: StudyPlan, experiment_id: str, parent: str, concurrency: int) 
         f"study {plan.study}: {s.method} on {s.dataset}, {o.num_trials} trials "
         f"({concurrency} at a time), sampler {o.sampler}, scheduler {o.scheduler}, {s.mode} {s.metric}"
         + (" (resumed)" if not plan.fresh else ""),
-        f"MLflow: {run_url(plan.tracking_uri, experiment_id, parent)}" + (
+        f"MLflow: {run_url(public_url(plan.tracking_uri), experiment_id, parent)}" + (
             "" if plan.tracking_uri.startswith("http") else
-            f"  (after: mlflow ui --backend-store-uri {plan.tracking_uri})"),
-        f"Optuna: optuna-dashboard {plan.optuna_storage}",
+            f"  (after: mlflow ui --backend-store-uri {public_url(plan.tracking_uri)})"),
+        f"Optuna: optuna-dashboard {public_url(plan.optuna_storage)}",
     ]
 
 

@@ -7,8 +7,10 @@ import time: the CLI reads the defaults of the study's options, which use it, be
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from ltstudy.errors import ConfigError
 
@@ -16,6 +18,36 @@ from ltstudy.errors import ConfigError
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://")
 #: ``--storage`` when none is given, relative to the working folder
 DEFAULT_STORAGE = "ltstudy_results"
+#: the file in a study's folder that names the study: ``studies delete`` removes only folders holding it
+STUDY_MARKER = ".ltstudy-study"
+#: what a study name may hold (it becomes a folder name, an MLflow experiment and an Optuna study)
+STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def check_study_name(name: str) -> str:
+    """``name`` if it is a safe folder name (letters, digits, ``._-``, not starting with ``.``)."""
+    if not STUDY_NAME.fullmatch(name or "") or len(name) > 200:
+        raise ConfigError(f"--study-name {name!r}: use letters, digits, '.', '_' and '-' only, not starting "
+                          "with '.' (at most 200 characters)")
+    return name
+
+
+def write_marker(experiment_path: str, study: str) -> None:
+    """Mark ``experiment_path`` as study ``study``'s folder (see :data:`STUDY_MARKER`)."""
+    fs, path = filesystem(f"{experiment_path.rstrip('/')}/{STUDY_MARKER}")
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(study.encode())
+
+
+def has_marker(experiment_path: str, study: str) -> bool:
+    """Whether ``experiment_path`` holds the marker naming ``study`` (and nothing else)."""
+    try:
+        fs, path = filesystem(f"{experiment_path.rstrip('/')}/{STUDY_MARKER}")
+        with fs.open_input_stream(path) as src:
+            return src.read(1024).decode(errors="replace") == study
+    except (OSError, ValueError):
+        return False
 
 
 def filesystem(uri: str) -> tuple[Any, str]:
@@ -51,3 +83,22 @@ def locate(root: str, study: str) -> tuple[str, bool]:
 
     experiment_path = f"{root.rstrip('/')}/{study}"
     return experiment_path, Tuner.can_restore(experiment_path)
+
+
+def public_url(url: str) -> str:
+    """The URL as it is recorded and printed (MLflow tags, the saved options, headers, reports): without
+    its password, which the database client then reads from a file only the user can read
+    (``~/.pgpass`` for PostgreSQL, ``~/.my.cnf`` for MySQL)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", "@", 1)))
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password shown as ``***`` (messages)."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url

@@ -114,3 +114,33 @@ def test_runtime_internals_on_a_local_ray(ray_local, tmp_path):
     result = ray.tune.Tuner(trial, run_config=ray.tune.RunConfig(storage_path=str(tmp_path), verbose=0)).fit()[0]
     assert result.metrics["has_check"], "StorageContext._check_validation_file"
     assert result.metrics["problem"] == "None"  # the trial's node sees the storage
+
+
+def test_token_auth_internals(tmp_path, monkeypatch):
+    """RAY_AUTH_MODE=token with Ray's config and token cache refreshed, and the token found by its path."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    token = tmp_path / "auth_token"
+    token.write_text("a" * 64)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # restored after the test
+    try:
+        _compat.use_token_auth()
+        assert os.environ["RAY_AUTH_MODE"] == "token"
+        assert _compat.has_auth_token(), "AuthenticationTokenLoader.has_token"
+        assert AuthenticationTokenLoader.instance().get_raw_token(ignore_auth_mode=True) == "a" * 64
+    finally:
+        monkeypatch.undo()
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
+def test_bind_to_loopback_internals(monkeypatch):
+    from ray._private import ray_constants, services
+
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
+    monkeypatch.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "1")
+    _compat.bind_to_loopback()
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    assert services.get_node_ip_address() == "127.0.0.1", "ray_constants.ENABLE_RAY_CLUSTER"

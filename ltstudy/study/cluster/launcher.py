@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,11 +22,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from ltstudy.errors import ConfigError, LtstudyError
 from ltstudy.study import _compat
+from ltstudy.study.storage import redact_url
 
 #: the EFS id a template carries until ``render --efs-id`` replaces it
 EFS_PLACEHOLDER = "fs-REPLACE_ME"
@@ -35,6 +38,9 @@ RAY_VERSION = "2.60.0"
 DOCKER_HEAD_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311"
 DOCKER_WORKER_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311-gpu"
 EFS_MOUNT = "/mnt/efs"
+#: where the nodes get Ray's token file and the head the PostgreSQL password file (``file_mounts`` keys)
+TOKEN_MOUNT = "~/.ray/auth_token"
+PGPASS_MOUNT = "~/.pgpass"
 
 
 # ------------------------------------------------------------------------------------------- render
@@ -50,6 +56,8 @@ class RenderOptions:
     docker_image: str | None = None
     mlflow_backend: str | None = None
     worker_instance_profile: str | None = None
+    token_path: str | None = None  # Ray's token file (default RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token)
+    pgpass: str | None = None  # a PostgreSQL password file (mode 0600) for the head's ~/.pgpass
 
 
 def load_cluster_file(path: str | Path) -> dict[str, Any]:
@@ -127,11 +135,38 @@ def render(config: dict[str, Any], o: RenderOptions) -> dict[str, Any]:
         for spec in _worker_types(out):
             spec.setdefault("node_config", {})["IamInstanceProfile"] = {key: o.worker_instance_profile}
     if o.mlflow_backend:
+        if urlsplit(o.mlflow_backend).password is not None:
+            raise ConfigError(f"--mlflow-backend {redact_url(o.mlflow_backend)}: a password in the URL would "
+                              "show in `ps` and in the rendered file; drop it and pass --pgpass FILE (a "
+                              "~/.pgpass line, mode 0600) instead")
+        quoted = shlex.quote(o.mlflow_backend)
         out = _map_strings(out, lambda s: re.sub(r"--backend-store-uri \S+",
-                                                 f"--backend-store-uri {o.mlflow_backend}", s))
+                                                 lambda _: f"--backend-store-uri {quoted}", s))
+    mounts = out.setdefault("file_mounts", {})
+    if TOKEN_MOUNT in mounts:
+        mounts[TOKEN_MOUNT] = str(_private_file(token_file(o.token_path), "Ray's token file",
+                                                "run `ray get-auth-token --generate`"))
+    if o.pgpass:
+        mounts[PGPASS_MOUNT] = str(_private_file(Path(o.pgpass).expanduser(), "--pgpass",
+                                                 "one line host:port:db:user:password"))
+        out.setdefault("head_setup_commands", []).insert(0, f"chmod 600 {PGPASS_MOUNT}")
     if o.docker or o.docker_image:
         _use_docker(out, o.docker_image)
     return out
+
+
+def token_file(given: str | None = None) -> Path:
+    """Ray's token file on this machine: ``given``, ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``."""
+    return Path(given or os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token").expanduser().resolve()
+
+
+def _private_file(path: Path, what: str, hint: str) -> Path:
+    """``path`` if it is a file only its owner can read (it travels to the nodes with ``file_mounts``)."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} not found ({hint})")
+    if path.stat().st_mode & 0o077:
+        raise ConfigError(f"{what} {path} is readable by others: chmod 600 {path}")
+    return path
 
 
 def _use_docker(config: dict[str, Any], image: str | None) -> None:

@@ -20,8 +20,10 @@ import optuna
 import pandas as pd
 import pyarrow.fs as pafs
 
+from ltstudy.errors import ConfigError
 from ltstudy.study.results.selection import Objectives, pick_best
 from ltstudy.study.search.optuna_storage import open_optuna_storage
+from ltstudy.study.storage import STUDY_MARKER, has_marker
 from ltstudy.study.tracking.records import find_study, status_counts, study_trials
 from ltstudy.study.tracking.store import OPTUNA_STORAGE_TAG, STUDY_TAG, TrackingError, client
 
@@ -193,9 +195,16 @@ def deletion_plan(info: StudyInfo) -> list[str]:
 
 
 def _storage_paths(info: StudyInfo) -> list[str]:
-    """The study's Tune folder and the Train run folders of its multi-worker trials (siblings of it)."""
-    if not info.storage:
+    """The study's Tune folder and the Train run folders of its multi-worker trials (siblings of it).
+
+    Only a folder holding the marker that names this study is the study's: a ``ltstudy.storage`` tag that
+    points anywhere else (planted, or a folder moved by hand) is refused in one line, nothing deleted.
+    """
+    if not info.storage or not _path_exists(info.storage):
         return []
+    if not has_marker(info.storage, info.study):
+        raise ConfigError(f"{info.storage} holds no {STUDY_MARKER} naming study {info.study!r}: it is not "
+                          "provably this study's folder, so nothing is deleted (remove it by hand if it is)")
     root = info.storage.rstrip("/").rsplit("/", 1)[0]
     paths = [info.storage] + [f"{root}/train-{t['trial_id']}" for t in info.trials if t["trial_id"]]
     return [p for p in paths if _path_exists(p)]

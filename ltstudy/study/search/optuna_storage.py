@@ -8,23 +8,48 @@ so a study on ``s3://`` storage must name one.
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
 import optuna
 import sqlalchemy
 from optuna.storages.journal import JournalFileBackend
 
 from ltstudy.errors import ConfigError
+from ltstudy.study.storage import public_url, redact_url
+
+__all__ = ["OPTUNA_JOURNAL", "open_optuna_storage", "optuna_location", "public_url", "redact_url"]
 
 #: the Optuna journal of every study under a local storage root
 OPTUNA_JOURNAL = "optuna.journal"
+
+
+#: public URL -> the URL with its password, for the storages this process opened (see PrivateRDBStorage)
+_GIVEN_URLS: dict[str, str] = {}
+
+
+class PrivateRDBStorage(optuna.storages.RDBStorage):
+    """An RDB storage that pickles without its password: Tune pickles the searcher (and with it the
+    storage) into ``tuner.pkl`` and ``searcher-state-*.pkl`` beside the results. Unpickled, it takes the
+    password from the URL this process was given again (``--resume --optuna-storage URL``), else the
+    database client's password file (``~/.pgpass``)."""
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        state["url"] = public_url(state["url"])
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        state = dict(state)
+        state["url"] = _GIVEN_URLS.get(state["url"], state["url"])
+        super().__setstate__(state)
 
 
 def open_optuna_storage(location: str):
     """The Optuna storage that holds every study: a journal file path, or an RDB URL (``sqlite:///…``,
     ``postgresql://…``)."""
     if "://" in location:
-        return optuna.storages.RDBStorage(location)
+        _GIVEN_URLS[public_url(location)] = location
+        return PrivateRDBStorage(location)
     return optuna.storages.JournalStorage(JournalFileBackend(location))
 
 
@@ -66,12 +91,3 @@ def _check_rdb(url: str) -> None:
     except Exception as exc:  # noqa: BLE001 - driver missing, refused, bad password: one line
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"--optuna-storage: cannot connect to {redact_url(url)}: {detail}") from None
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url

@@ -23,6 +23,17 @@ from support.servers import REPO, free_port, session_members
 EFS = "fs-0123456789abcdef0"
 
 
+@pytest.fixture(autouse=True)
+def token_file(tmp_path, monkeypatch):
+    """A private Ray token file that render mounts on the nodes (the user's comes from
+    `ray get-auth-token --generate`)."""
+    path = tmp_path / "auth_token"
+    path.write_text("0" * 64)
+    path.chmod(0o600)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    return path
+
+
 def _raw() -> dict:
     return yaml.safe_load((REPO / "cluster.yaml").read_text())
 
@@ -35,7 +46,14 @@ def test_cluster_yaml_validates_with_ray():
     assert head["resources"]["CPU"] == 0 and head["resources"]["TRAIN_DRIVER"] >= 1
     assert config["provider"]["security_group"]["GroupName"]
     text = (REPO / "cluster.yaml").read_text()
-    assert "pip install -e ~/ltstudy" in text and "RAY_AUTH_MODE" in text
+    assert "pip install -e ~/ltstudy" in text
+    # token auth on: the start lines say so, nothing turns it off; the token file travels to every node
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token ray start" in c for c in starts if "ray start" in c)
+    assert "disabled" not in text and "0.0.0.0" not in text
+    assert config["file_mounts"]["~/.ray/auth_token"]
+    mlflow_line = next(c for c in config["head_start_ray_commands"] if "mlflow" in c)
+    assert "--host 127.0.0.1" in mlflow_line
     commands = [c for key, value in config.items() if key.endswith("_commands") for c in value]
     assert commands and not [c for c in commands if "pkill" in c or "killall" in c]
     for secret in ("aws_access_key_id", "aws_secret_access_key", "AKIA", "BEGIN RSA"):
@@ -67,6 +85,7 @@ def test_rendered_file_is_complete_and_valid(options):
             {"Name": "ltstudy-s3"}
         assert "--backend-store-uri postgresql://mlflow@db.internal/mlflow" in text
         assert config["max_workers"] == 8 and config["available_node_types"]["head"]["resources"]["CPU"] == 2
+    assert config["file_mounts"]["~/.ray/auth_token"] == str(os.environ["RAY_AUTH_TOKEN_PATH"])
 
 
 def test_render_command(tmp_path, capsys):
@@ -80,6 +99,31 @@ def test_render_command(tmp_path, capsys):
     validate(yaml.safe_load(out.read_text()))
     with pytest.raises(ConfigError, match="not an EFS"):
         render(_raw(), RenderOptions(efs_id="my-efs"))
+
+
+def test_render_keeps_secrets_off_the_command_line(tmp_path, token_file):
+    with pytest.raises(ConfigError, match=r"postgresql://u:\*\*\*@db/mlflow: a password") as err:
+        render(_raw(), RenderOptions(efs_id=EFS, mlflow_backend="postgresql://u:s3cr3t@db/mlflow"))
+    assert "s3cr3t" not in str(err.value)
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text("db:5432:mlflow:u:s3cr3t\n")
+    pgpass.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by others: chmod 600"):
+        render(_raw(), RenderOptions(efs_id=EFS, pgpass=str(pgpass)))
+    pgpass.chmod(0o600)
+    token_file.chmod(0o644)  # as `ray get-auth-token --generate` leaves it
+    with pytest.raises(ConfigError, match="Ray's token file .* readable by others"):
+        render(_raw(), RenderOptions(efs_id=EFS))
+    token_file.chmod(0o600)
+    backend = "postgresql://u@db/mlflow?sslmode=require&x=1;touch /tmp/owned"
+    config = render(_raw(), RenderOptions(efs_id=EFS, pgpass=str(pgpass), mlflow_backend=backend))
+    text = yaml.safe_dump(config)
+    assert "s3cr3t" not in text and config["file_mounts"]["~/.pgpass"] == str(pgpass)
+    line = next(c for c in config["head_start_ray_commands"] if "mlflow" in c)
+    import shlex
+
+    argv = shlex.split(line)
+    assert argv[argv.index("--backend-store-uri") + 1] == backend  # one word for the shell, as given
 
 
 def _launcher_shell(cmd: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
@@ -110,7 +154,7 @@ def test_head_start_commands_restart_mlflow_without_killing_their_shell(tmp_path
     port = free_port()
     line = next(c for c in _raw()["head_start_ray_commands"] if "mlflow" in c)
     line = (line.replace("/mnt/efs", str(tmp_path / "efs")).replace("~/", f"{tmp_path}/home/")
-            .replace("--host 0.0.0.0", "--host 127.0.0.1").replace("--port 5000", f"--port {port}"))
+            .replace("--port 5000", f"--port {port}"))
     # a login shell resets PATH: put this environment's bin folder (ltstudy, mlflow) first, as the node's is
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     line = f"export PATH={Path(sys.executable).parent}:$PATH PYTHONPATH={pythonpath}; {line}"
