@@ -31,6 +31,7 @@ from ltstudy.errors import ConfigError
 from ltstudy.study.cluster.placement import PlacementGroupReaper, place_study
 from ltstudy.study.cluster.shape import TrialShape
 from ltstudy.study.options import StudyOptions, read_saved
+from ltstudy.study.process import quiet, quiet_tuner_output
 from ltstudy.study.ray_session import check_address, ray_init
 from ltstudy.study.results.selection import Objectives, confirmed_ranking
 from ltstudy.study.search.space import space_from_text
@@ -70,18 +71,10 @@ def confirm_top(plan: Any, tracker: StudyTracker, trainable: Any, k: int, seeds:
     if points:
         callback = MLflowTrialCallback(tracker.uri, tracker.experiment_id, tracker.parent_run_id, plan.study,
                                        commit=git_commit(), echo=echo, objectives=obj.metrics, role="confirmation")
-        # the generator overlays each point on the param space's keys, so the space holds them all
-        search = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrency)
+        quiet(o.verbose)
         try:
-            ray.tune.Tuner(
-                trainable, param_space=dict(points[0]),
-                tune_config=ray.tune.TuneConfig(search_alg=search, num_samples=len(points),
-                                                reuse_actors=reuse_actors(plan.opts.workers)),
-                run_config=ray.tune.RunConfig(
-                    name=f"{plan.study}-confirm-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=plan.storage,
-                    callbacks=[callback, PlacementGroupReaper()], verbose=o.verbose,
-                    failure_config=ray.tune.FailureConfig(max_failures=o.retries)),
-            ).fit()
+            with quiet_tuner_output(o.verbose):  # the study's own lines, not Ray's tables
+                _confirmation_tuner(plan, o, trainable, points, concurrency, callback).fit()
         except BaseException:
             if lost := callback.close(raise_errors=False):
                 print(f"error: {lost}", file=sys.stderr)  # the error that stopped the runs follows
@@ -97,6 +90,20 @@ def confirm_top(plan: Any, tracker: StudyTracker, trainable: Any, k: int, seeds:
                   tags={"ltstudy.confirmed_best": best["trial_id"],
                         "ltstudy.confirmed_seeds": ",".join(map(str, best["seeds"]))})
     return ranking
+
+
+def _confirmation_tuner(plan: Any, o: StudyOptions, trainable: Any, points: list[dict[str, Any]],
+                        concurrency: int, callback: MLflowTrialCallback) -> ray.tune.Tuner:
+    # the generator overlays each point on the param space's keys, so the space holds them all
+    search = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrency)
+    return ray.tune.Tuner(
+        trainable, param_space=dict(points[0]),
+        tune_config=ray.tune.TuneConfig(search_alg=search, num_samples=len(points),
+                                        reuse_actors=reuse_actors(plan.opts.workers)),
+        run_config=ray.tune.RunConfig(
+            name=f"{plan.study}-confirm-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=plan.storage,
+            callbacks=[callback, PlacementGroupReaper()], verbose=o.verbose,
+            failure_config=ray.tune.FailureConfig(max_failures=o.retries)))
 
 
 def confirm_study(study: str, k: int, seeds: int, tracking_uri: str, address: str | None = None,

@@ -29,7 +29,7 @@ from ltstudy.study.search.optuna_storage import optuna_location, public_url, red
 from ltstudy.study.search.schedulers import first_rung, make_scheduler, rung_epochs
 from ltstudy.study.search.searcher import make_sampler, sampler_warning, study_seed
 from ltstudy.study.search.space import SearchSpace, default_space_path, space_from_text
-from ltstudy.study.storage import check_study_name, is_remote, locate, storage_root
+from ltstudy.study.storage import check_study_name, check_writable, is_remote, locate, storage_root
 from ltstudy.study.tracking.store import OPTUNA_STORAGE_TAG, check_reachable, git_commit, resolve_tracking_uri
 from ltstudy.train import phase_epochs
 
@@ -103,6 +103,7 @@ def plan_study(o: StudyOptions) -> StudyPlan:
     optuna_storage = optuna_location(o.optuna_storage, storage, is_remote(storage))
     uri = resolve_tracking_uri(o.tracking_uri)
     check_reachable(uri)
+    _check_writes(storage, experiment_path, optuna_storage, uri)
     check_address(o.address)
     if not space.published_config().train.download:  # with download, run_study fetches it once
         check_data(space.published_config())
@@ -111,6 +112,21 @@ def plan_study(o: StudyOptions) -> StudyPlan:
                      experiment_path=experiment_path, optuna_storage=optuna_storage, tracking_uri=uri,
                      fresh=not o.resume, seed=seed, max_t=epochs, grace=grace, phases=phases,
                      rungs=rung_epochs(scheduler), notes=_notes(o, space))
+
+
+def _check_writes(storage: str, experiment_path: str, optuna_storage: str, tracking_uri: str) -> None:
+    """Every local place the study writes can be written (a read-only mount, ``/proc``): one line each,
+    before Ray starts. Remote stores (``s3://``, a server, PostgreSQL) are checked by their own connections."""
+    if not is_remote(storage):
+        check_writable(storage, "--storage")
+        if Path(experiment_path).is_dir():  # a resumed study's own folder
+            check_writable(experiment_path, "--storage")
+    if "://" not in optuna_storage:
+        check_writable(optuna_storage, "--optuna-storage", is_file=True)
+    elif optuna_storage.startswith("sqlite:///"):
+        check_writable(optuna_storage[len("sqlite:///"):], "--optuna-storage", is_file=True)
+    if tracking_uri.startswith("sqlite:///"):
+        check_writable(tracking_uri[len("sqlite:///"):], "--tracking-uri", is_file=True)
 
 
 def _options(o: StudyOptions) -> tuple[StudyOptions, dict[str, Any] | None]:

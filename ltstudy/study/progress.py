@@ -63,7 +63,7 @@ class ProgressBoard:
     concurrency: int = 1
     live: bool | None = None  # None: a footer only when the console is a terminal
     running: dict[str, _Running] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=lambda: {"completed": 0, "pruned": 0, "failed": 0})
+    counts: dict[str, int] = field(default_factory=lambda: {"completed": 0, "pruned": 0, "budget": 0, "failed": 0})
     walls: list[float] = field(default_factory=list)
     best: tuple[float, str] | None = None
 
@@ -116,11 +116,18 @@ class ProgressBoard:
                 line += f" | {self.status()}"
         self.say(line)
 
-    def seed(self, outcomes: list[str]) -> None:
-        """Count the trials a resumed study had already finished."""
-        for outcome in outcomes:
-            if outcome in self.counts:
-                self.counts[outcome] += 1
+    def seed(self, trials: list[dict[str, Any]]) -> None:
+        """Count the trials a resumed study had already finished (``records.study_trials`` rows: status,
+        metrics, number) and take the best completed one so far."""
+        sign = 1 if self.mode == "max" else -1
+        for t in trials:
+            if t["status"] in self.counts:
+                self.counts[t["status"]] += 1
+            value = t.get("metrics", {}).get(self.metric)
+            if t["status"] == "completed" and value is not None and value == value and (
+                    self.best is None or sign * value > sign * self.best[0]):
+                label = f"trial {t['number']}" if t.get("number") is not None else f"trial {t['trial_id']}"
+                self.best = (value, label)
 
     def close(self) -> None:
         if self._live is not None:
@@ -154,8 +161,9 @@ class ProgressBoard:
         eta = self.eta()
         left = "done" if self.done() >= self.num_trials else (
             f"~{fmt_duration(eta)} left" if eta is not None else "time left: after the first epoch")
+        cut = f"{c['budget']} cut by the budget · " if c.get("budget") else ""
         return (f"{self.done()}/{self.num_trials} done · {len(self.running)} running · {c['pruned']} pruned · "
-                f"{c['failed']} failed · {best} · {left}")
+                f"{cut}{c['failed']} failed · {best} · {left}")
 
     def footer(self) -> Group:
         with self._lock:

@@ -14,20 +14,15 @@ carries the exact ``--resume`` command (exit code 130). A second signal stops at
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
-import signal
 import sys
 import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-import mlflow  # noqa: F401 - configures its loggers on import; _quiet quietens them after that
+import mlflow  # noqa: F401 - configures its loggers on import; process.quiet quietens them after that
 import optuna
 import ray
 import ray.tune
@@ -43,10 +38,12 @@ from ltstudy.study.confirm import confirm_top
 from ltstudy.study.data import extract_features_once, stage_data
 from ltstudy.study.options import StudyOptions, write_saved
 from ltstudy.study.plan import StudyPlan, plan_study
+from ltstudy.study.process import interrupts, quiet, quiet_tuner_output
 from ltstudy.study.progress import ProgressBoard
 from ltstudy.study.ray_session import ray_init
 from ltstudy.study.results.selection import Objectives
 from ltstudy.study.results.summary import StudySummary, record_summary
+from ltstudy.study.search.budget import BudgetEnd, BudgetStopper, TimeBudget, activate
 from ltstudy.study.search.concurrency import StudyConcurrency
 from ltstudy.study.search.optuna_storage import open_optuna_storage, public_url
 from ltstudy.study.search.schedulers import make_scheduler
@@ -84,7 +81,7 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
     terminal); ``echo`` gets a line per confirmation run (and per trial, without a console).
     """
     tic = time.time()
-    _quiet(o.verbose)
+    quiet(o.verbose)
     plan = plan_study(o)
     if console is None:  # else with the summary, under its table: the progress stays one line per event
         for note in plan.notes:
@@ -98,18 +95,14 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
         if started:
             ray.shutdown()
         raise
-    stopping = _in_background(ray.shutdown) if started else None  # Ray's processes end while the summary is drawn
+    stopping = threading.Thread(target=ray.shutdown, name="ltstudy-ray-shutdown", daemon=True)
+    if started:  # Ray's processes end while the summary is drawn
+        stopping.start()
     try:
         return summarise(study, interrupted, callback, confirmed, time.time() - tic, console is not None)
     finally:
-        if stopping is not None:
+        if started:
             stopping.join()
-
-
-def _in_background(work: Callable[..., Any], *args: Any) -> threading.Thread:
-    thread = threading.Thread(target=work, args=args, name=f"ltstudy-{work.__name__}", daemon=True)
-    thread.start()
-    return thread
 
 
 def _stage_data(plan: StudyPlan) -> StudyPlan:
@@ -178,7 +171,7 @@ def fit(study: PreparedStudy, echo: Callable[..., None] | None, say: Callable[[s
     plan, o = study.plan, study.plan.opts
     board = callback = None
     try:
-        with _interrupts() as caught:
+        with interrupts() as caught:
             links = OptunaLinks(open_optuna_storage(plan.optuna_storage), plan.study)
             callback = MLflowTrialCallback(
                 plan.tracking_uri, study.tracker.experiment_id, study.parent, plan.study, commit=git_commit(),
@@ -188,13 +181,16 @@ def fit(study: PreparedStudy, echo: Callable[..., None] | None, say: Callable[[s
             board = _board(study, console)
             trainable = make_trainable(Resources.of(o, storage=plan.storage, placement=study.place,
                                                     checkpoint_epochs=plan.rungs))
-            tuner = _tuner(plan, trainable, _callbacks(study, callback, board, links, say),
-                           study.place.max_concurrent)
+            budget = TimeBudget(o.time_budget) if o.time_budget else None
+            callbacks = _callbacks(study, callback, board, links, say) + ([BudgetEnd(budget)] if budget else [])
+            tuner = _tuner(plan, trainable, callbacks, study.place.max_concurrent, budget)
             _annotate(study, links)
-            # Ray's new output engine prints its experiment header even at verbose 0; its legacy engine
-            # prints nothing at 0
-            with _env({"RAY_AIR_NEW_OUTPUT": "0"} if o.verbose == 0 else {}):
-                tuner.fit()
+            activate(budget)
+            try:
+                with quiet_tuner_output(o.verbose):
+                    tuner.fit()
+            finally:
+                activate(None)
             confirmed = [] if caught.signal or not o.confirm else confirm_top(
                 plan, study.tracker, trainable, o.confirm, o.confirm_seeds, study.place.max_concurrent, echo)
         return caught.signal, callback, confirmed
@@ -220,8 +216,7 @@ def _board(study: PreparedStudy, console: Any) -> ProgressBoard | None:
     board = ProgressBoard(console, plan.space.metric, plan.space.mode, plan.opts.num_trials,
                           study.place.max_concurrent)
     if not plan.fresh:
-        board.seed([t["status"] for t in study_trials(study.tracker.mlc, study.tracker.experiment_id,
-                                                       study.parent)])
+        board.seed(study_trials(study.tracker.mlc, study.tracker.experiment_id, study.parent))
     return board
 
 
@@ -237,29 +232,34 @@ def _callbacks(study: PreparedStudy, callback: MLflowTrialCallback, board: Progr
     return callbacks
 
 
-def _tuner(plan: StudyPlan, trainable: Any, callbacks: list[Any], concurrency: int) -> ray.tune.Tuner:
-    """A new Tuner, or the saved one restored with this run's callbacks and concurrency."""
+def _tuner(plan: StudyPlan, trainable: Any, callbacks: list[Any], concurrency: int,
+           budget: TimeBudget | None = None) -> ray.tune.Tuner:
+    """A new Tuner, or the saved one restored with this run's callbacks, concurrency and time budget."""
     o, space = plan.opts, plan.space
     if not plan.fresh:
         tuner = ray.tune.Tuner.restore(plan.experiment_path, trainable, resume_unfinished=True,
                                        resume_errored=False)
         # the pickled callbacks would carry the old process's settings; use this run's, and this run's
-        # concurrency (--max-concurrent, or what the cluster can hold)
-        _compat.tuner_run_config(tuner).callbacks = callbacks
+        # concurrency (--max-concurrent, or what the cluster can hold) and budget (--time-budget, or none)
+        run_config = _compat.tuner_run_config(tuner)
+        run_config.callbacks = callbacks
         limiter = _compat.tuner_search_alg(tuner)
         if isinstance(limiter, StudyConcurrency):
             limiter.set_max(concurrency)
+            limiter.set_budget(budget)
         return tuner
     searcher = StudyConcurrency(make_searcher(space, o.sampler, plan.seed, o.num_trials, plan.study,
                                               plan.optuna_storage, fresh=True), max_concurrent=concurrency)
+    searcher.set_budget(budget)
     scheduler = make_scheduler(o.scheduler, space.metric, space.mode, plan.max_t, plan.grace,
                                o.reduction_factor, state_dir=plan.experiment_path)
     return ray.tune.Tuner(
         trainable,
         tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=o.num_trials,
-                                        time_budget_s=o.time_budget, reuse_actors=reuse_actors(o.workers)),
+                                        reuse_actors=reuse_actors(o.workers)),
         run_config=ray.tune.RunConfig(
             name=plan.study, storage_path=plan.storage, callbacks=callbacks, verbose=o.verbose,
+            stop=BudgetStopper(),
             failure_config=ray.tune.FailureConfig(max_failures=o.retries),
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
         ),
@@ -313,15 +313,28 @@ def summarise(study: PreparedStudy, interrupted: str | None, callback: MLflowTri
     result = record_summary(tracker, plan.space_text, obj, _optuna_study(plan))
     trials, o = result["trials"], plan.opts
     notes = list(plan.notes) if with_notes else []
-    if o.time_budget and wall_s >= o.time_budget and len(trials) < o.num_trials:
-        notes.append(f"the time budget ({o.time_budget:.0f} s) ended the study after {len(trials)} of "
-                     f"{o.num_trials} trials")
-    return StudySummary(
+    if o.time_budget and wall_s >= o.time_budget and (note := _budget_note(plan, trials)):
+        notes.append(note)
+    summary = StudySummary(
         study=plan.study, metric=obj.metric, mode=obj.mode, best=result["best"], tuned=plan.space.tuned_names,
         counts=status_counts(trials), experiment_path=plan.experiment_path, tracking_uri=plan.tracking_uri,
         parent_run_id=study.parent, wall_s=wall_s, trial_wall_s=dict(callback.wall) if callback else {},
         trials=trials, metrics=obj.metrics, modes=obj.modes, front=result["front"], gain=result["gain"],
         confirmed=confirmed, notes=notes)
+    if summary.failure():  # the study did not do its job: its run says so too
+        tracker.mlc.set_terminated(study.parent, "FAILED")
+    return summary
+
+
+def _budget_note(plan: StudyPlan, trials: list[dict[str, Any]]) -> str | None:
+    """How the time budget ended the study: the trials it cut and those it left unstarted."""
+    cut = sum(t["status"] == "budget" for t in trials)
+    left = max(plan.opts.num_trials - len(trials), 0)
+    if not cut and not left:
+        return None
+    return (f"the time budget ({plan.opts.time_budget:.0f} s) ended the study: {cut} running trial(s) cut "
+            f"(status budget), {left} of {plan.opts.num_trials} not started; continue with: "
+            f"{plan.resume_command()}")
 
 
 def _optuna_study(plan: StudyPlan) -> optuna.Study | None:
@@ -329,52 +342,3 @@ def _optuna_study(plan: StudyPlan) -> optuna.Study | None:
         return optuna.load_study(study_name=plan.study, storage=open_optuna_storage(plan.optuna_storage))
     except KeyError:  # no trial was ever asked for
         return None
-
-
-@contextlib.contextmanager
-def _interrupts() -> Iterator[SimpleNamespace]:
-    """Own SIGINT/SIGTERM: the first asks Tune to stop gracefully (SIGUSR1), a second one stops at once."""
-    caught = SimpleNamespace(signal=None)
-    if signal.getsignal(signal.SIGINT) is None or threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
-        if caught.signal is not None or not tune_listens:
-            caught.signal = caught.signal or signal.Signals(signum).name
-            raise KeyboardInterrupt
-        caught.signal = signal.Signals(signum).name
-        os.kill(os.getpid(), signal.SIGUSR1)  # Tune ends its loop and saves the experiment state
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    with _env({"TUNE_DISABLE_SIGINT_HANDLER": "1"}):
-        try:
-            yield caught
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def _env(values: dict[str, str]):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _quiet(verbose: int) -> None:
-    """Below ``-v`` the study's own lines are the output: no MLflow/Optuna INFO logs or Optuna warnings."""
-    if verbose > 0:
-        return
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

@@ -7,7 +7,9 @@ import time: the CLI reads the defaults of the study's options, which use it, be
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -102,3 +104,29 @@ def redact_url(url: str) -> str:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
         return urlunsplit(parts._replace(netloc=netloc))
     return url
+
+
+def check_writable(path: str | Path, what: str, is_file: bool = False) -> None:
+    """One line (``ConfigError``) when ``what`` at local ``path`` could not be written: the folder (or, with
+    ``is_file``, the file and its folder) is tried with a probe file in the nearest folder that exists,
+    removed at once, so nothing stays behind. Catches read-only mounts and pseudo file systems (``/proc``),
+    which permission bits do not show to root."""
+    target = Path(path).expanduser().absolute()
+    folder = target.parent if is_file else target
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {target}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ltstudy-write-check-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{what} {target} is not writable (creating a file in {existing}: "
+                          f"{exc.strerror or exc})") from None
+    if is_file and target.is_file():
+        try:
+            os.close(os.open(target, os.O_RDWR))  # a read-only file or mount refuses this, with nothing changed
+        except OSError as exc:
+            raise ConfigError(f"{what} {target} is not writable ({exc.strerror or exc})") from None

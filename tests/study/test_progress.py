@@ -65,3 +65,26 @@ def test_time_left_comes_from_finished_trials():
     board.running["a"].started = time.monotonic() - 10
     board.end("a", "trial 0", "completed", 3, 3, 0.4)
     assert abs(board.eta() - 10.0) < 1.0  # two trials of ~10 s left, two at a time
+
+
+def test_a_resumed_board_counts_and_ranks_the_trials_it_had():
+    board = ProgressBoard(Console(file=io.StringIO()), "val_top1", "max", 5, live=False)
+    board.seed([{"status": "completed", "number": 0, "trial_id": "a", "metrics": {"val_top1": 0.5}},
+                {"status": "completed", "number": 2, "trial_id": "c", "metrics": {"val_top1": 0.7}},
+                {"status": "budget", "number": 1, "trial_id": "b", "metrics": {"val_top1": 0.9}}])
+    status = board.status()
+    assert "3/5 done" in status and "1 cut by the budget" in status and "best val_top1 70.00% (trial 2)" in status
+
+
+def test_a_study_with_no_completed_trial_is_a_failure():
+    from ltstudy.study.results.summary import StudySummary
+
+    def summary(*statuses):
+        return StudySummary(study="s", metric="m", mode="max", best=None, tuned=[], counts={}, experiment_path="",
+                            tracking_uri="", parent_run_id="", wall_s=0, trial_wall_s={},
+                            trials=[{"status": s} for s in statuses])
+
+    assert summary("completed", "budget").failure() is None
+    assert summary("budget", "pruned").failure() == "no trial completed (1 budget, 1 pruned)"
+    assert summary().failure() == "no trial ran"
+    assert summary("failed").failure().startswith("all 1 trials failed")

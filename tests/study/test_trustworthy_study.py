@@ -1,7 +1,7 @@
 """Studies whose answer holds up, end to end on tiny synthetic trials: early stopping waits for the last
 schedule phase and spares the published trial, pruned trials reach Optuna with their value, a
 multi-objective study exports a chosen Pareto point, --confirm re-runs the top configurations, a study
-whose trials all fail exits 1, and a time budget ends a study early."""
+whose trials all fail exits 1 (its study run FAILED), and a time budget ends a study honestly."""
 
 from __future__ import annotations
 
@@ -114,10 +114,44 @@ def test_a_study_whose_trials_all_fail_exits_1_with_the_common_error(ray_local, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code.value.code == 1
     assert err[-1].startswith("error: all 2 trials failed; most common error (2 of 2): NonFiniteLossError")
+    _, _, parent = find_study(mlflow_server, "all-fail")
+    assert parent.info.status == "FAILED"  # the study did not do its job: its run says so
 
 
-def test_a_time_budget_ends_the_study_early(ray_local, mlflow_server, tmp_path):
-    space = "method: ce\nfixed: {epochs: 3}\ntune:\n  lr: {type: float, low: 0.001, high: 0.5, log: true}\n"
-    summary = _study(tmp_path, mlflow_server, "budget", space, num_trials=50, max_concurrent=1,
-                     scheduler="none", time_budget=20)
-    assert 1 <= len(summary.trials) < 50 and any("time budget" in note for note in summary.notes)
+def test_a_time_budget_cuts_running_trials_finishes_the_published_one_and_resumes(ray_local, mlflow_server,
+                                                                                  tmp_path, capsys):
+    """A 1 s budget has passed at the first result of every trial: trial 1 is cut there (status budget,
+    KILLED, Optuna FAIL), the published trial 0 runs to its end, trial 2 never starts; the command exits 0
+    (a trial completed) without Ray's restore hint; ``--resume`` (no budget) runs trial 2 only."""
+    where = ["--study-name", "budget", "--storage", str(tmp_path / "storage"), "--tracking-uri", mlflow_server]
+    argv = ["tune", "--method", "ce", *where, "--num-trials", "3", "--max-concurrent", "2", "--time-budget", "1",
+            "--scheduler", "none", "--sampler", "random", "--retries", "0",
+            *[f"{k}={v}" for k, v in TINY.items()], "epochs=12"]
+    with pytest.raises(SystemExit) as code:
+        main(argv)
+    out = capsys.readouterr()
+    assert code.value.code == 0, out.err[-3000:]
+    assert "Tuner.restore" not in out.out + out.err and "Stop signal received" not in out.out + out.err
+    assert "1 running trial(s) cut (status budget), 1 of 3 not started" in out.out
+    mlc = MlflowClient(mlflow_server)
+    _, exp, parent = find_study(mlflow_server, "budget")
+    trials = {t["number"]: t for t in study_trials(mlc, exp.experiment_id, parent.info.run_id)}
+    assert sorted(trials) == [0, 1]
+    assert trials[0]["published"] and trials[0]["status"] == "completed" and trials[0]["mlflow_status"] == "FINISHED"
+    assert trials[1]["status"] == "budget" and trials[1]["mlflow_status"] == "KILLED"
+    assert int(trials[1]["tags"]["ltstudy.epochs"]) < 12
+    assert mlc.get_run(parent.info.run_id).info.status == "FINISHED"
+    storage = open_optuna_storage(str(tmp_path / "storage" / OPTUNA_JOURNAL))
+    ot = {t.number: t for t in optuna.load_study(study_name="budget", storage=storage).trials}
+    assert ot[0].state == optuna.trial.TrialState.COMPLETE
+    assert ot[1].state == optuna.trial.TrialState.FAIL and ot[1].user_attrs["ltstudy_stopped_by"] == "budget"
+    assert not any(t.state == optuna.trial.TrialState.RUNNING for t in ot.values())
+
+    with pytest.raises(SystemExit) as code:  # this run has no budget: the saved one is not brought back
+        main(["tune", "--resume", *where])
+    assert code.value.code == 0, capsys.readouterr().err[-3000:]
+    trials = {t["number"]: t for t in study_trials(mlc, exp.experiment_id, parent.info.run_id)}
+    assert sorted(trials) == [0, 1, 2] and trials[2]["status"] == "completed"
+    assert trials[1]["status"] == "budget"  # an ended trial stays as it ended
+    ot = optuna.load_study(study_name="budget", storage=storage).trials
+    assert len(ot) == 3 and not any(t.state == optuna.trial.TrialState.RUNNING for t in ot)

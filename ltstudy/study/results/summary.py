@@ -45,9 +45,15 @@ class StudySummary:
     notes: list[str] = field(default_factory=list)
 
     def failure(self) -> str | None:
-        """One line when every trial failed: how many, and the most common error."""
-        if not self.trials or any(t["status"] != "failed" for t in self.trials):
+        """One line when no trial completed (the study has no answer): when every trial failed, how many
+        and the most common error."""
+        if any(t["status"] == "completed" for t in self.trials):
             return None
+        if not self.trials:
+            return "no trial ran"
+        if any(t["status"] != "failed" for t in self.trials):
+            counts = ", ".join(f"{v} {k}" for k, v in sorted(status_counts(self.trials).items()))
+            return f"no trial completed ({counts})"
         errors: dict[str, int] = {}
         for t in self.trials:
             errors[t.get("error") or "unknown error"] = errors.get(t.get("error") or "unknown error", 0) + 1

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from ray.tune.search import ConcurrencyLimiter
+import signal
+from typing import Any
+
+from ray.tune.search import ConcurrencyLimiter, Searcher
+
+from ltstudy.study import _compat
+
+
+def tune_listens() -> bool:
+    """Whether Tune's SIGUSR1 handler (end the loop, save the state) is installed in this process."""
+    return signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
 
 
 class StudyConcurrency(ConcurrencyLimiter):
@@ -10,13 +20,28 @@ class StudyConcurrency(ConcurrencyLimiter):
 
     Tune restores a limiter's whole state, ``max_concurrent`` included, from the experiment's searcher
     state; this one keeps the limit it was given (see ``set_max``), so a resumed study runs as wide as
-    the command that resumed it asked for or the cluster allows.
+    the command that resumed it asked for or the cluster allows. Likewise this run's time budget
+    (:class:`~ltstudy.study.search.budget.TimeBudget`, ``set_budget``): once it has passed, no trial is asked for
+    (``None``, not Tune's ``FINISHED``, which the saved state would keep: ``--resume`` continues the study).
     """
 
+    budget: Any = None
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self.budget is not None and self.budget.expired() and _compat.optuna_trials(self.searcher):
+            # (the first trial, the published configuration, is asked for whatever the clock says)
+            # BudgetEnd ends Tune's loop through Tune's SIGUSR1 handler; where Tune has none (not on the
+            # main thread) the search has to be finished instead, or the loop would wait for ever
+            return None if tune_listens() else Searcher.FINISHED
+        return super().suggest(trial_id)
+
     def set_state(self, state: dict) -> None:
-        keep = self.max_concurrent
+        keep, budget = self.max_concurrent, self.budget
         super().set_state(state)
-        self.max_concurrent = keep
+        self.max_concurrent, self.budget = keep, budget
+
+    def set_budget(self, budget: Any) -> None:
+        self.budget = budget
 
     def set_max(self, value: int) -> None:
         self.max_concurrent = value

@@ -7,7 +7,8 @@ stopped on to the searcher, so a plain ``tell(PRUNED)`` would reach Optuna witho
 * reports intermediate values by epoch (Tune's iteration counter restarts after a restore);
 * tells a stopped trial PRUNED after reporting the value it was stopped on, at its epoch, so TPE ranks
   pruned trials by how far and how well they got;
-* tells FAIL for a failed trial and for a NaN objective;
+* tells FAIL for a failed trial and for a NaN objective, and for a trial the time budget cut (user attribute
+  ``ltstudy_stopped_by=budget``: the clock says nothing about the configuration);
 * marks the published configuration (the enqueued first trial) in its config (``PUBLISHED_KEY``), so the
   scheduler never stops it and the tracking tags it;
 * supports multi-objective studies (a list of metrics; no intermediate values, no pruning signal);
@@ -28,6 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ltstudy.config import PUBLISHED_KEY
 from ltstudy.errors import ConfigError
 from ltstudy.study import _compat
+from ltstudy.study.search.budget import BUDGET, STOPPED_BY
 from ltstudy.study.search.optuna_storage import open_optuna_storage
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
@@ -79,6 +81,9 @@ class LtOptunaSearch(OptunaSearch):
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         values = [(result or {}).get(m) for m in metrics]
         if error or not result or result.get("failure") or not all(_finite(v) for v in values):
+            study.tell(ot_trial, state=state.FAIL)
+        elif result.get(STOPPED_BY) == BUDGET:  # cut by the clock, not by its quality: nothing to learn
+            ot_trial.set_user_attr("ltstudy_stopped_by", BUDGET)
             study.tell(ot_trial, state=state.FAIL)
         elif int(result.get("epoch", 0)) < int(result.get("epochs_total", 0)):
             if len(metrics) == 1:  # the value it was stopped on: Tune withholds the STOP result

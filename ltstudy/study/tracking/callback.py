@@ -37,6 +37,7 @@ from ltstudy.study.tracking.store import (
     PUBLISHED_TAG,
     RELIABILITY_JSON,
     ROLE_TAG,
+    RUN_STATUS,
     STATUS_TAG,
     STUDY_TAG,
     TRIAL_TAG,
@@ -225,7 +226,7 @@ class MLflowTrialCallback(ray.tune.Callback):
         checkpoint = last.get("checkpoint_path") or getattr(trial.checkpoint, "path", None)
         if checkpoint:  # lets `--backbone RUN_ID` find the trained weights later
             tags[CHECKPOINT_TAG] = checkpoint
-        status = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}[outcome]
+        status = RUN_STATUS[outcome]
         config = dict(trial.config)
         self.writer.call(tid, lambda mlc, run: self._finish(mlc, run.run_id, tid, config, last, tags, trace, status),
                          "end of trial")

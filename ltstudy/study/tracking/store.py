@@ -24,10 +24,10 @@ from ltstudy.errors import LtstudyError
 STUDY_TAG = "ltstudy.study"
 ROLE_TAG = "ltstudy.role"
 TRIAL_TAG = "ltstudy.trial_id"
-STATUS_TAG = "ltstudy.status"  # completed | pruned | failed | running | interrupted
+STATUS_TAG = "ltstudy.status"  # completed | pruned | budget | failed | running | interrupted
 PUBLISHED_TAG = "ltstudy.published"  # "true" on the published configuration's trial run
 CONFIRMS_TAG = "ltstudy.confirms"  # on a confirmation run: the trial id it re-runs with another seed
-ENDED = ("completed", "pruned", "failed")  # statuses of a trial run that must never be touched again
+ENDED = ("completed", "pruned", "budget", "failed")  # statuses of a trial run that must never be touched again
 CHECKPOINT_TAG = "ltstudy.checkpoint"  # where the trial's last checkpoint lives (storage URI)
 PARENT_TAG = "mlflow.parentRunId"
 TUNED_PREFIX = "tuned."  # ``tuned.<name>`` tags: the tuned values a trial used (active parameters only)
@@ -35,6 +35,8 @@ EPOCHS_TAG = "ltstudy.epochs"  # epochs a trial ran
 WALL_TAG = "ltstudy.wall_s"  # a trial's wall time as the Tune driver saw it
 NUMBER_TAG = "optuna_trial_number"
 OPTUNA_STORAGE_TAG = "ltstudy.optuna_storage"  # the journal file / RDB URL holding the Optuna study
+#: the MLflow run status of each outcome of a trial
+RUN_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "budget": "KILLED", "failed": "FAILED"}
 #: MLflow 3 opens an experiment on its GenAI "Traces" view unless it is marked as model training
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 CONFIG_ARTIFACT = "config.yaml"
@@ -131,12 +133,15 @@ def log_batch(mlc, run_id: str, metrics=(), params=None, tags=None) -> int:
 
 def trial_outcome(result: dict[str, Any] | None, errored: bool,
                   objectives: tuple[str, ...] = ()) -> tuple[str, str | None]:
-    """(completed | pruned | failed, why it failed): a trial that stopped before its last epoch was pruned
-    (early stopping); one that ended with a NaN objective failed."""
+    """(completed | pruned | budget | failed, why it failed): a trial that stopped before its last epoch was
+    pruned (early stopping) or cut by the time budget (``stopped_by: budget``, see ``study.search.budget``); one that
+    ended with a NaN objective failed."""
     if errored or not result:
         return "failed", None
     if result.get("failure"):
         return "failed", str(result["failure"])
+    if result.get("stopped_by") == "budget":
+        return "budget", None
     if int(result.get("epoch", 0)) < int(result.get("epochs_total", 0)):
         return "pruned", None
     bad = [m for m in objectives if not _finite(result.get(m))]
