@@ -112,7 +112,7 @@ CASES = {
     "tune unknown scheduler": ([*TUNE, "--method", "ce", "--scheduler", "bogus", "dataset=synthetic"],
                                "unknown scheduler 'bogus'"),
     "tune study name with /": ([*TUNE, "--method", "ce", "--study-name", "a/b", "dataset=synthetic"],
-                               "must be a non-empty name without '/'"),
+                               "--study-name 'a/b': use letters, digits"),
     "tune resume unknown study": ([*TUNE, "--resume", "--study-name", "ghost"], "no study 'ghost'"),
     "tune resume without name": ([*TUNE, "--resume", "--method", "ce"], "--resume needs --study-name"),
     "tune storage is a file": (["tune", "--method", "ce", "--storage", R + "/a_file", "--tracking-uri",
