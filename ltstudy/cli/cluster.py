@@ -101,6 +101,22 @@ def doctor(
         console.print(f"ok: {line}", soft_wrap=True, markup=False)
 
 
+@cluster_app.command("pull")
+def pull(
+    cluster_file: Path = typer.Argument(..., help="the rendered cluster file of a running cluster"),
+    to: Path = typer.Option(Path("ltstudy_records"), "--to", help="local folder for the records"),
+) -> None:
+    """Copy the MLflow store, its artifacts and the Optuna journal from the head (`ray rsync-down`), so the
+    records open after `ray down` (run it once the studies ended)."""
+    from ltstudy.study.cluster.launcher import pull as pull_records
+
+    for path in pull_records(cluster_file, to):
+        console.print(f"pulled {path}", soft_wrap=True)
+    db = to.expanduser().resolve() / "mlflow.db"
+    console.print(f"next: ltstudy best-config export --study STUDY --tracking-uri sqlite:///{db} -o best.yaml",
+                  soft_wrap=True, markup=False)
+
+
 @cluster_app.command("check")
 def check(
     address: str = typer.Option("auto", help="Ray cluster address"),

@@ -367,3 +367,33 @@ def serve_mlflow(pidfile: str | Path, log: str | Path, host: str, port: int, bac
                 raise LtstudyError(f"mlflow server did not come up on {host}:{port} (log {log}"
                                    f"{': ' + tail[0][:300] if tail else ''})") from None
             time.sleep(0.5)
+
+
+# ------------------------------------------------------------------------------------ records home
+#: what ``cluster pull`` copies from the head's shared storage: the MLflow store, its artifacts, Optuna's journal
+PULLED = ("mlflow.db", "mlartifacts/", "optuna.journal")
+
+
+def pull_commands(cluster_file: str | Path, to: str | Path, root: str = f"{EFS_MOUNT}/ltstudy") -> list[list[str]]:
+    """The ``ray rsync-down`` commands that copy the study records from the head to ``to``."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    ray_cmd = str(ray_bin) if ray_bin.exists() else "ray"
+    to = Path(to).expanduser().resolve()
+    return [[ray_cmd, "rsync-down", str(cluster_file), f"{root}/{name}", f"{to}/{name}"] for name in PULLED]
+
+
+def pull(cluster_file: str | Path, to: str | Path, run: Any = subprocess.run) -> list[str]:
+    """Copy the records home (see :func:`pull_commands`); returns what arrived. A missing one (no study used
+    the journal yet) is skipped; a failing ``ray rsync-down`` is one line."""
+    load_cluster_file(cluster_file)
+    Path(to).expanduser().mkdir(parents=True, exist_ok=True)
+    got = []
+    for cmd in pull_commands(cluster_file, to):
+        done = run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout or "").strip().splitlines()[-1:] or ["no output"]
+            if "No such file" in " ".join(tail) or "vanished" in " ".join(tail):
+                continue
+            raise LtstudyError(f"ray rsync-down {cmd[3]} failed: {tail[0][:300]}")
+        got.append(cmd[4])
+    return got

@@ -227,3 +227,44 @@ def test_render_writes_the_pass_role_policy_and_prints_the_iam_commands(tmp_path
     printed = capsys.readouterr().out
     assert "aws iam put-role-policy --role-name ray-autoscaler-v1" in printed
     assert "SSH open to 0.0.0.0/0" in printed and "cluster doctor" in printed
+
+
+def test_pull_copies_the_records_home_with_ray_rsync_down(tmp_path):
+    """`cluster pull` runs one `ray rsync-down FILE REMOTE LOCAL` per record; here the head's EFS is a local
+    folder and the copy is done in place of the SSH rsync (the commands are what ray gets)."""
+    from ltstudy.study.cluster.launcher import pull
+
+    head = tmp_path / "efs" / "ltstudy"
+    (head / "mlartifacts" / "1").mkdir(parents=True)
+    (head / "mlflow.db").write_bytes(b"SQLite format 3\0")
+    (head / "mlartifacts" / "1" / "a.json").write_text("{}")
+    cluster = tmp_path / "my-cluster.yaml"
+    cluster.write_text(yaml.safe_dump(render(_raw(), RenderOptions(efs_id=EFS))))
+    seen = []
+
+    def rsync_down(cmd, **kw):
+        seen.append(cmd)
+        assert cmd[1:3] == ["rsync-down", str(cluster)] and cmd[3].startswith("/mnt/efs/ltstudy/")
+        src = head / cmd[3][len("/mnt/efs/ltstudy/"):]
+        if not src.exists():
+            return subprocess.CompletedProcess(cmd, 23, "", f"rsync: link_stat \"{src}\" failed: No such file")
+        if src.is_dir():
+            import shutil
+
+            shutil.copytree(src, cmd[4], dirs_exist_ok=True)
+        else:
+            Path(cmd[4]).write_bytes(src.read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    got = pull(cluster, tmp_path / "home", run=rsync_down)
+    assert [Path(c[3]).name for c in seen] == ["mlflow.db", "mlartifacts", "optuna.journal"]
+    assert len(got) == 2 and (tmp_path / "home" / "mlflow.db").read_bytes().startswith(b"SQLite")
+    assert (tmp_path / "home" / "mlartifacts" / "1" / "a.json").is_file()
+
+    def refused(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 1, "", "Permission denied (publickey).")
+
+    from ltstudy.errors import LtstudyError
+
+    with pytest.raises(LtstudyError, match=r"ray rsync-down /mnt/efs/ltstudy/mlflow.db failed: Permission denied"):
+        pull(cluster, tmp_path / "home2", run=refused)
