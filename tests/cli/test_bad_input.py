@@ -113,8 +113,6 @@ CASES = {
                                "unknown scheduler 'bogus'"),
     "tune study name with /": ([*TUNE, "--method", "ce", "--study-name", "a/b", "dataset=synthetic"],
                                "--study-name 'a/b': use letters, digits"),
-    "tune study name ..": ([*TUNE, "--method", "ce", "--study-name", "..", "dataset=synthetic"],
-                           "--study-name '..': use letters, digits"),
     "tune resume unknown study": ([*TUNE, "--resume", "--study-name", "ghost"], "no study 'ghost'"),
     "tune resume without name": ([*TUNE, "--resume", "--method", "ce"], "--resume needs --study-name"),
     "tune storage is a file": (["tune", "--method", "ce", "--storage", R + "/a_file", "--tracking-uri",
