@@ -30,18 +30,91 @@ def render(
         None, help="IAM instance profile (name or ARN) of the worker nodes: needed for s3:// storage"),
     pgpass: Path | None = typer.Option(None, help="PostgreSQL password file (mode 0600) copied to the head's "
                                                    "~/.pgpass: the --mlflow-backend password"),
+    name: str | None = typer.Option(None, help="cluster name, also of its security group (default "
+                                               "ltstudy-$USER)"),
+    subnet: list[str] | None = typer.Option(None, "--subnet", help="pin the nodes to this subnet (repeat: "
+                                                                   "one per availability zone)"),
+    security_group: str | None = typer.Option(None, help="pin this security group (sg-...) on every node"),
+    ssh_cidr: str | None = typer.Option(None, help="where SSH may come from, e.g. 203.0.113.7/32 (the "
+                                                   "group's rule; printed commands, cluster doctor)"),
+    spot: bool = typer.Option(False, "--spot", help="GPU workers on spot instances (see docs/cluster.md)"),
+    doctor: bool = typer.Option(True, "--doctor/--no-doctor", help="run `cluster doctor` on the result when "
+                                                                   "AWS credentials are at hand"),
 ) -> None:
     """Write a copy of cluster.yaml with your values, validated by Ray as `ray up` would."""
     from ltstudy.study.cluster.launcher import RenderOptions, render_file
 
-    config = render_file(template, output, RenderOptions(
+    options = RenderOptions(
         efs_id=efs_id, region=region, availability_zone=availability_zone, image_id=image_id,
         max_gpu_workers=max_gpu_workers, head_cpus=head_cpus, docker=docker, docker_image=docker_image,
         mlflow_backend=mlflow_backend, worker_instance_profile=worker_instance_profile,
-        pgpass=str(pgpass) if pgpass else None))
+        pgpass=str(pgpass) if pgpass else None, name=name, subnets=tuple(subnet or ()),
+        security_group=security_group, ssh_cidr=ssh_cidr, spot=spot)
+    config = render_file(template, output, options)
     docker_note = ", Docker" if "docker" in config else ""
-    console.print(f"wrote {output} (region {config['provider']['region']}, up to {config['max_workers']} "
-                  f"worker nodes{docker_note}); next: ray up {output} -y", soft_wrap=True)
+    console.print(f"wrote {output} (cluster {config['cluster_name']}, region {config['provider']['region']}, "
+                  f"up to {config['max_workers']} worker nodes{docker_note}); next: ray up {output} -y",
+                  soft_wrap=True)
+    _render_notes(config, options, output)
+    if doctor:
+        _doctor_after_render(output, ssh_cidr)
+
+
+def _render_notes(config: dict, o, output: Path) -> None:
+    """The IAM policy file and commands for a worker profile; the network commands when nothing is pinned."""
+    from ltstudy.study.cluster.aws import iam_commands, pass_role_policy
+
+    if o.worker_instance_profile and not o.worker_instance_profile.startswith("arn:"):
+        policy = output.with_name(output.stem + "-iam-policy.json")
+        import json
+
+        policy.write_text(json.dumps(pass_role_policy(o.worker_instance_profile), indent=1) + "\n")
+        console.print(f"wrote {policy}: the head may pass the worker profile; once, before workers start:")
+        for line in iam_commands(o.worker_instance_profile, str(policy)):
+            console.print(f"  {line}", soft_wrap=True, markup=False)
+    if not o.security_group:
+        console.print(f"note: Ray creates the group {config['provider']['security_group']['GroupName']} with SSH "
+                      "open to 0.0.0.0/0; pin your own with --security-group and --ssh-cidr "
+                      "(docs/cluster.md, 'Network')", soft_wrap=True)
+
+
+def _doctor_after_render(output: Path, ssh_cidr: str | None) -> None:
+    from ltstudy.study.cluster.aws import has_credentials
+
+    if not has_credentials():
+        console.print(f"no AWS credentials here: run `ltstudy cluster doctor {output}` where they are")
+        return
+    doctor(output, ssh_cidr=ssh_cidr)
+
+
+@cluster_app.command("doctor")
+def doctor(
+    cluster_file: Path = typer.Argument(..., help="the rendered cluster file"),
+    ssh_cidr: str | None = typer.Option(None, help="where SSH must be allowed from (the group's rule)"),
+) -> None:
+    """Check the AWS account for what `ray up` and the first workers need, one line each; exit 2 on any
+    problem (credentials, AMI, instance offerings, G vCPU quota, EFS mount targets, security group, PassRole)."""
+    from ltstudy.study.cluster.doctor import Doctor
+    from ltstudy.study.cluster.launcher import load_cluster_file
+
+    for line in Doctor(load_cluster_file(cluster_file), ssh_cidr=ssh_cidr).run():
+        console.print(f"ok: {line}", soft_wrap=True, markup=False)
+
+
+@cluster_app.command("pull")
+def pull(
+    cluster_file: Path = typer.Argument(..., help="the rendered cluster file of a running cluster"),
+    to: Path = typer.Option(Path("ltstudy_records"), "--to", help="local folder for the records"),
+) -> None:
+    """Copy the MLflow store, its artifacts and the Optuna journal from the head (`ray rsync-down`), so the
+    records open after `ray down` (run it once the studies ended)."""
+    from ltstudy.study.cluster.launcher import pull as pull_records
+
+    for path in pull_records(cluster_file, to):
+        console.print(f"pulled {path}", soft_wrap=True)
+    db = to.expanduser().resolve() / "mlflow.db"
+    console.print(f"next: ltstudy best-config export --study STUDY --tracking-uri sqlite:///{db} -o best.yaml",
+                  soft_wrap=True, markup=False)
 
 
 @cluster_app.command("check")

@@ -162,6 +162,15 @@ def prepare_and_validate_cluster_config(config: dict[str, Any]) -> dict[str, Any
     return prepared
 
 
+def bootstrap_aws(config: dict[str, Any]) -> dict[str, Any]:
+    """What ``ray up`` does to a prepared AWS cluster config before it launches the head: IAM role, key pair,
+    subnets, security groups and AMI filled in, created where missing
+    (``ray.autoscaler._private.aws.config.bootstrap_aws``)."""
+    from ray.autoscaler._private.aws.config import bootstrap_aws as bootstrap
+
+    return bootstrap(config)
+
+
 def start_worker_node(gcs_address: str, resources: dict[str, float], object_store_bytes: int) -> Any:
     """Start a Ray worker node in this process bound to 127.0.0.1 (what Ray's fake multi-node provider
     does; ``ray start --address`` refuses to join a loopback-only head): ``ray._private.node.Node``."""

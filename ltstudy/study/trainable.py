@@ -42,7 +42,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ltstudy import IMPORT_STARTED
 from ltstudy.config import resolve_config
 from ltstudy.errors import LtstudyError
-from ltstudy.study.cluster.nodes import storage_problem_here
+from ltstudy.study.cluster.nodes import node_problem_here
 from ltstudy.study.cluster.placement import PLACEMENT_GROUP_KEY
 from ltstudy.study.search.space import OBJECTIVES
 from ltstudy.train import NonFiniteLossError, TrialContext, finished_metrics, run_trial
@@ -91,13 +91,15 @@ class Resources:
     backend: str = ""  # default: nccl on GPUs, gloo on the CPU
     checkpoint_every: int  # epochs between trial checkpoints (the last epoch always has one)
     checkpoint_epochs: tuple[int, ...] = ()  # further epochs that get one: the scheduler's rungs
+    node_check: dict[str, Any] | None = None  # what a trial checks on its node first (cluster.nodes)
 
     @classmethod
     def of(cls, o: Any, *, storage: str, placement: Any, checkpoint_epochs: tuple[int, ...] = ()) -> Resources:
         """The trial shape of study options ``o`` placed on a cluster (``cluster.placement.Placement``)."""
         return cls(workers=o.workers, cpus=o.cpus_per_worker, gpus=o.gpus_per_worker, retries=o.retries,
                    storage=storage, driver=placement.driver, backend=placement.backend,
-                   checkpoint_every=o.checkpoint_every, checkpoint_epochs=checkpoint_epochs)
+                   checkpoint_every=o.checkpoint_every, checkpoint_epochs=checkpoint_epochs,
+                   node_check=getattr(placement, "node_check", None))
 
     def context(self, **kw: Any) -> TrialContext:
         return TrialContext(checkpoint_every=self.checkpoint_every,
@@ -203,7 +205,7 @@ def make_single_worker_trial(res: Resources):
         # clean-up alone can take longer, so wait as long as a thread that is ending can need.
         os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(REUSE_WAIT_S))
         cfg = resolve_config(dict(config))
-        problem = storage_problem_here()  # a node without the shared storage: fail now, not after an epoch
+        problem = node_problem_here(res.node_check)  # a node that cannot run it: fail now, naming it
         if problem:
             ray.tune.report(_failure_result(RuntimeError(problem), cfg))
             return
@@ -221,6 +223,9 @@ def make_single_worker_trial(res: Resources):
 def train_worker(loop: dict[str, Any]) -> None:
     """Runs on every DDP rank; rank 0 writes checkpoints, every rank reports (a collective)."""
     cfg = resolve_config(dict(loop["config"]))
+    problem = node_problem_here(loop.get("node_check"))  # every rank's node, the autoscaler's late ones too
+    if problem:
+        raise RuntimeError(problem)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     work = tempfile.mkdtemp(prefix=f"ltstudy-ckpt-r{rank}-")
@@ -247,7 +252,7 @@ def make_multi_worker_trial(res: Resources):
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"config": dict(config), "origin": origin,
-                               "checkpoint_every": res.checkpoint_every,
+                               "checkpoint_every": res.checkpoint_every, "node_check": res.node_check,
                                "checkpoint_epochs": list(res.checkpoint_epochs)},
             torch_config=TorchConfig(backend=res.backend or ("nccl" if res.gpus else "gloo")),
             scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.gpus > 0,

@@ -144,3 +144,10 @@ def test_bind_to_loopback_internals(monkeypatch):
     _compat.bind_to_loopback()
     assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
     assert services.get_node_ip_address() == "127.0.0.1", "ray_constants.ENABLE_RAY_CLUSTER"
+
+
+def test_bootstrap_aws_exists():
+    """What `ray up` runs on an AWS config (the moto test in tests/study/cluster/test_doctor.py runs it)."""
+    from ray.autoscaler._private.aws import config
+
+    assert list(inspect.signature(config.bootstrap_aws).parameters) == ["config"], "bootstrap_aws(config)"

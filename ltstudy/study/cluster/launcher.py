@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -58,6 +58,11 @@ class RenderOptions:
     worker_instance_profile: str | None = None
     token_path: str | None = None  # Ray's token file (default RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token)
     pgpass: str | None = None  # a PostgreSQL password file (mode 0600) for the head's ~/.pgpass
+    name: str | None = None  # cluster name (and the security group's); default ltstudy-$USER
+    subnets: tuple[str, ...] = ()  # pinned subnets (one per availability zone the nodes may use)
+    security_group: str | None = None  # a pinned security group (sg-...) instead of the one Ray creates
+    ssh_cidr: str | None = None  # where SSH may come from (the group's rule; checked by `cluster doctor`)
+    spot: bool = False  # GPU workers on spot instances
 
 
 def load_cluster_file(path: str | Path) -> dict[str, Any]:
@@ -107,6 +112,8 @@ def render(config: dict[str, Any], o: RenderOptions) -> dict[str, Any]:
         if not re.fullmatch(r"fs-[0-9a-f]{8,17}", o.efs_id):
             raise ConfigError(f"--efs-id {o.efs_id!r} is not an EFS file-system id (fs- and 8 to 17 hex digits)")
         out = _map_strings(out, lambda s: s.replace(EFS_PLACEHOLDER, o.efs_id))
+    if o.region and not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", o.region):
+        raise ConfigError(f"--region {o.region!r} is not an AWS region such as us-west-2")
     if o.region:
         if old_region:
             out = _map_strings(out, lambda s: s.replace(f".efs.{old_region}.", f".efs.{o.region}."))
@@ -116,6 +123,10 @@ def render(config: dict[str, Any], o: RenderOptions) -> dict[str, Any]:
     if o.availability_zone:
         out["provider"]["availability_zone"] = o.availability_zone
     types = out["available_node_types"]
+    if o.region and o.region != old_region and not o.image_id:  # the template's AMI is its region's
+        from ltstudy.study.cluster.aws import resolve_ami
+
+        o = replace(o, image_id=resolve_ami(o.region))
     if o.image_id:
         for spec in types.values():
             spec.setdefault("node_config", {})["ImageId"] = o.image_id
@@ -134,6 +145,19 @@ def render(config: dict[str, Any], o: RenderOptions) -> dict[str, Any]:
         key = "Arn" if o.worker_instance_profile.startswith("arn:") else "Name"
         for spec in _worker_types(out):
             spec.setdefault("node_config", {})["IamInstanceProfile"] = {key: o.worker_instance_profile}
+    out = _secrets(out, o)
+    _network(out, o)
+    if o.spot:
+        for spec in _worker_types(out):
+            spec.setdefault("node_config", {})["InstanceMarketOptions"] = {"MarketType": "spot"}
+    if o.docker or o.docker_image:
+        _use_docker(out, o.docker_image)
+    return out
+
+
+def _secrets(out: dict[str, Any], o: RenderOptions) -> dict[str, Any]:
+    """The MLflow backend (quoted, without a password), Ray's token and the PostgreSQL password file as
+    ``file_mounts``: the rendered file names secret files, never holds a secret."""
     if o.mlflow_backend:
         if urlsplit(o.mlflow_backend).password is not None:
             raise ConfigError(f"--mlflow-backend {redact_url(o.mlflow_backend)}: a password in the URL would "
@@ -150,9 +174,42 @@ def render(config: dict[str, Any], o: RenderOptions) -> dict[str, Any]:
         mounts[PGPASS_MOUNT] = str(_private_file(Path(o.pgpass).expanduser(), "--pgpass",
                                                  "one line host:port:db:user:password"))
         out.setdefault("head_setup_commands", []).insert(0, f"chmod 600 {PGPASS_MOUNT}")
-    if o.docker or o.docker_image:
-        _use_docker(out, o.docker_image)
     return out
+
+
+def default_name() -> str:
+    """``ltstudy-$USER`` (letters, digits and ``-`` only): one cluster and group per user of an account."""
+    user = re.sub(r"[^a-z0-9-]+", "-", (os.environ.get("USER") or os.environ.get("LOGNAME") or "user").lower())
+    return f"ltstudy-{user.strip('-') or 'user'}"
+
+
+def _network(out: dict[str, Any], o: RenderOptions) -> None:
+    """The cluster's and group's names, pinned subnets and security group."""
+    name = o.name or default_name()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}", name):
+        raise ConfigError(f"--name {name!r}: letters, digits and '-' only (at most 63)")
+    out["cluster_name"] = name
+    out["provider"].setdefault("security_group", {})["GroupName"] = f"{name}-nodes"
+    bad = [s for s in o.subnets if not re.fullmatch(r"subnet-[0-9a-f]{8,17}", s)]
+    if bad:
+        raise ConfigError(f"--subnet {bad[0]!r} is not a subnet id (subnet- and 8 to 17 hex digits)")
+    if o.security_group and not re.fullmatch(r"sg-[0-9a-f]{8,17}", o.security_group):
+        raise ConfigError(f"--security-group {o.security_group!r} is not a group id (sg- and 8 to 17 hex digits)")
+    if o.ssh_cidr:
+        import ipaddress
+
+        try:
+            ipaddress.ip_network(o.ssh_cidr)
+        except ValueError:
+            raise ConfigError(f"--ssh-cidr {o.ssh_cidr!r} is not a CIDR block such as 203.0.113.7/32") from None
+    for spec in out["available_node_types"].values():
+        node = spec.setdefault("node_config", {})
+        if o.subnets:
+            node["SubnetIds"] = list(o.subnets)
+        if o.security_group:
+            node["SecurityGroupIds"] = [o.security_group]
+    if o.subnets and not o.availability_zone:  # the subnets say where; Ray would drop those of other zones
+        out["provider"].pop("availability_zone", None)
 
 
 def token_file(given: str | None = None) -> Path:
@@ -310,3 +367,33 @@ def serve_mlflow(pidfile: str | Path, log: str | Path, host: str, port: int, bac
                 raise LtstudyError(f"mlflow server did not come up on {host}:{port} (log {log}"
                                    f"{': ' + tail[0][:300] if tail else ''})") from None
             time.sleep(0.5)
+
+
+# ------------------------------------------------------------------------------------ records home
+#: what ``cluster pull`` copies from the head's shared storage: the MLflow store, its artifacts, Optuna's journal
+PULLED = ("mlflow.db", "mlartifacts/", "optuna.journal")
+
+
+def pull_commands(cluster_file: str | Path, to: str | Path, root: str = f"{EFS_MOUNT}/ltstudy") -> list[list[str]]:
+    """The ``ray rsync-down`` commands that copy the study records from the head to ``to``."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    ray_cmd = str(ray_bin) if ray_bin.exists() else "ray"
+    to = Path(to).expanduser().resolve()
+    return [[ray_cmd, "rsync-down", str(cluster_file), f"{root}/{name}", f"{to}/{name}"] for name in PULLED]
+
+
+def pull(cluster_file: str | Path, to: str | Path, run: Any = subprocess.run) -> list[str]:
+    """Copy the records home (see :func:`pull_commands`); returns what arrived. A missing one (no study used
+    the journal yet) is skipped; a failing ``ray rsync-down`` is one line."""
+    load_cluster_file(cluster_file)
+    Path(to).expanduser().mkdir(parents=True, exist_ok=True)
+    got = []
+    for cmd in pull_commands(cluster_file, to):
+        done = run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout or "").strip().splitlines()[-1:] or ["no output"]
+            if "No such file" in " ".join(tail) or "vanished" in " ".join(tail):
+                continue
+            raise LtstudyError(f"ray rsync-down {cmd[3]} failed: {tail[0][:300]}")
+        got.append(cmd[4])
+    return got

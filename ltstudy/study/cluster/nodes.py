@@ -183,3 +183,36 @@ def storage_problem_here() -> str | None:
         return None
     return (f"node {ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:12]}) "
             f"does not see --storage {where}: mount the shared storage on every node")
+
+
+#: node id -> what is wrong with it for this study ("" when nothing): each node is checked once per process
+_CHECKED: dict[str, str] = {}
+
+
+def trial_node_check(tracking_uri: str | None, paths: list[str]) -> dict[str, Any]:
+    """What every trial checks on its node (:func:`node_problem_here`): the driver's versions, the data
+    paths and the tracking server (unless it is on the driver's loopback)."""
+    remote = tracking_uri if tracking_uri and tracking_uri.startswith(("http://", "https://")) \
+        and not _is_loopback(tracking_uri) else None
+    return {"versions": local_versions(), "paths": list(paths), "tracking_uri": remote}
+
+
+def node_problem_here(check: dict[str, Any] | None) -> str | None:
+    """In a trial: why this node cannot run the study's trials, or None. The pre-flight check sees only the
+    nodes alive when the study starts (with ``min_workers: 0``, the head); a node the autoscaler adds later is
+    checked here, by its first trial (once per node and process), so its trials fail at the start with the
+    node named instead of after an epoch or with wrong results."""
+    problem = storage_problem_here()
+    if problem or not check:
+        return problem
+    node = ray.get_runtime_context().get_node_id()
+    if node not in _CHECKED:
+        result = node_probe(None, None, "", check["paths"], check["tracking_uri"])
+        problems = list(result["problems"])
+        problems += [f"runs {k} {result['versions'].get(k)} (driver: {v})" for k, v in check["versions"].items()
+                     if result["versions"] and result["versions"].get(k) != v]
+        _CHECKED[node] = "; ".join(problems)
+    if not _CHECKED[node]:
+        return None
+    return f"node {ray.util.get_node_ip_address()} ({node[:12]}): {_CHECKED[node]}"
+

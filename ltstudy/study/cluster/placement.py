@@ -16,7 +16,7 @@ import ray.tune
 
 from ltstudy.errors import ConfigError
 from ltstudy.study import _compat
-from ltstudy.study.cluster.nodes import ClusterCheckError, check_nodes, data_paths
+from ltstudy.study.cluster.nodes import ClusterCheckError, check_nodes, data_paths, trial_node_check
 from ltstudy.study.cluster.shape import (
     TRAIN_DRIVER,
     ClusterShape,
@@ -42,6 +42,7 @@ class Placement:
     driver: dict[str, float]  # a multi-worker trial's Train driver
     backend: str  # DDP backend of multi-worker trials
     gpu_tasks: bool  # the cluster has (or can get) a GPU: feature extraction runs as a GPU task
+    node_check: dict[str, Any] | None = None  # what each trial checks on its node (nodes.trial_node_check)
 
     def describe(self) -> str:
         """One line for the study's records, e.g. ``autoscaler: up to 3 nodes (2.0 GPU, ...)``."""
@@ -63,10 +64,13 @@ def place_study(requested: int | None, trial: TrialShape, storage: str, tracking
         report = check_nodes(storage, tracking_uri, data_paths(values))
         if report.problems:
             raise ClusterCheckError(report.problems)
+        node_check = trial_node_check(tracking_uri, data_paths(values))
+    else:
+        node_check = None
     concurrency = max_concurrent(requested, shape, trial)
     logger.info("cluster (%s): up to %d nodes, %d trials at once", shape.source, shape.max_nodes, concurrency)
     return Placement(shape=shape, max_concurrent=concurrency, driver=driver_resources(shape.has(TRAIN_DRIVER)),
-                     backend=ddp_backend(trial), gpu_tasks=shape.has("GPU"))
+                     backend=ddp_backend(trial), gpu_tasks=shape.has("GPU"), node_check=node_check)
 
 
 class PlacementGroupReaper(ray.tune.Callback):

@@ -4,6 +4,7 @@ shell wrapper without killing it."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -67,7 +68,8 @@ def test_cluster_yaml_validates_with_ray():
 
 @pytest.mark.parametrize("options", [
     RenderOptions(efs_id=EFS),
-    RenderOptions(efs_id=EFS, docker=True, region="eu-west-1", worker_instance_profile="ltstudy-s3",
+    RenderOptions(efs_id=EFS, docker=True, region="eu-west-1", image_id="ami-0123456789abcdef0",
+                  worker_instance_profile="ltstudy-s3",
                   mlflow_backend="postgresql://mlflow@db.internal/mlflow", max_gpu_workers=8, head_cpus=2),
 ], ids=["plain", "docker-s3-postgres"])
 def test_rendered_file_is_complete_and_valid(options):
@@ -179,3 +181,90 @@ def test_head_start_commands_restart_mlflow_without_killing_their_shell(tmp_path
         while any(session_members(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
     assert Path(pidfile).exists()
+
+
+def test_render_pins_the_network_names_per_user_and_spot(monkeypatch):
+    monkeypatch.setenv("USER", "Ada.L")
+    subnets = ("subnet-0aaaaaaaaaaaaaaaa", "subnet-0bbbbbbbbbbbbbbbb")
+    config = render(_raw(), RenderOptions(efs_id=EFS, subnets=subnets, security_group="sg-0123456789abcdef0",
+                                          ssh_cidr="203.0.113.7/32", spot=True))
+    validate(config)
+    assert config["cluster_name"] == "ltstudy-ada-l"
+    assert config["provider"]["security_group"]["GroupName"] == "ltstudy-ada-l-nodes"
+    assert "availability_zone" not in config["provider"]  # the subnets say where
+    for name, spec in config["available_node_types"].items():
+        assert spec["node_config"]["SubnetIds"] == list(subnets)
+        assert spec["node_config"]["SecurityGroupIds"] == ["sg-0123456789abcdef0"]
+        assert ("InstanceMarketOptions" in spec["node_config"]) == (name != config["head_node_type"])
+    assert any("boto3" in c for c in config["head_setup_commands"])
+    docker = render(_raw(), RenderOptions(efs_id=EFS, docker=True))
+    assert any("boto3" in c for c in docker["head_setup_commands"])  # Ray's default list is replaced
+    init = " ".join(config["initialization_commands"])
+    assert "cloud-init status --wait" in init and "DPkg::Lock::Timeout" in init
+    assert init.index("cloud-init") < init.index("apt-get")
+    assert render(_raw(), RenderOptions(efs_id=EFS, name="team-a"))["cluster_name"] == "team-a"
+    for bad, match in ((RenderOptions(efs_id=EFS, subnets=("sub-1",)), "--subnet"),
+                       (RenderOptions(efs_id=EFS, security_group="default"), "--security-group"),
+                       (RenderOptions(efs_id=EFS, ssh_cidr="everywhere"), "--ssh-cidr"),
+                       (RenderOptions(efs_id=EFS, name="a b"), "--name"),
+                       (RenderOptions(efs_id=EFS, region="Mars"), "--region")):
+        with pytest.raises(ConfigError, match=match):
+            render(_raw(), bad)
+
+
+def test_render_writes_the_pass_role_policy_and_prints_the_iam_commands(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    out = tmp_path / "my-cluster.yaml"
+    with pytest.raises(SystemExit) as code:
+        main(["cluster", "render", str(REPO / "cluster.yaml"), "--efs-id", EFS, "--worker-instance-profile",
+              "ltstudy-worker", "-o", str(out)])
+    assert code.value.code == 0
+    policy = json.loads((tmp_path / "my-cluster-iam-policy.json").read_text())
+    assert policy["Statement"][0]["Action"] == "iam:PassRole"
+    assert policy["Statement"][0]["Resource"].endswith(":role/ltstudy-worker")
+    printed = capsys.readouterr().out
+    assert "aws iam put-role-policy --role-name ray-autoscaler-v1" in printed
+    assert "SSH open to 0.0.0.0/0" in printed and "cluster doctor" in printed
+
+
+def test_pull_copies_the_records_home_with_ray_rsync_down(tmp_path):
+    """`cluster pull` runs one `ray rsync-down FILE REMOTE LOCAL` per record; here the head's EFS is a local
+    folder and the copy is done in place of the SSH rsync (the commands are what ray gets)."""
+    from ltstudy.study.cluster.launcher import pull
+
+    head = tmp_path / "efs" / "ltstudy"
+    (head / "mlartifacts" / "1").mkdir(parents=True)
+    (head / "mlflow.db").write_bytes(b"SQLite format 3\0")
+    (head / "mlartifacts" / "1" / "a.json").write_text("{}")
+    cluster = tmp_path / "my-cluster.yaml"
+    cluster.write_text(yaml.safe_dump(render(_raw(), RenderOptions(efs_id=EFS))))
+    seen = []
+
+    def rsync_down(cmd, **kw):
+        seen.append(cmd)
+        assert cmd[1:3] == ["rsync-down", str(cluster)] and cmd[3].startswith("/mnt/efs/ltstudy/")
+        src = head / cmd[3][len("/mnt/efs/ltstudy/"):]
+        if not src.exists():
+            return subprocess.CompletedProcess(cmd, 23, "", f"rsync: link_stat \"{src}\" failed: No such file")
+        if src.is_dir():
+            import shutil
+
+            shutil.copytree(src, cmd[4], dirs_exist_ok=True)
+        else:
+            Path(cmd[4]).write_bytes(src.read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    got = pull(cluster, tmp_path / "home", run=rsync_down)
+    assert [Path(c[3]).name for c in seen] == ["mlflow.db", "mlartifacts", "optuna.journal"]
+    assert len(got) == 2 and (tmp_path / "home" / "mlflow.db").read_bytes().startswith(b"SQLite")
+    assert (tmp_path / "home" / "mlartifacts" / "1" / "a.json").is_file()
+
+    def refused(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 1, "", "Permission denied (publickey).")
+
+    from ltstudy.errors import LtstudyError
+
+    with pytest.raises(LtstudyError, match=r"ray rsync-down /mnt/efs/ltstudy/mlflow.db failed: Permission denied"):
+        pull(cluster, tmp_path / "home2", run=refused)

@@ -43,3 +43,37 @@ def test_a_node_without_the_storage_is_one_line_exit_2(tmp_path):
         assert tune.stderr.strip().splitlines()[-1].split(")", 1)[1] == lines[0].split(")", 1)[1]
         assert not (tmp_path / "mlflow.db").exists()  # nothing recorded
         assert not (storage / "no-mount").exists()
+
+
+_LATE_NODE = """
+import json, sys, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ltstudy.study.cluster.nodes import node_problem_here, trial_node_check
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+check = trial_node_check(None, [sys.argv[2]])
+probe = ray.remote(num_cpus=0)(node_problem_here)
+out = {n["NodeManagerAddress"] + "/" + n["NodeID"]: ray.get(probe.options(
+           scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(check))
+       for n in ray.nodes() if n["Alive"]}
+print(json.dumps(out))
+"""
+
+
+def test_a_trial_checks_its_own_node_first(tmp_path):
+    """What every trial runs first (on nodes the autoscaler adds after the pre-flight check too): a node
+    that lacks the data is named in one line, the others pass."""
+    data = tmp_path / "data"
+    (data / "cifar").mkdir(parents=True)
+    hide = ["unshare", "-m", "--propagation", "private", *([] if os.geteuid() == 0 else ["-r"]), "sh", "-c",
+            f'mount -t tmpfs none "{data}" && exec "$0" "$@"']
+    with ray_cluster(tmp_path, {"CPU": 1}, [({"CPU": 1}, hide)]) as address:
+        run = subprocess.run([sys.executable, "-c", _LATE_NODE, address, str(data / "cifar")],
+                             capture_output=True, text=True, timeout=300, env=loopback_env(), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    import json
+
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(results) == 2 and sorted(v is None for v in results.values()) == [False, True], results
+    (bad,) = [v for v in results.values() if v]
+    node = next(k for k, v in results.items() if v).split("/")[1]
+    assert bad.startswith(f"node 127.0.0.1 ({node[:12]}): lacks the data path {data / 'cifar'}"), bad
