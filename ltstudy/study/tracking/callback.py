@@ -121,8 +121,11 @@ class MLflowTrialCallback(ray.tune.Callback):
         tags = found[0].data.tags if found else {}
         if tags.get(STATUS_TAG) in ENDED:
             # the trial ended before the driver died, but Tune's state had not caught up: it replays
-            # the trial from its final checkpoint; its record is complete and stays as it is
+            # the trial from its final checkpoint; its record is complete and stays as it is (its status
+            # set, should the driver have died between the end tags and the run's end)
             run = OpenRun(found[0].info.run_id, ended=True)
+            if found[0].info.status == "RUNNING":
+                mlc.set_terminated(run.run_id, RUN_STATUS[tags[STATUS_TAG]])
         elif STATUS_TAG in tags:
             # a trial restored from its last Tune checkpoint re-runs the epochs after it; the epochs it
             # logged before the driver stopped are reproduced exactly, so they are not logged again
