@@ -226,7 +226,7 @@ class MLflowTrialCallback(ray.tune.Callback):
                 EPOCHS_TAG: int(last.get("epoch", 0))}
         trace = None
         if outcome == "failed":
-            trace = _error_trace(trial) if errored else None
+            trace = _error_trace(trial) if errored else why  # a NaN objective or a reported failure too
             tags["error"] = (why or _last_line(trace) or "trial raised an error")[:4000]
         wall = time.time() - self._start[tid] if tid in self._start else None
         if wall is not None:
