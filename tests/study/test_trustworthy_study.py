@@ -110,6 +110,7 @@ def test_confirm_reruns_the_top_configurations_and_export_uses_the_ranking(ray_l
     assert prov["selected_by"] == "confirmation" and prov["trial_id"] == summary.confirmed[0]["trial_id"]
     assert [r["trial_id"] for r in prov["confirmation"]["ranking"]] == [r["trial_id"] for r in summary.confirmed]
     assert {"mean", "ci95", "diff", "diff_ci95", "seeds"} <= set(prov["confirmation"]["ranking"][0])
+    capsys.readouterr()
     with pytest.raises(SystemExit) as code:
         main(["studies", "show", "confirmed", "--format", "json", "--tracking-uri", mlflow_server])
     header = json.loads(capsys.readouterr().out)

@@ -9,7 +9,13 @@ import math
 import pytest
 
 from ltstudy.errors import ConfigError
-from ltstudy.study.results.selection import Objectives, confirmed_ranking, pick_point, recommended, t_half_width
+from ltstudy.study.results.selection import (
+    Objectives,
+    confirmed_ranking,
+    pick_point,
+    recommended,
+    t_half_width,
+)
 
 OBJ = Objectives(("val_top1",), ("max",))
 
