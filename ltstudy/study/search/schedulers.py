@@ -54,11 +54,12 @@ class SavesState:
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)
-        if not trial.has_reported_at_least_once:  # a new trial, not one a resumed study re-queues
+        # a new trial, not one a resumed study re-queues (no controller: a scheduler driven by hand)
+        if tune_controller is not None and not getattr(trial, "has_reported_at_least_once", True):
             _compat.save_experiment_now(tune_controller, trial)
 
     def _saved_checkpoint(self, tune_controller: Any, result: dict) -> None:
-        if result.get(CHECKPOINTED_KEY):
+        if result.get(CHECKPOINTED_KEY) and tune_controller is not None:
             _compat.force_experiment_save(tune_controller)
 
 
