@@ -159,19 +159,33 @@ def _print_summary(s: Any) -> None:
         if s.gain:
             table.add_row("gain over published", ", ".join(f"{k} {100 * v:+.2f}" for k, v in s.gain.items())
                           + " (points; test reported only)")
+    if s.confirmed and s.best is not None:
+        table.add_row("selected by", f"confirmation over seeds {s.confirmed[0]['seeds']} (mean, 95 % t-interval; "
+                                     "diff: paired, against the published trial)")
     for row in s.confirmed[:5]:
-        table.add_row(f"confirmed {row['trial_id']}",
-                      f"{s.metric} {pct(row['mean'])} ± {pct(row['std'])} over seeds {row['seeds']}")
+        table.add_row(f"confirmed {row['trial_id']}", _confirmed_cell(s.metric, row))
     table.add_row("results", s.experiment_path)
     table.add_row("tracking", f"{s.tracking_uri} (study run {s.parent_run_id})")
     ui = (f"open {s.tracking_uri}" if s.tracking_uri.startswith("http")
           else f"mlflow ui --backend-store-uri {s.tracking_uri}")
     table.add_row("MLflow UI", ui)
-    table.add_row("export", f"ltstudy best-config export --study {s.study} -o best.yaml")
+    table.add_row("export", f"ltstudy best-config export --study {s.study} -o best.yaml"
+                  + (" --pick 0" if len(s.metrics) > 1 else ""))
     table.add_row("wall time", f"{s.wall_s:.0f} s")
     console.print(table)
     for note in s.notes:
         console.print(f"note: {note}")
+
+
+def _confirmed_cell(metric: str, row: dict[str, Any]) -> str:
+    """``val_top1 71.20% ± 1.10 (diff +2.30 ± 0.90)``: the mean, its 95 % t-interval, the paired difference."""
+    def pm(value: float) -> str:
+        return "n/a" if value != value else f"{100 * value:.2f}"
+
+    text = f"{metric} {pct(row['mean'])} ± {pm(row.get('ci95', float('nan')))}"
+    if "diff" in row:
+        text += f" (diff {100 * row['diff']:+.2f} ± {pm(row['diff_ci95'])})"
+    return text + f", {len(row['seeds'])} seeds"
 
 
 @app.command()
@@ -192,10 +206,10 @@ def confirm(
     check_reachable(uri)
     result = confirm_study(study, top, seeds, uri, address, max_concurrent, echo=_echo_confirmation)
     table = Table(title=f"study {study}: confirmed ranking by mean {result['metric']} ({result['mode']})")
-    for col in ("trial", "mean (%)", "std (%)", "seeds"):
+    for col in ("trial", "mean ± 95 % t-interval, paired diff vs published (points)", "seeds"):
         table.add_column(col)
     for row in result["ranking"]:
-        table.add_row(row["trial_id"], pct(row["mean"]), pct(row["std"]), str(row["seeds"]))
+        table.add_row(row["trial_id"], _confirmed_cell(result["metric"], row), str(row["seeds"]))
     console.print(table)
     if not result["ranking"]:
         raise StudyFailed(f"no confirmation run of study {study} finished")
@@ -265,7 +279,9 @@ def studies_list(tracking_uri: str | None = TRACKING) -> None:
                 "duration", "status", "resumable"):
         table.add_column(col)
     for i in list_infos(uri):
-        best = "–" if i.best is None else f"{i.best['metrics'].get(i.metric, float('nan')):.4f}"
+        best = "–" if i.best is None else (
+            f"{i.best['confirmed']['mean']:.4f} (confirmed mean)" if i.best.get("confirmed")
+            else f"{i.best['metrics'].get(i.metric, float('nan')):.4f}")
         number = "–" if i.best is None else str(i.best["number"] if i.best["number"] is not None
                                                  else i.best["trial_id"])
         table.add_row(i.study, i.method, i.dataset, f"{i.mode} {i.metric}", f"{i.sampler} + {i.scheduler}",

@@ -24,6 +24,7 @@ PICKLED = (
     "ltstudy.study.search.space.Param",
     "ltstudy.study.search.concurrency.StudyConcurrency",
     "ltstudy.study.search.schedulers.StudyASHA",
+    "ltstudy.study.search.schedulers.StudyFIFO",
     "ltstudy.study.search.budget.TimeBudget",
     "ltstudy.study.search.budget.BudgetEnd",
     "ltstudy.study.search.budget.BudgetStopper",
@@ -79,6 +80,24 @@ def tuner_run_config(tuner: Any) -> Any:
 def tuner_search_alg(tuner: Any) -> Any:
     """The search algorithm of a (restored) ``Tuner`` (``TunerInternal._tune_config``)."""
     return tuner._local_tuner._tune_config.search_alg
+
+
+def force_experiment_save(tune_controller: Any) -> None:
+    """Make the controller save its experiment state (trials, searcher, callbacks) at the end of this step,
+    whatever its saving period (``TuneController._checkpoint_manager._should_force_sync_up``, the flag Tune
+    itself sets every ``num_to_keep`` trial checkpoints). ``tune_controller`` is what a scheduler's hooks get
+    (a ``TrialRunnerWrapper`` around the controller) or the controller."""
+    controller = getattr(tune_controller, "_tune_controller", tune_controller)
+    controller._checkpoint_manager._should_force_sync_up = True
+
+
+def save_experiment_now(tune_controller: Any, trial: Any) -> None:
+    """Save the experiment state now, ``trial`` included, and wait until it is on the storage: a scheduler's
+    ``on_trial_add`` runs after the controller appended the trial and before it marked the trial for the
+    next save (``TuneController._mark_trial_to_checkpoint``, then ``checkpoint(force=True, wait=True)``)."""
+    controller = getattr(tune_controller, "_tune_controller", tune_controller)
+    controller._mark_trial_to_checkpoint(trial)
+    controller.checkpoint(force=True, wait=True)
 
 
 def asha_rungs(scheduler: Any) -> list[list[tuple[float, dict[str, float]]]]:

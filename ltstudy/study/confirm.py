@@ -33,7 +33,7 @@ from ltstudy.study.cluster.shape import TrialShape
 from ltstudy.study.options import StudyOptions, read_saved
 from ltstudy.study.process import quiet, quiet_tuner_output
 from ltstudy.study.ray_session import check_address, ray_init
-from ltstudy.study.results.selection import Objectives, confirmed_ranking
+from ltstudy.study.results.selection import Objectives, confirmed_ranking, published_trial
 from ltstudy.study.search.space import space_from_text
 from ltstudy.study.tracking.callback import MLflowTrialCallback
 from ltstudy.study.tracking.records import find_study, study_trials
@@ -43,11 +43,16 @@ from ltstudy.study.trainable import Resources, make_trainable, reuse_actors
 
 
 def confirmation_points(tracker: StudyTracker, obj: Objectives, k: int, seeds: int) -> list[dict[str, Any]]:
-    """The trial configs to run: the top ``k`` completed trials, each with the seeds not yet confirmed."""
+    """The trial configs to run: the top ``k`` completed trials and the published one, each on the same new
+    seeds (the published trial's seed + 1 … + ``seeds``: paired), those not yet confirmed."""
     mlc = tracker.mlc
     trials = study_trials(mlc, tracker.experiment_id, tracker.parent_run_id)
     done = [t for t in trials if t["status"] == "completed" and obj.metric in t["metrics"]]
     top = sorted(done, key=obj.signed, reverse=True)[:k]
+    published = published_trial(done)
+    if published is not None and published not in top:
+        top.append(published)  # the reference every candidate is compared with, seed by seed
+    base = int(published["seed"]) if published is not None and str(published.get("seed")).isdigit() else None
     already = {(r["confirms"], str(r["seed"])) for r in
                study_trials(mlc, tracker.experiment_id, tracker.parent_run_id, "confirmation")
                if r["status"] in ("completed", "pruned", "failed")}
@@ -55,10 +60,10 @@ def confirmation_points(tracker: StudyTracker, obj: Objectives, k: int, seeds: i
     with tempfile.TemporaryDirectory() as tmp:
         for t in top:
             config = yaml.safe_load(Path(mlc.download_artifacts(t["run_id"], CONFIG_ARTIFACT, tmp)).read_text())
-            base = int(config.get("seed", 0))
+            first = base if base is not None else int(config.get("seed", 0))
             for i in range(1, seeds + 1):
-                if (t["trial_id"], str(base + i)) not in already:
-                    points.append({**config, "seed": base + i, CONFIRMS_KEY: t["trial_id"]})
+                if (t["trial_id"], str(first + i)) not in already:
+                    points.append({**config, "seed": first + i, CONFIRMS_KEY: t["trial_id"]})
     return points
 
 
@@ -81,7 +86,8 @@ def confirm_top(plan: Any, tracker: StudyTracker, trainable: Any, k: int, seeds:
             raise
         callback.close()  # every confirmation record written before the ranking reads them
     runs = study_trials(tracker.mlc, tracker.experiment_id, tracker.parent_run_id, "confirmation")
-    ranking = confirmed_ranking(runs, obj)
+    published = published_trial(study_trials(tracker.mlc, tracker.experiment_id, tracker.parent_run_id))
+    ranking = confirmed_ranking(runs, obj, published["trial_id"] if published else None)
     if ranking:
         best, now = ranking[0], int(time.time() * 1000)
         log_batch(tracker.mlc, tracker.parent_run_id,

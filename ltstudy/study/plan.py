@@ -111,7 +111,7 @@ def plan_study(o: StudyOptions) -> StudyPlan:
     return StudyPlan(opts=o, space=space, space_yaml=space_yaml, study=study, storage=storage,
                      experiment_path=experiment_path, optuna_storage=optuna_storage, tracking_uri=uri,
                      fresh=not o.resume, seed=seed, max_t=epochs, grace=grace, phases=phases,
-                     rungs=rung_epochs(scheduler), notes=_notes(o, space))
+                     rungs=rung_epochs(scheduler), notes=_notes(o, space) + _stopping_note(o, epochs, grace))
 
 
 def _check_writes(storage: str, experiment_path: str, optuna_storage: str, tracking_uri: str) -> None:
@@ -194,6 +194,19 @@ def _study_name(o: StudyOptions, space: SearchSpace) -> str:
         raise ConfigError("--confirm ranks configurations by one objective; this study has "
                           f"{len(space.metrics)} ({', '.join(space.metrics)})")
     return study
+
+
+def _stopping_note(o: StudyOptions, epochs: int, grace: int) -> list[str]:
+    """One line when early stopping can save little: a stopped trial still runs up to ASHA's first rung."""
+    if o.scheduler != "asha" or epochs < 1:
+        return []
+    first = min(grace, epochs)
+    saved = (epochs - first) / epochs
+    if saved >= 0.25:
+        return []
+    return [f"early stopping can save at most {saved:.0%} of a stopped trial's epochs: ASHA's first rung is at "
+            f"epoch {first} of {epochs} (after the last schedule phase of the space); --scheduler none says so, "
+            "--grace-period N judges earlier"]
 
 
 def _notes(o: StudyOptions, space: SearchSpace) -> list[str]:

@@ -69,6 +69,7 @@ class ProgressBoard:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._ended: set[str] = set()  # trials a resumed study had already ended (seed)
         self._live = None
         if self.live is None:
             self.live = self.console.is_terminal
@@ -104,6 +105,8 @@ class ProgressBoard:
             wall = time.monotonic() - r.started if r is not None else None
             if wall is not None:
                 self.walls.append(wall)
+            if key in self._ended:  # ended before the driver stopped; Tune replays its end: counted once
+                return
             self.counts[outcome] = self.counts.get(outcome, 0) + 1
             if outcome == "completed" and value is not None and value == value:
                 sign = 1 if self.mode == "max" else -1
@@ -123,6 +126,7 @@ class ProgressBoard:
         for t in trials:
             if t["status"] in self.counts:
                 self.counts[t["status"]] += 1
+                self._ended.add(t.get("trial_id"))
             value = t.get("metrics", {}).get(self.metric)
             if t["status"] == "completed" and value is not None and value == value and (
                     self.best is None or sign * value > sign * self.best[0]):

@@ -44,6 +44,7 @@ from ltstudy.config import resolve_config
 from ltstudy.errors import LtstudyError
 from ltstudy.study.cluster.nodes import node_problem_here
 from ltstudy.study.cluster.placement import PLACEMENT_GROUP_KEY
+from ltstudy.study.search.schedulers import CHECKPOINTED_KEY
 from ltstudy.study.search.space import OBJECTIVES
 from ltstudy.train import NonFiniteLossError, TrialContext, finished_metrics, run_trial
 
@@ -155,6 +156,7 @@ def _reporter(cfg: Any, send: Any, ctx: TrialContext, checkpoints: bool = True, 
         if not (checkpoint_dir and checkpoints):
             send(metrics, checkpoint=None, **(upload or {}))
             return
+        metrics[CHECKPOINTED_KEY] = True  # the driver saves Tune's state with it (schedulers.SavesState)
         if upload:
             own = tempfile.mkdtemp(prefix="ltstudy-upload-")
             for name in os.listdir(checkpoint_dir):

@@ -76,6 +76,52 @@ def test_asha_internals(tmp_path):
     assert _compat.asha_stopped(asha) == 3 and "3" in asha.debug_string(), "AsyncHyperBandScheduler._num_stopped"
 
 
+def test_forced_experiment_save(tmp_path):
+    """The flag ``force_experiment_save`` sets is the one Tune's experiment-state manager saves on, whatever
+    its period; it is reached through the wrapper a scheduler gets and on the controller itself."""
+    from types import SimpleNamespace
+
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+    from ray.tune.execution.tune_controller import TuneController
+
+    assert "_checkpoint_manager" in inspect.getsource(TuneController.__init__), "TuneController._checkpoint_manager"
+    manager = _ExperimentCheckpointManager(storage=None, checkpoint_period=1e9)
+    assert manager._should_force_sync_up is False, "_ExperimentCheckpointManager._should_force_sync_up"
+    assert "force or self._should_force_sync_up" in inspect.getsource(manager.sync_up_experiment_state)
+    controller = SimpleNamespace(_checkpoint_manager=manager)
+    _compat.force_experiment_save(SimpleNamespace(_tune_controller=controller))  # TrialRunnerWrapper
+    assert manager._should_force_sync_up is True
+    manager._should_force_sync_up = False
+    _compat.force_experiment_save(controller)
+    assert manager._should_force_sync_up is True  # (the study's slow resume tests see the saves happen)
+    # save_experiment_now: the trial marked for the save, then a forced save waited for
+    assert "force" in inspect.signature(TuneController.checkpoint).parameters
+    assert "wait" in inspect.signature(TuneController.checkpoint).parameters, "TuneController.checkpoint"
+    calls = []
+    fake = SimpleNamespace(_mark_trial_to_checkpoint=lambda t: calls.append(("mark", t)),
+                           checkpoint=lambda force, wait: calls.append(("save", force, wait)))
+    _compat.save_experiment_now(SimpleNamespace(_tune_controller=fake), "t")
+    assert calls == [("mark", "t"), ("save", True, True)]
+    assert "_mark_trial_to_checkpoint" in inspect.getsource(TuneController.add_trial), \
+        "TuneController._mark_trial_to_checkpoint"
+
+
+def test_scheduler_state_is_not_a_file_tune_stages_on_restore(tmp_path):
+    """On restore Tune copies the experiment folder's ``*.json`` / ``*.pkl`` into its staging folder and
+    uploads that folder at every save: ASHA's rungs must not be such a file, or the copy from resume time
+    overwrites the live rungs at every save (see schedulers.STATE_FILE)."""
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    from ltstudy.study.search.schedulers import STATE_FILE
+
+    source = inspect.getsource(_ExperimentCheckpointManager.sync_down_experiment_state)
+    assert 'path.endswith(".json") or path.endswith(".pkl")' in source, "what Tune stages on restore changed"
+    assert not STATE_FILE.endswith((".json", ".pkl"))
+    asha = make_scheduler("asha", "val_top1", "max", 8, 2, 2.0, state_dir=str(tmp_path))
+    asha._save()
+    assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]
+
+
 def test_placement_group_from_its_hex_id():
     from ray._raylet import PlacementGroupID
 

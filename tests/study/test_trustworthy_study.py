@@ -5,6 +5,8 @@ whose trials all fail exits 1 (its study run FAILED), and a time budget ends a s
 
 from __future__ import annotations
 
+import json
+
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -81,27 +83,48 @@ def test_multi_objective_study_exports_a_chosen_pareto_point(ray_local, mlflow_s
     assert exported["provenance"]["objective"] == {"metric": "val_top1,val_few", "mode": "max,max"}
 
 
-def test_confirm_reruns_the_top_configurations_and_export_uses_the_ranking(ray_local, mlflow_server, tmp_path):
+def test_confirm_reruns_the_top_configurations_and_export_uses_the_ranking(ray_local, mlflow_server, tmp_path,
+                                                                           capsys):
+    """The top 2 and the published trial each run the same 2 new seeds (paired); the summary, ``studies
+    show`` and ``best-config export`` all name the confirmed winner, with its interval and paired difference."""
     space = "method: ce\nfixed: {epochs: 2}\ntune:\n  lr: {type: float, low: 0.001, high: 0.5, log: true}\n"
     summary = _study(tmp_path, mlflow_server, "confirmed", space, num_trials=4, scheduler="none", confirm=2,
                      confirm_seeds=2)
-    assert len(summary.confirmed) == 2 and all(len(row["seeds"]) == 2 for row in summary.confirmed)
     mlc = MlflowClient(mlflow_server)
     _, exp, parent = find_study(mlflow_server, "confirmed")
+    trials = study_trials(mlc, exp.experiment_id, parent.info.run_id)
+    published = next(t for t in trials if t["number"] == 0)
     runs = study_trials(mlc, exp.experiment_id, parent.info.run_id, "confirmation")
-    assert len(runs) == 4 and {r["confirms"] for r in runs} == {row["trial_id"] for row in summary.confirmed}
-    assert len(study_trials(mlc, exp.experiment_id, parent.info.run_id)) == 4  # trials stay trials
+    confirmed_ids = {row["trial_id"] for row in summary.confirmed}
+    assert published["trial_id"] in confirmed_ids and len(confirmed_ids) in (2, 3)
+    assert len(runs) == 2 * len(confirmed_ids) and {r["confirms"] for r in runs} == confirmed_ids
+    assert {tuple(row["seeds"]) for row in summary.confirmed} == {(int(published["seed"]) + 1,
+                                                                  int(published["seed"]) + 2)}  # paired
+    assert all("ci95" in row and "diff" in row for row in summary.confirmed)
+    assert summary.best["trial_id"] == summary.confirmed[0]["trial_id"]  # the summary's answer is confirmed
+    assert len(trials) == 4  # trials stay trials
     out = tmp_path / "best.yaml"
     with pytest.raises(SystemExit):
         main(["best-config", "export", "--study", "confirmed", "-o", str(out), "--tracking-uri", mlflow_server])
     prov = load_yaml(out)["provenance"]
     assert prov["selected_by"] == "confirmation" and prov["trial_id"] == summary.confirmed[0]["trial_id"]
     assert [r["trial_id"] for r in prov["confirmation"]["ranking"]] == [r["trial_id"] for r in summary.confirmed]
+    assert {"mean", "ci95", "diff", "diff_ci95", "seeds"} <= set(prov["confirmation"]["ranking"][0])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as code:
+        main(["studies", "show", "confirmed", "--format", "json", "--tracking-uri", mlflow_server])
+    header = json.loads(capsys.readouterr().out)
+    header = header.get("study", header)
+    assert code.value.code == 0 and header["best_trial_id"] == summary.confirmed[0]["trial_id"]
+    assert header["selected_by"] == "confirmation"
+    with pytest.raises(SystemExit) as code:  # --pick belongs to multi-objective studies
+        main(["best-config", "export", "--study", "confirmed", "--pick", "3", "--tracking-uri", mlflow_server])
+    assert code.value.code == 2 and "drop --pick" in capsys.readouterr().err
     # confirming again runs nothing new: every (trial, seed) pair is done
     with pytest.raises(SystemExit) as code:
         main(["confirm", "confirmed", "--top", "2", "--seeds", "2", "--tracking-uri", mlflow_server])
     assert code.value.code == 0
-    assert len(study_trials(mlc, exp.experiment_id, parent.info.run_id, "confirmation")) == 4
+    assert len(study_trials(mlc, exp.experiment_id, parent.info.run_id, "confirmation")) == len(runs)
 
 
 def test_a_study_whose_trials_all_fail_exits_1_with_the_common_error(ray_local, mlflow_server, tmp_path, capsys):

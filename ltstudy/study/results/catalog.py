@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from ltstudy.errors import ConfigError
-from ltstudy.study.results.selection import Objectives, pick_best
+from ltstudy.study.results.selection import Objectives, recommended
 from ltstudy.study.search.optuna_storage import open_optuna_storage
 from ltstudy.study.storage import STUDY_MARKER, has_marker
 from ltstudy.study.tracking.records import find_study, status_counts, study_trials
@@ -64,8 +64,10 @@ class StudyInfo:
                 "trials": self.num_trials, "counts": self.counts, "start": self.start,
                 "duration_s": round(self.duration_s, 1), "status": self.status, "resumable": self.resumable,
                 "resume_note": self.resume_note, "storage": self.storage, "optuna_storage": self.optuna_storage,
-                "best_trial": (self.best or {}).get("number"),
+                "best_trial": (self.best or {}).get("number"), "best_trial_id": (self.best or {}).get("trial_id"),
                 "best": (self.best or {}).get("metrics", {}).get(self.metric),
+                "selected_by": "confirmation" if (self.best or {}).get("confirmed") else "best trial",
+                "confirmed": (self.best or {}).get("confirmed"),
                 "mlflow_experiment_id": self.experiment_id, "mlflow_study_run_id": self.parent_run_id}
 
 
@@ -159,7 +161,9 @@ def study_info(uri: str, study: str) -> StudyInfo:
         dataset=", ".join(datasets) or tags.get("dataset", "?"), sampler=tags.get("ltstudy.sampler", "?"),
         scheduler=tags.get("ltstudy.scheduler", "?"), num_trials=num_trials, counts=counts, start=_iso(start),
         duration_s=duration, status=parent.info.status, resumable=ok, resume_note=note, storage=storage,
-        optuna_storage=tags.get(OPTUNA_STORAGE_TAG, ""), best=pick_best(trials, Objectives.from_tags(tags)),
+        optuna_storage=tags.get(OPTUNA_STORAGE_TAG, ""), best=recommended(
+            trials, study_trials(mlc, exp.experiment_id, parent.info.run_id, "confirmation"),
+            Objectives.from_tags(tags)),
         trials=trials)
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 
-from ltstudy.study.results.selection import Objectives, confirmed_ranking, pick_best, pick_point
+from ltstudy.errors import ConfigError
+from ltstudy.study.results.selection import Objectives, pick_point, recommended
 from ltstudy.study.tracking.records import find_study, study_trials
 from ltstudy.study.tracking.store import CONFIG_ARTIFACT, TrackingError
 
@@ -23,17 +24,17 @@ def export_best(uri: str, study: str, pick: str | None = None) -> dict[str, Any]
     mlc, exp, parent = find_study(uri, study)
     obj = Objectives.from_tags(parent.data.tags)
     trials = study_trials(mlc, exp.experiment_id, parent.info.run_id)
-    ranking = confirmed_ranking(study_trials(mlc, exp.experiment_id, parent.info.run_id, "confirmation"), obj)
-    by_id = {t["trial_id"]: t for t in trials}
     confirmed = None
-    if ranking and ranking[0]["trial_id"] in by_id and not obj.multi:
-        chosen, confirmed = by_id[ranking[0]["trial_id"]], ranking
-    elif obj.multi:
+    if pick is not None and not obj.multi:
+        raise ConfigError(f"--pick chooses a Pareto point of a multi-objective study; study {study!r} has one "
+                          f"objective ({obj.describe()}): drop --pick")
+    if obj.multi:
         chosen = pick_point(trials, obj, pick)
     else:
-        chosen = pick_best(trials, obj)
+        chosen = recommended(trials, study_trials(mlc, exp.experiment_id, parent.info.run_id, "confirmation"), obj)
         if chosen is None:
             raise TrackingError(f"study {study!r} has no finished trial with {obj.metric!r}")
+        confirmed = chosen.get("ranking")
     with tempfile.TemporaryDirectory() as tmp:
         path = mlc.download_artifacts(chosen["run_id"], CONFIG_ARTIFACT, tmp)
         config = yaml.safe_load(Path(path).read_text())
@@ -46,8 +47,9 @@ def export_best(uri: str, study: str, pick: str | None = None) -> dict[str, Any]
     }
     if confirmed:
         config["provenance"]["confirmation"] = {
-            "metric": obj.metric, "ranking": [{k: row[k] for k in ("trial_id", "mean", "std", "seeds")}
-                                              for row in confirmed]}
+            "metric": obj.metric, "interval": "95 % Student-t; diff: paired, against the published trial",
+            "ranking": [{k: row[k] for k in ("trial_id", "mean", "std", "ci95", "diff", "diff_ci95", "seeds", "values")
+                         if k in row} for row in confirmed]}
     return config
 
 

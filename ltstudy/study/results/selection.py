@@ -112,10 +112,16 @@ def pick_point(trials: list[dict[str, Any]], obj: Objectives, pick: str | None) 
         raise ConfigError(f"--pick {pick!r}: give N or 'max METRIC where METRIC >= X'")
     mode, metric, where = match.groups()
     pool = front
-    for cond in filter(None, re.split(r"\s+and\s+", where or "")):
-        c = _COND.match(cond)
+    conds = [(cond, _COND.match(cond)) for cond in filter(None, re.split(r"\s+and\s+", where or ""))]
+    for cond, c in conds:
         if not c:
             raise ConfigError(f"--pick: cannot read the condition {cond!r} (METRIC >= NUMBER)")
+    for name in [metric, *(c.group(1) for _, c in conds)]:
+        if not all(name in t["metrics"] for t in front):
+            known = sorted(set.intersection(*(set(t["metrics"]) for t in front)))
+            raise ConfigError(f"--pick: the trials have no metric {name!r} (they have: "
+                              f"{', '.join(k for k in known if k.startswith('val_'))}, ...)")
+    for _, c in conds:
         name, op, value = c.group(1), c.group(2), float(c.group(3))
         test = {">=": float.__ge__, "<=": float.__le__, ">": float.__gt__, "<": float.__lt__}[op]
         pool = [t for t in pool if name in t["metrics"] and test(float(t["metrics"][name]), value)]
@@ -127,11 +133,24 @@ def pick_point(trials: list[dict[str, Any]], obj: Objectives, pick: str | None) 
     return max(pool, key=lambda t: sign * t["metrics"][metric])
 
 
-def confirmed_ranking(runs: list[dict[str, Any]], obj: Objectives) -> list[dict[str, Any]]:
+def t_half_width(values: list[float], level: float = 0.95) -> float:
+    """Half the width of the two-sided Student-t confidence interval of the mean (NaN below two values)."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return math.nan
+    return float(stats.t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
+
+
+def confirmed_ranking(runs: list[dict[str, Any]], obj: Objectives,
+                      published_id: str | None = None) -> list[dict[str, Any]]:
     """Confirmation runs grouped by the trial they confirm, ranked by the mean objective over seeds.
 
-    Each row: ``trial_id``, ``mean``, ``std`` (sample, 0 for one seed), ``seeds``, ``values``.
-    A failed or unfinished confirmation run counts as missing; a trial with no finished run is left out.
+    Each row: ``trial_id``, ``mean``, ``std`` (sample, 0 for one seed), ``ci95`` (half-width of the 95 %
+    t-interval of the mean), ``seeds``, ``values``; with the published trial's id, also ``diff`` and
+    ``diff_ci95``: the mean paired difference against the published configuration over the seeds both ran
+    (every candidate runs the same seeds) and its t-interval. A failed or unfinished confirmation run counts
+    as missing; a trial with no finished run is left out.
     """
     groups: dict[str, list[tuple[int, float]]] = {}
     for r in runs:
@@ -139,13 +158,33 @@ def confirmed_ranking(runs: list[dict[str, Any]], obj: Objectives) -> list[dict[
         if r["status"] == "completed" and math.isfinite(value):
             groups.setdefault(r["confirms"], []).append((int(r.get("seed", 0)), value))
     rows = []
+    reference = dict(groups.get(published_id, [])) if published_id else {}
     for trial_id, pairs in groups.items():
         values = [v for _, v in sorted(pairs)]
-        rows.append({"trial_id": trial_id, "mean": statistics.fmean(values),
-                     "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                     "seeds": [s for s, _ in sorted(pairs)], "values": values})
+        row = {"trial_id": trial_id, "mean": statistics.fmean(values),
+               "std": statistics.stdev(values) if len(values) > 1 else 0.0, "ci95": t_half_width(values),
+               "seeds": [s for s, _ in sorted(pairs)], "values": values}
+        diffs = [v - reference[s] for s, v in sorted(pairs) if s in reference]
+        if reference and diffs:
+            row.update(diff=statistics.fmean(diffs), diff_ci95=t_half_width(diffs))
+        rows.append(row)
     sign = 1.0 if obj.mode == "max" else -1.0
     return sorted(rows, key=lambda row: sign * row["mean"], reverse=True)
+
+
+def recommended(trials: list[dict[str, Any]], confirmations: list[dict[str, Any]],
+                obj: Objectives) -> dict[str, Any] | None:
+    """The study's answer, the same everywhere (summary, ``studies list`` / ``show``, report, export): the
+    confirmed winner (best mean over the confirmation seeds, its ranking row as ``confirmed``) when the study
+    was confirmed, else the best single-seed trial (None for a multi-objective study)."""
+    if obj.multi:
+        return None
+    published = published_trial(trials)
+    ranking = confirmed_ranking(confirmations, obj, published["trial_id"] if published else None)
+    by_id = {t["trial_id"]: t for t in trials}
+    if ranking and ranking[0]["trial_id"] in by_id:
+        return {**by_id[ranking[0]["trial_id"]], "confirmed": ranking[0], "ranking": ranking}
+    return pick_best(trials, obj)
 
 
 def gain_over_published(trials: list[dict[str, Any]], best: dict[str, Any] | None,

@@ -15,7 +15,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from ltstudy.study.results.plots import log_pngs, study_pngs
-from ltstudy.study.results.selection import Objectives, gain_over_published, pareto_front, pick_best
+from ltstudy.study.results.selection import Objectives, gain_over_published, pareto_front, recommended
 from ltstudy.study.tracking.records import status_counts, study_trials
 from ltstudy.study.tracking.store import log_batch
 from ltstudy.study.tracking.study_run import StudyTracker
@@ -66,7 +66,7 @@ def record_summary(tracker: StudyTracker, space_text: str, obj: Objectives, optu
     """Summarise the study onto its study run and end it; returns ``{"best", "front", "gain", "trials"}``."""
     mlc, run_id = tracker.mlc, tracker.parent_run_id
     trials = study_trials(mlc, tracker.experiment_id, run_id)
-    best = pick_best(trials, obj)
+    best = recommended(trials, study_trials(mlc, tracker.experiment_id, run_id, "confirmation"), obj)
     front = pareto_front(trials, obj) if obj.multi else []
     gain = gain_over_published(trials, best, obj)
     mlc.log_text(run_id, space_text, SPACE_ARTIFACT)

@@ -9,8 +9,8 @@
   study's answer can always be compared with a full-length run of the published configuration.
 * **Resume.** Ray's controller saves the searcher's and the callbacks' state but not the scheduler's, so
   after ``Tuner.restore`` ASHA's rungs would start empty and every trial would survive the next rungs.
-  :class:`StudyASHA` writes its rungs next to the experiment after every decision and reads them back when
-  Tune unpickles it on restore.
+  :class:`StudyASHA` writes its rungs next to the experiment after every decision (under a name Tune's
+  restore does not stage, see :data:`STATE_FILE`) and reads them back when Tune unpickles it on restore.
 
 Ray's ``MedianStoppingRule`` and ``HyperBandScheduler`` are not offered: they keep per-trial state keyed
 by ``Trial`` objects (not ids) and pause trials, so making them resume exactly would mean rewriting them.
@@ -23,7 +23,7 @@ import math
 import pickle
 from typing import Any
 
-from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
 from ltstudy.config import PUBLISHED_KEY
 from ltstudy.errors import ConfigError
@@ -31,17 +31,56 @@ from ltstudy.study import _compat
 from ltstudy.study.storage import filesystem
 
 SCHEDULERS = ("asha", "none")
-STATE_FILE = "ltstudy_scheduler_state.pkl"
+#: ASHA's rungs beside the experiment. Not ``*.pkl`` / ``*.json``: on restore Tune copies the experiment
+#: folder's files of those kinds into its staging folder and uploads that folder at every save, which put the
+#: copy from resume time back over the live rungs (ray.tune.execution.experiment_state,
+#: ``sync_down_experiment_state``); a name Tune does not stage is written by this scheduler only.
+STATE_FILE = "ltstudy_scheduler_state.rungs"
+OLD_STATE_FILE = "ltstudy_scheduler_state.pkl"  # studies started before the rename
+#: a result that came with a trial checkpoint carries this key (``trainable._reporter``)
+CHECKPOINTED_KEY = "ltstudy_checkpointed"
 
 
-class StudyASHA(AsyncHyperBandScheduler):
-    """ASHA on ``epoch`` that never stops the published trial and keeps its rungs across a resume."""
+class SavesState:
+    """Tune saves its experiment state on a period (at most every few seconds, more rarely as saves get
+    slower), so a driver killed right after a trial was added, or after a trial checkpointed, restarted
+    from a state that did not know the trial or its checkpoint: the trial ran again as a new one (a second
+    MLflow run, an orphaned Optuna trial, more trials than ``--num-trials``) or repeated its epochs. This
+    scheduler mixin makes Tune save the state at the end of the step in which a trial was added and in
+    which a trial's result brought a checkpoint. A new trial is saved before it starts, and the save waited
+    for (the searcher has asked Optuna for it already: a state without it would orphan that Optuna trial);
+    a checkpoint's save is Tune's own, at the end of the step (a state a moment behind names the trial's
+    previous checkpoint, which Tune keeps: ``num_to_keep=2``)."""
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        # a new trial, not one a resumed study re-queues (no controller: a scheduler driven by hand)
+        if tune_controller is not None and not getattr(trial, "has_reported_at_least_once", True):
+            _compat.save_experiment_now(tune_controller, trial)
+
+    def _saved_checkpoint(self, tune_controller: Any, result: dict) -> None:
+        if result.get(CHECKPOINTED_KEY) and tune_controller is not None:
+            _compat.force_experiment_save(tune_controller)
+
+
+class StudyFIFO(SavesState, FIFOScheduler):
+    """No early stopping (``--scheduler none``), with the experiment state saved as :class:`SavesState` says."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        self._saved_checkpoint(tune_controller, result)
+        return super().on_trial_result(tune_controller, trial, result)
+
+
+class StudyASHA(SavesState, AsyncHyperBandScheduler):
+    """ASHA on ``epoch`` that never stops the published trial and keeps its rungs across a resume (and saves
+    the experiment state as :class:`SavesState` says)."""
 
     def __init__(self, *, state_dir: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._state_path = f"{state_dir.rstrip('/')}/{STATE_FILE}"
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        self._saved_checkpoint(tune_controller, result)
         decision = super().on_trial_result(tune_controller, trial, result)
         time_attr, max_t = _compat.asha_budget(self)
         if decision == TrialScheduler.STOP and trial.config.get(PUBLISHED_KEY) and result.get(time_attr, 0) < max_t:
@@ -67,11 +106,16 @@ class StudyASHA(AsyncHyperBandScheduler):
         fs.move(path + ".tmp", path)
 
     def _load(self) -> None:
-        fs, path = filesystem(self._state_path)
-        try:
-            with fs.open_input_stream(path) as src:
-                state = pickle.load(io.BytesIO(src.read()))
-        except (FileNotFoundError, OSError):
+        state = None
+        for name in (STATE_FILE, OLD_STATE_FILE):
+            fs, path = filesystem(self._state_path.rsplit("/", 1)[0] + "/" + name)
+            try:
+                with fs.open_input_stream(path) as src:
+                    state = pickle.load(io.BytesIO(src.read()))
+                break
+            except (FileNotFoundError, OSError):
+                continue
+        if state is None:
             return
         _compat.set_asha_rungs(self, state["rungs"])
         _compat.set_asha_stopped(self, state["num_stopped"])
@@ -82,9 +126,9 @@ class StudyASHA(AsyncHyperBandScheduler):
         self._load()
 
 
-def rung_epochs(scheduler: StudyASHA | None) -> tuple[int, ...]:
+def rung_epochs(scheduler: StudyASHA | StudyFIFO) -> tuple[int, ...]:
     """The epochs at which ``scheduler`` decides (ASHA decides at the first result at or past a rung)."""
-    if scheduler is None:
+    if not isinstance(scheduler, StudyASHA):
         return ()
     return tuple(sorted({math.ceil(m) for m, _ in scheduler.rungs}))
 
@@ -97,10 +141,10 @@ def first_rung(phases: list[int], grace: int | str) -> int:
 
 
 def make_scheduler(name: str, metric: str, mode: str, epochs: int, grace: int, reduction_factor: float,
-                   state_dir: str) -> StudyASHA | None:
-    """ASHA on ``epoch`` (Tune's iteration counter restarts after a restore), or none."""
+                   state_dir: str) -> StudyASHA | StudyFIFO:
+    """ASHA on ``epoch`` (Tune's iteration counter restarts after a restore), or none (FIFO)."""
     if name == "none":
-        return None
+        return StudyFIFO()
     if name != "asha":
         raise ConfigError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
     return StudyASHA(time_attr="epoch", metric=metric, mode=mode, max_t=max(epochs, 1),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import warnings
 from typing import Any
 
 import optuna
@@ -64,7 +65,9 @@ class LtOptunaSearch(OptunaSearch):
         if not _finite(result.get(self.metric)) or trial_id not in trials:
             return
         try:
-            trials[trial_id].report(result[self.metric], int(result.get("epoch", 0)))
+            with warnings.catch_warnings():  # a resumed trial re-reports the epochs after its checkpoint
+                warnings.filterwarnings("ignore", message=".*is already reported")
+                trials[trial_id].report(result[self.metric], int(result.get("epoch", 0)))
         except optuna.exceptions.UpdateFinishedTrialError:
             # a trial Tune re-runs after a restore although Optuna already recorded its end
             completed.add(trial_id)

@@ -116,8 +116,11 @@ class MLflowTrialCallback(ray.tune.Callback):
         tags = found[0].data.tags if found else {}
         if tags.get(STATUS_TAG) in ENDED:
             # the trial ended before the driver died, but Tune's state had not caught up: it replays
-            # the trial from its final checkpoint; its record is complete and stays as it is
+            # the trial from its final checkpoint; its record is complete and stays as it is (its status
+            # set, should the driver have died between the end tags and the run's end)
             run = OpenRun(found[0].info.run_id, ended=True)
+            if found[0].info.status == "RUNNING":
+                mlc.set_terminated(run.run_id, RUN_STATUS[tags[STATUS_TAG]])
         elif STATUS_TAG in tags:
             # a trial restored from its last Tune checkpoint re-runs the epochs after it; the epochs it
             # logged before the driver stopped are reproduced exactly, so they are not logged again
@@ -218,7 +221,7 @@ class MLflowTrialCallback(ray.tune.Callback):
                 EPOCHS_TAG: int(last.get("epoch", 0))}
         trace = None
         if outcome == "failed":
-            trace = _error_trace(trial) if errored else None
+            trace = _error_trace(trial) if errored else why  # a NaN objective or a reported failure too
             tags["error"] = (why or _last_line(trace) or "trial raised an error")[:4000]
         wall = time.time() - self._start[tid] if tid in self._start else None
         if wall is not None:
