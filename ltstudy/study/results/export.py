@@ -14,16 +14,18 @@ from ltstudy.study.tracking.records import find_study, study_trials
 from ltstudy.study.tracking.store import CONFIG_ARTIFACT, TrackingError
 
 
-def export_best(uri: str, study: str, pick: str | None = None) -> dict[str, Any]:
+def export_best(uri: str, study: str, pick: str | None = None,
+                trials: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The recommended trial's resolved config plus a ``provenance`` block, read from the tracking store.
 
     The recommendation is, in this order: the confirmed winner (best mean validation objective over the
     confirmation seeds) when the study was confirmed; for a multi-objective study the Pareto point that
-    ``pick`` names; else the best trial.
+    ``pick`` names; else the best trial. ``trials``: the study's trial records when the caller has read them
+    (the report does: reading 1,000 trials' records takes seconds).
     """
     mlc, exp, parent = find_study(uri, study)
     obj = Objectives.from_tags(parent.data.tags)
-    trials = study_trials(mlc, exp.experiment_id, parent.info.run_id)
+    trials = trials if trials is not None else study_trials(mlc, exp.experiment_id, parent.info.run_id)
     confirmed = None
     if pick is not None and not obj.multi:
         raise ConfigError(f"--pick chooses a Pareto point of a multi-objective study; study {study!r} has one "

@@ -159,7 +159,7 @@ def build_report(uri: str, study: str) -> tuple[str, StudyInfo]:
     pngs, imp = study_pngs(mlc, parent, info.trials, info.metric, ot_study, info.best)
     frame = trials_frame(info.trials, info.metric)
     try:
-        best_config = yaml.safe_dump(export_best(uri, study), sort_keys=False)
+        best_config = yaml.safe_dump(export_best(uri, study, trials=info.trials), sort_keys=False)
     except Exception as exc:  # noqa: BLE001 - a study without a finished trial still gets its report
         best_config = f"# no best configuration: {exc}"
     parts = [
