@@ -80,6 +80,10 @@ def quiet(verbose: int) -> None:
 def quiet_tuner_output(verbose: int) -> contextlib.AbstractContextManager:
     """Around ``Tuner.fit``: Ray's new output engine prints its experiment header even at verbose 0 (its
     legacy engine prints nothing at 0); and Tune's warning about frequent experiment-state saves is off, as
-    the study saves the state on purpose whenever a trial is added or checkpoints (``schedulers.SavesState``)."""
-    quiet_saves = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
-    return env({**quiet_saves, "RAY_AIR_NEW_OUTPUT": "0"} if verbose == 0 else quiet_saves)
+    the study saves the state on purpose whenever a trial is added or checkpoints (``schedulers.SavesState``).
+    Tune's own per-trial loggers (``result.json``, ``progress.csv``, TensorBoard events) are off: MLflow holds
+    every result, nothing reads those files, and the TensorBoard one warned at every trial end about the
+    calibration bins' empty entries."""
+    always = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+              "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+    return env({**always, "RAY_AIR_NEW_OUTPUT": "0"} if verbose == 0 else always)

@@ -161,3 +161,13 @@ def test_feature_stage_study_extracts_once_from_a_trial_run(study, mlflow_server
         assert run.data.tags["feature_key"] == caches[0].name
         assert run.data.params["dataset"] == "synthetic"
         assert run.data.params["backbone"].endswith("checkpoint.pt")
+
+
+def test_tune_keeps_no_per_trial_log_files_beside_mlflow(study):
+    """MLflow holds every result: Tune's own result.json / progress.csv / TensorBoard files are not written
+    (they cost every result a write, and the TensorBoard one warned at every trial end)."""
+    _, tmp = study
+    names = {p.name for p in (tmp / "storage" / "e2e").rglob("*") if p.is_file()}
+    assert names, "the study wrote nothing under its storage folder"
+    assert not {"result.json", "progress.csv"} & names
+    assert not any(n.startswith("events.out.tfevents") for n in names)
