@@ -183,8 +183,11 @@ def test_token_auth_internals(tmp_path, monkeypatch):
 
 
 def test_bind_to_loopback_internals(monkeypatch):
+    import ray._private.worker
     from ray._private import ray_constants, services
 
+    # a Ray another test of this process left running answers with its own node's address
+    monkeypatch.setattr(ray._private.worker, "_global_node", None)
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
     monkeypatch.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "1")
     _compat.bind_to_loopback()

@@ -69,7 +69,11 @@ def test_ltstudy_train_worker_on_two_ranks_matches_one_process(ray_local, tmp_pa
     with result.checkpoint.as_directory() as d:
         ddp = torch.load(f"{d}/checkpoint.pt", weights_only=True)["model"]
     single, last_epoch_loss = _one_process_two_shards(cfg)
+    # Two epochs of float32 training in two processes against one: on the 2-core machine of 2026-12-02 the
+    # weights drifted apart by up to 2.5e-4 (weights up to 0.41; CPU kernels sum in another order across
+    # processes), where an earlier machine gave bit-equal results. A DDP mistake (gradients summed, not
+    # averaged; one rank's shard twice; no all-reduce) changes every step's update as a whole, not its last bits.
     for name, value in single.items():
-        torch.testing.assert_close(ddp[name], value, atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(ddp[name], value, atol=1e-3, rtol=1e-3, msg=name)
     # the logged train_loss is the mean over every step of both ranks, not rank 0's shard
-    assert result.metrics["train_loss"] == pytest.approx(last_epoch_loss, rel=1e-5)
+    assert result.metrics["train_loss"] == pytest.approx(last_epoch_loss, rel=1e-3)
