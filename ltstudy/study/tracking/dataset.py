@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Dataset, DatasetInput, InputTag
 
-from ltstudy.config import DATA_KEYS, TrialConfig, load_data
+if TYPE_CHECKING:  # ltstudy.config pulls in torch and every method: the read side (report, studies) needs neither
+    from ltstudy.config import TrialConfig
 
 CONTEXT_TAG = "mlflow.data.context"
 
@@ -47,12 +48,16 @@ class DatasetRecord:
 
 def data_key(cfg: TrialConfig) -> tuple:
     """What defines a trial's data; trials with equal keys share one record."""
+    from ltstudy.config import DATA_KEYS
+
     t = cfg.train
     return tuple((k, getattr(t, k)) for k in DATA_KEYS) + (("data_root", t.data_root),)
 
 
 def dataset_record(cfg: TrialConfig) -> DatasetRecord:
     """Load the trial's split (images stay on the CPU) and describe it."""
+    from ltstudy.config import load_data
+
     t = cfg.train
     data = load_data(cfg)
     h = hashlib.sha256()

@@ -11,7 +11,6 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 
 from ltstudy.errors import ConfigError
-from ltstudy.features.extract import names_a_file
 from ltstudy.study.tracking.store import (
     CHECKPOINT_TAG,
     CONFIRMS_TAG,
@@ -103,6 +102,9 @@ def checkpoint_of_run(tracking_uri: str | None, run_id: str) -> str:
 
 def resolve_backbone(value: str, tracking_uri: str | None = None) -> str:
     """A checkpoint file or folder as given, or the checkpoint of the MLflow run with that id."""
+    # torch comes with it: imported here, not by every reader of a study's records
+    from ltstudy.features.extract import names_a_file
+
     if names_a_file(value):
         return str(Path(value).expanduser().resolve())
     return checkpoint_of_run(tracking_uri, value)
