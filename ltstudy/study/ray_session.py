@@ -50,8 +50,8 @@ def ray_init(address: str | None, verbose: int = 0, dashboard: bool = True) -> b
 
     Without ``--address`` the study always starts its own Ray (``address="local"``): a plain
     ``ray.init()`` would join whatever cluster Ray's current-cluster file names, a dead one included. That
-    Ray listens on 127.0.0.1 only, and Ray 2.60 turns token auth on for it (writing ``~/.ray/auth_token``
-    when there is none). Joining a cluster by address, Ray never turns token auth on by itself; ltstudy
+    Ray listens on 127.0.0.1 only and runs in token mode (``RAY_AUTH_MODE=token`` set here, Ray 2.60's own
+    default for a new local Ray, without its warning; Ray writes ``~/.ray/auth_token`` when there is none). Joining a cluster by address, Ray never turns token auth on by itself; ltstudy
     does whenever a token is at hand (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``),
     unless the user set ``RAY_AUTH_MODE``.
 
@@ -63,7 +63,9 @@ def ray_init(address: str | None, verbose: int = 0, dashboard: bool = True) -> b
         return False
     if address in (None, "local"):
         _compat.bind_to_loopback()
-    elif "RAY_AUTH_MODE" not in os.environ and _compat.has_auth_token():
+    if "RAY_AUTH_MODE" not in os.environ and (address in (None, "local") or _compat.has_auth_token()):
+        # explicit token mode: what Ray 2.60 picks for a new local Ray anyway (and then warns about, with
+        # the opt-out in the line), and Ray generates the token if there is none
         _compat.use_token_auth()
     ray.init(address=address or "local", log_to_driver=verbose > 0,
              logging_level="INFO" if verbose > 1 else "WARNING",
