@@ -169,6 +169,7 @@ def _print_summary(s: Any) -> None:
     ui = (f"open {s.tracking_uri}" if s.tracking_uri.startswith("http")
           else f"mlflow ui --backend-store-uri {s.tracking_uri}")
     table.add_row("MLflow UI", ui)
+    table.add_row("figures", f"ltstudy report {s.study} (HTML, and the plots onto the study run)")
     table.add_row("export", f"ltstudy best-config export --study {s.study} -o best.yaml"
                   + (" --pick 0" if len(s.metrics) > 1 else ""))
     table.add_row("wall time", f"{s.wall_s:.0f} s")

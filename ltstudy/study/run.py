@@ -53,7 +53,7 @@ from ltstudy.study.tracking.callback import MLflowTrialCallback
 from ltstudy.study.tracking.dataset import DatasetRecord, dataset_record
 from ltstudy.study.tracking.links import OptunaLinks, annotate_study
 from ltstudy.study.tracking.records import status_counts, study_trials
-from ltstudy.study.tracking.store import git_commit, run_url
+from ltstudy.study.tracking.store import client, git_commit, run_url
 from ltstudy.study.tracking.study_run import StudyTracker
 from ltstudy.study.trainable import Resources, make_trainable, reuse_actors
 
@@ -87,7 +87,10 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
         for note in plan.notes:
             (say or print)(note)
     plan = _stage_data(plan)
+    warming = threading.Thread(target=_open_store, args=(plan.tracking_uri,), name="ltstudy-store", daemon=True)
+    warming.start()  # while Ray starts: most of ray.init is waiting for Ray's own processes
     started = ray_init(plan.opts.address, plan.opts.verbose, dashboard=plan.opts.workers > 1)
+    warming.join()
     try:
         study = prepare(plan)
         interrupted, callback, confirmed = fit(study, echo, say, console)
@@ -103,6 +106,14 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
     finally:
         if started:
             stopping.join()
+
+
+def _open_store(uri: str) -> None:
+    """Open the MLflow store once (1-3 s: SQLAlchemy, and a new SQLite file's migrations); MLflow keeps one
+    store per URI, so the study run opened later finds it ready. A store that fails here fails again there,
+    where the error is reported."""
+    with contextlib.suppress(Exception):
+        client(uri)
 
 
 def _stage_data(plan: StudyPlan) -> StudyPlan:
@@ -310,7 +321,7 @@ def summarise(study: PreparedStudy, interrupted: str | None, callback: MLflowTri
                                f"killed, its state saved{f' ({lost})' if lost else ''}; resume with: "
                                f"{plan.resume_command()}")
     obj = Objectives(plan.space.metrics, plan.space.modes)
-    result = record_summary(tracker, plan.space_text, obj, _optuna_study(plan))
+    result = record_summary(tracker, plan.space_text, obj)
     trials, o = result["trials"], plan.opts
     notes = list(plan.notes) if with_notes else []
     if o.time_budget and wall_s >= o.time_budget and (note := _budget_note(plan, trials)):
@@ -335,10 +346,3 @@ def _budget_note(plan: StudyPlan, trials: list[dict[str, Any]]) -> str | None:
     return (f"the time budget ({plan.opts.time_budget:.0f} s) ended the study: {cut} running trial(s) cut "
             f"(status budget), {left} of {plan.opts.num_trials} not started; continue with: "
             f"{plan.resume_command()}")
-
-
-def _optuna_study(plan: StudyPlan) -> optuna.Study | None:
-    try:
-        return optuna.load_study(study_name=plan.study, storage=open_optuna_storage(plan.optuna_storage))
-    except KeyError:  # no trial was ever asked for
-        return None

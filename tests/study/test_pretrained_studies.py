@@ -76,7 +76,6 @@ def test_a_lift_study_loads_the_cached_hub_weights_every_trial(ray_local, tmp_pa
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     names = {a.path for a in MlflowClient(uri).list_artifacts(summary.trials[0]["run_id"])}
     assert "reliability.json" in names
-    plots = {a.path for a in MlflowClient(uri).list_artifacts(summary.parent_run_id, "plots")}
-    assert "plots/reliability_best_vs_published.png" in plots
-    html, _ = build_report(uri, "lift-pretrained")
+    html, _, pngs, _ = build_report(uri, "lift-pretrained")
+    assert pngs["reliability_best_vs_published"].startswith(b"\x89PNG")
     assert "<h2>Calibration</h2>" in html and 'id="plot-reliability_best_vs_published"' in html

@@ -84,7 +84,7 @@ def test_failed_trial_recorded_and_study_finished(study, mlflow_server):
     assert summary.best is not None
 
 
-def test_parent_holds_best_params_metrics_space_and_plots(study, mlflow_server):
+def test_parent_holds_best_params_metrics_and_space(study, mlflow_server):
     summary, _ = study
     mlc, exp, parent = find_study(mlflow_server, "e2e")
     best = summary.best
@@ -92,8 +92,7 @@ def test_parent_holds_best_params_metrics_space_and_plots(study, mlflow_server):
     assert parent.data.metrics["val_loss"] == pytest.approx(best["metrics"]["val_loss"])
     arts = {a.path for a in mlc.list_artifacts(parent.info.run_id)}
     assert "search_space.yaml" in arts
-    plots = {a.path for a in mlc.list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/optimization_history.png", "plots/param_importances.png"} <= plots
+    assert not mlc.list_artifacts(parent.info.run_id, "plots")  # figures are `ltstudy report`'s, drawn once
     completed = [t for t in summary.trials if t["status"] == "completed"]
     assert best["metrics"]["val_loss"] == min(t["metrics"]["val_loss"] for t in completed)
 

@@ -16,21 +16,23 @@ import base64
 import html
 import math
 import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import optuna
 import yaml
+from mlflow.entities import Metric
 
 from ltstudy.study.results.catalog import StudyInfo, study_info, trials_frame
 from ltstudy.study.results.export import export_best
-from ltstudy.study.results.plots import OPTUNA_PLOTS, study_pngs
+from ltstudy.study.results.plots import OPTUNA_PLOTS, log_pngs, study_pngs
 from ltstudy.study.results.selection import published_trial
 from ltstudy.study.search.optuna_storage import open_optuna_storage
 from ltstudy.study.tracking.figures import reliability_png
 from ltstudy.study.tracking.records import reliability_of_run
-from ltstudy.study.tracking.store import client, run_url
+from ltstudy.study.tracking.store import client, log_batch, run_url
 
 REPORT_ARTIFACT = "report.html"
 _CSS = """
@@ -145,8 +147,8 @@ def _optuna(pngs: dict[str, bytes], imp: dict[str, float]) -> str:
     return out
 
 
-def build_report(uri: str, study: str) -> tuple[str, StudyInfo]:
-    """The report's HTML and the study it describes."""
+def build_report(uri: str, study: str) -> tuple[str, StudyInfo, dict[str, bytes], dict[str, float]]:
+    """The report's HTML, the study it describes, its figures (PNG bytes by name) and Optuna's importances."""
     info = study_info(uri, study)
     mlc = client(uri)
     parent = mlc.get_run(info.parent_run_id)
@@ -182,16 +184,22 @@ def build_report(uri: str, study: str) -> tuple[str, StudyInfo]:
         f"{_e(study)} -o best.yaml</code>):</p><pre>{_e(best_config)}</pre>",
         "</body></html>",
     ]
-    return "\n".join(parts), info
+    return "\n".join(parts), info, pngs, imp
 
 
 def write_report(uri: str, study: str, output: str, log: bool = True) -> StudyInfo:
-    """Write the report to ``output`` and (``log``) put it on the study run as ``report.html``."""
-    text, info = build_report(uri, study)
+    """Write the report to ``output`` and (``log``) put it on the study run: ``report.html``, its figures
+    under ``plots/`` and the importances as ``importance.<param>`` metrics. The study itself draws no figure
+    at its end (they were a fifth of a small study's fixed cost); they are made here, once."""
+    text, info, pngs, imp = build_report(uri, study)
     Path(output).write_text(text, encoding="utf-8")
     if log:
+        mlc = client(uri)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / REPORT_ARTIFACT
             path.write_text(text, encoding="utf-8")
-            client(uri).log_artifact(info.parent_run_id, str(path))
+            mlc.log_artifact(info.parent_run_id, str(path))
+        log_pngs(mlc, info.parent_run_id, pngs)
+        now = int(time.time() * 1000)
+        log_batch(mlc, info.parent_run_id, metrics=[Metric(f"importance.{k}", float(v), now, 0) for k, v in imp.items()])
     return info

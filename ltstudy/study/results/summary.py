@@ -1,8 +1,8 @@
 """What a finished study recommends, written onto its study run and returned for the command to print.
 
 :func:`record_summary` puts the best trial (or the Pareto front), its gain over the published trial, the
-space, the figures and the counts by status on the study run, then ends it. :class:`StudySummary` is what
-``ltstudy tune`` prints from.
+space and the counts by status on the study run, then ends it; the figures are drawn once, by ``ltstudy
+report``. :class:`StudySummary` is what ``ltstudy tune`` prints from.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
-from ltstudy.study.results.plots import log_pngs, study_pngs
 from ltstudy.study.results.selection import Objectives, gain_over_published, pareto_front, recommended
 from ltstudy.study.tracking.records import status_counts, study_trials
 from ltstudy.study.tracking.store import log_batch
@@ -61,8 +60,7 @@ class StudySummary:
         return f"all {len(self.trials)} trials failed; most common error ({n} of {len(self.trials)}): {common}"
 
 
-def record_summary(tracker: StudyTracker, space_text: str, obj: Objectives, optuna_study: Any = None,
-                   status: str = "FINISHED") -> dict[str, Any]:
+def record_summary(tracker: StudyTracker, space_text: str, obj: Objectives, status: str = "FINISHED") -> dict[str, Any]:
     """Summarise the study onto its study run and end it; returns ``{"best", "front", "gain", "trials"}``."""
     mlc, run_id = tracker.mlc, tracker.parent_run_id
     trials = study_trials(mlc, tracker.experiment_id, run_id)
@@ -75,10 +73,7 @@ def record_summary(tracker: StudyTracker, space_text: str, obj: Objectives, optu
     if front:
         log_batch(mlc, run_id, tags={"ltstudy.pareto_trials": ",".join(t["trial_id"] for t in front)})
     now = int(time.time() * 1000)
-    pngs, imp = study_pngs(mlc, mlc.get_run(run_id), trials, obj.metric, optuna_study, best)
-    log_pngs(mlc, run_id, pngs)
     metrics = [Metric(f"gain_over_published.{k}", v, now, 0) for k, v in (gain or {}).items()]
-    metrics += [Metric(f"importance.{k}", float(v), now, 0) for k, v in imp.items()]
     log_batch(mlc, run_id, metrics=metrics,
               tags={f"ltstudy.trials_{k}": v for k, v in status_counts(trials).items()})
     mlc.set_terminated(run_id, status)
