@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -70,6 +71,16 @@ def test_every_trial_has_one_child_run_with_records(study, mlflow_server):
             assert [m.step for m in history] == list(range(1, len(history) + 1))
             expected = 3 if t["status"] == "completed" else len(history)
             assert len(history) == expected and (t["status"] == "completed" or len(history) < 3)
+
+
+def test_tune_state_holds_no_per_class_lists(study):
+    """The per-class accuracy and calibration bins reach MLflow (above) but not Tune's trial state, which
+    Tune writes whole, for every trial, at each experiment save."""
+    _, tmp = study
+    [state] = (tmp / "storage" / "e2e").glob("experiment_state-*.json")
+    for _, run_state in json.loads(state.read_text())["trial_data"]:
+        last = json.loads(run_state)["last_result"]
+        assert last and not {"val_per_class", "test_per_class", "val_reliability", "test_reliability"} & set(last)
 
 
 def test_failed_trial_recorded_and_study_finished(study, mlflow_server):
