@@ -125,8 +125,32 @@ def _failure_result(exc: Exception, cfg: Any) -> dict[str, Any]:
             "node_id": _node_id(), **{k: float("nan") for k in OBJECTIVES}}
 
 
+def scratch_dir(prefix: str) -> str:
+    """A new private folder for a trial's local checkpoints under ``$TMPDIR/ltstudy-scratch-UID``, named after
+    this process. A trial removes its folders when it ends; a process killed with SIGKILL (an interrupted
+    study, a preempted node) cannot, so every new folder first sweeps away those of processes that are gone
+    (a few MB of checkpoint each, for ever, otherwise)."""
+    root = os.path.join(tempfile.gettempdir(), f"ltstudy-scratch-{os.getuid()}")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    for name in os.listdir(root):
+        pid = name.split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{os.getpid()}-{prefix}-", dir=root)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _local_copy(ckpt: Checkpoint | None) -> str | None:
-    return ckpt.to_directory() if ckpt is not None else None
+    return ckpt.to_directory(scratch_dir("restore")) if ckpt is not None else None
 
 
 def _reporter(cfg: Any, send: Any, ctx: TrialContext, checkpoints: bool = True, group: Any = None,
@@ -211,7 +235,7 @@ def make_single_worker_trial(res: Resources):
         if problem:
             ray.tune.report(_failure_result(RuntimeError(problem), cfg))
             return
-        work = tempfile.mkdtemp(prefix="ltstudy-ckpt-")
+        work = scratch_dir("ckpt")
         resume = _local_copy(ray.tune.get_checkpoint())
         ctx = res.context(checkpoint_dir=work, resume_from=resume)
         try:
@@ -230,7 +254,7 @@ def train_worker(loop: dict[str, Any]) -> None:
         raise RuntimeError(problem)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    work = tempfile.mkdtemp(prefix=f"ltstudy-ckpt-r{rank}-")
+    work = scratch_dir(f"ckpt-r{rank}")
     resume = _local_copy(ray.train.get_checkpoint())
     # an explicit device=cpu wins over the GPU Train assigned (logical GPUs on CPU-only test clusters)
     device = "cpu" if cfg.train.device == "cpu" else ray.train.torch.get_device()
