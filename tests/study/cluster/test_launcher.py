@@ -268,3 +268,34 @@ def test_pull_copies_the_records_home_with_ray_rsync_down(tmp_path):
 
     with pytest.raises(LtstudyError, match=r"ray rsync-down /mnt/efs/ltstudy/mlflow.db failed: Permission denied"):
         pull(cluster, tmp_path / "home2", run=refused)
+
+
+def test_file_mounts_survive_the_rsync_excludes(tmp_path):
+    """Ray applies `rsync_exclude` and `rsync_filter` to every file mount: the token and `--pgpass` files must
+    still arrive, while a `.pgpass` inside the repository stays home (found by `ray up` on namespace nodes)."""
+    from ray.autoscaler._private.command_runner import SSHCommandRunner
+
+    if subprocess.run(["which", "rsync"], capture_output=True).returncode:
+        pytest.fail("rsync is needed (Ray's file mounts use it)", pytrace=False)
+    pgpass = tmp_path / "home" / ".pgpass"
+    pgpass.parent.mkdir()
+    pgpass.write_text("db:5432:mlflow:u:s3cr3t\n")
+    pgpass.chmod(0o600)
+    config = render(_raw(), RenderOptions(efs_id=EFS, pgpass=str(pgpass)))
+    args = SSHCommandRunner._create_rsync_filter_args(None, config)
+    repo = tmp_path / "repo"
+    (repo / "ltstudy").mkdir(parents=True)
+    (repo / "ltstudy" / "__init__.py").write_text("")
+    (repo / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    (repo / ".pgpass").write_text("db:5432:mlflow:u:s3cr3t\n")
+    node = tmp_path / "node"
+    for remote, local in config["file_mounts"].items():
+        source = str(repo) + "/" if local == "." else local
+        dest = node / remote.removeprefix("~/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["rsync", "-az", *args, source, str(dest) + ("/" if local == "." else "")],
+                       check=True, capture_output=True)
+    assert (node / ".pgpass").read_text() == pgpass.read_text()
+    assert (node / ".ray" / "auth_token").is_file()
+    assert (node / "ltstudy" / "ltstudy" / "__init__.py").is_file()
+    assert not (node / "ltstudy" / ".pgpass").exists()
