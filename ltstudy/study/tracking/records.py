@@ -41,7 +41,7 @@ def study_trials(mlc, experiment_id: str, parent_run_id: str, role: str = "trial
              "status": r.data.tags.get(STATUS_TAG, "running"), "metrics": dict(r.data.metrics),
              "params": dict(r.data.params), "mlflow_status": r.info.status,
              "published": r.data.tags.get(PUBLISHED_TAG) == "true", "confirms": r.data.tags.get(CONFIRMS_TAG),
-             "budget": r.data.tags.get(BUDGET_TAG), "partial": _partial(r.data.tags.get(BUDGET_TAG)),
+             "budget": r.data.tags.get(BUDGET_TAG), "partial": is_partial(r.data.tags.get(BUDGET_TAG)),
              "seed": r.data.tags.get("seed"), "error": r.data.tags.get("error"),
              "node_id": r.data.tags.get("node_id"),
              "number": int(r.data.tags[NUMBER_TAG]) if r.data.tags.get(NUMBER_TAG, "").isdigit() else None,
@@ -50,7 +50,7 @@ def study_trials(mlc, experiment_id: str, parent_run_id: str, role: str = "trial
             for r in runs]
 
 
-def _partial(budget: str | None) -> bool:
+def is_partial(budget: str | None) -> bool:
     """Whether a successive-halving run's budget (``epochs/full``) is less than the full recipe."""
     if not budget or "/" not in budget:
         return False

@@ -16,7 +16,7 @@ from ltstudy.study.results.selection import Objectives, gain_over_published, pic
 from ltstudy.study.search.halving import HalvingSearch, ladder, scaled_settings, total_epochs
 from ltstudy.study.search.schedulers import asha_epochs
 from ltstudy.study.search.space import parse_space
-from ltstudy.study.tracking.records import _partial
+from ltstudy.study.tracking.records import is_partial
 from ltstudy.train import phase_epochs
 
 
@@ -48,7 +48,7 @@ def test_a_compressed_recipe_keeps_its_phases_at_the_same_fractions(method):
     assert short.train.epochs == 20 and short.train.warmup_epochs == math.floor(full.train.warmup_epochs / 10 + 0.5)
     # every phase of the 200-epoch recipe lands at a tenth of its epoch (each rounded to a whole epoch)
     long, compressed = phase_epochs(full), phase_epochs(short)
-    assert len(long) == len(compressed) and all(abs(e / 10 - c) <= 1 for e, c in zip(long, compressed))
+    assert len(long) == len(compressed) and all(abs(e / 10 - c) <= 1 for e, c in zip(long, compressed, strict=True))
 
 
 def test_ldam_drw_at_a_ninth():
@@ -105,7 +105,7 @@ def test_selection_takes_only_full_budget_runs():
     obj = Objectives(("val_top1",), ("max",))
     rec = [("a", 0, True, "3/27", 0.95), ("b", 1, False, "3/27", 0.99), ("c", 2, True, "27/27", 0.7),
            ("d", 3, False, "27/27", 0.8)]
-    trials = [{"trial_id": t, "number": n, "published": p, "budget": b, "partial": _partial(b), "status": "completed",
+    trials = [{"trial_id": t, "number": n, "published": p, "budget": b, "partial": is_partial(b), "status": "completed",
                "metrics": {"val_top1": v}} for t, n, p, b, v in rec]
     assert pick_best(trials, obj)["trial_id"] == "d"  # b is better, at a ninth of the recipe only
     assert published_trial(trials)["trial_id"] == "c"
