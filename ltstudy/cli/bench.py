@@ -225,7 +225,8 @@ def bench_stopping_cmd(
     console.print(table)
     rho = r["spearman"]
     console.print(f"Spearman rank correlation, shortest budget vs full recipe, {len(r['pairs'])} configurations: "
-                  + ("-" if rho is None else f"{rho:+.2f}"), highlight=False)
+                  + ("undefined (fewer than 3 pairs or all tied)" if rho is None else f"{rho:+.2f}"),
+                  highlight=False)
     console.print("pairs (shortest budget, full recipe): " + ", ".join(f"({a:.3f}, {b:.3f})" for a, b in r["pairs"]),
                   highlight=False)
 

@@ -48,10 +48,11 @@ def _records(root: Path, name: str, metric: str) -> dict[str, Any]:
 
 
 def spearman(pairs: list[tuple[float, float]]) -> float | None:
-    """Spearman's rank correlation of (short-budget value, full-budget value) pairs (None below three)."""
+    """Spearman's rank correlation of (short-budget value, full-budget value) pairs (None below three pairs
+    or when one side is all ties: no ranking to correlate)."""
     from scipy import stats
 
-    if len(pairs) < 3:
+    if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
         return None
     return float(stats.spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic)
 
