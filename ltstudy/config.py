@@ -35,8 +35,10 @@ from ltstudy.models.weights import parse_model_name, weights_source
 PUBLISHED_KEY = "ltstudy_published"
 #: Marks a confirmation run in a Tune trial's config: the id of the study trial it re-runs.
 CONFIRMS_KEY = "ltstudy_confirms"
+#: Marks a successive-halving run's budget in a Tune trial's config: "epochs/full epochs".
+BUDGET_KEY = "ltstudy_budget"
 #: Keys a config may carry that are not settings (provenance, study markers): ignored when resolving.
-META_KEYS = ("provenance", PUBLISHED_KEY, CONFIRMS_KEY)
+META_KEYS = ("provenance", PUBLISHED_KEY, CONFIRMS_KEY, BUDGET_KEY)
 #: The keys that define a dataset and its split: two trials that agree on them (and on the method's
 #: carved sets) see the same train / val / test images.
 DATA_KEYS = ("dataset", "imbalance", "profile", "val_per_class", "seed", "image_size", "synthetic_classes",

@@ -1,4 +1,4 @@
-"""``ltstudy bench train|features|study|cluster``: throughput, memory and study-overhead benchmarks."""
+"""``ltstudy bench train|features|study|stopping|cluster``: throughput, memory and study-overhead benchmarks."""
 
 from __future__ import annotations
 
@@ -186,6 +186,49 @@ def bench_study_cmd(
         stages.add_row(r["config"], *[f"{r['startup'][k]:.2f}" if k in r["startup"] else "-"
                                      for k in STAGES if any(k in x["startup"] for x in rows)])
     console.print(stages)
+
+
+@bench_app.command("stopping")
+def bench_stopping_cmd(
+    method: str = typer.Option("ldam_drw", "--method", "-m", help="the method studied"),
+    epochs: int = typer.Option(9, help="the full recipe's epochs (halving runs it at a third, a ninth, ...)"),
+    configs: int = typer.Option(4, help="configurations halving starts from; no stopping gets as many as the "
+                                       "same epochs buy"),
+    seeds: str = typer.Option("0,1,2", help="study seeds, comma-separated"),
+    confirm_seeds: int = typer.Option(3, help="confirmation seeds of the winner and the published trial"),
+    dataset: str = typer.Option("cifar10-lt", "--dataset", "-d"),
+    data_root: str | None = typer.Option(None, help="folder holding the dataset"),
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """Successive halving vs no stopping at equal total epochs: epochs, confirmed winner, test, gain."""
+    from ltstudy.experiments.bench_stopping import bench_stopping
+
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--seeds takes numbers like 0,1,2; got {seeds!r}") from None
+    flags = ["--dataset", dataset, *(["--data-root", data_root] if data_root else [])]
+    r = bench_stopping(method=method, epochs=epochs, configs=configs, seeds=seed_list,
+                       confirm_seeds=confirm_seeds, flags=flags, overrides=overrides or [])
+    steps = ", ".join(f"{b.trials} x {b.epochs}" for b in r["budgets"])
+    table = Table(title=f"bench stopping: {method} on {dataset}, {epochs} epochs; halving {steps}, none "
+                        f"{r['plain']} x {epochs}; confirmed on {confirm_seeds} seeds")
+    for col in ("seed", "scheduler", "trials", "epochs", "confirm epochs", "val (95% CI)", "test",
+                "gain over published (95% CI)", "wall s"):
+        table.add_column(col, justify="right")
+    for x in r["rows"]:
+        val = "-" if x["val"] is None else f"{100 * x['val']:.2f} ± {100 * (x['val_ci95'] or 0):.2f}"
+        gain = "-" if x["gain"] is None else f"{100 * x['gain']:+.2f} ± {100 * (x['gain_ci95'] or 0):.2f}"
+        test = "-" if x["test"] is None else f"{100 * x['test']:.2f}"
+        table.add_row(str(x["seed"]), x["scheduler"], str(x["trials"]), str(x["epochs"]), str(x["confirm_epochs"]),
+                      val, test, gain + (" (published won)" if x["published_best"] else ""), f"{x['wall_s']:.0f}")
+    console.print(table)
+    rho = r["spearman"]
+    console.print(f"Spearman rank correlation, shortest budget vs full recipe, {len(r['pairs'])} configurations: "
+                  + ("undefined (fewer than 3 pairs or all tied)" if rho is None else f"{rho:+.2f}"),
+                  highlight=False)
+    console.print("pairs (shortest budget, full recipe): " + ", ".join(f"({a:.3f}, {b:.3f})" for a, b in r["pairs"]),
+                  highlight=False)
 
 
 @bench_app.command("cluster")

@@ -50,11 +50,15 @@ def tune(
     dataset: str | None = DATASET,
     imbalance: float | None = IMBALANCE,
     data_root: str | None = DATA_ROOT,
-    num_trials: int | None = typer.Option(None, "--num-trials", "-n", help=f"trials (default {DEFAULTS.num_trials})"),
+    num_trials: int | None = typer.Option(None, "--num-trials", "-n", help=f"trials (default {DEFAULTS.num_trials}; "
+                                          "halving: configurations at the shortest budget)"),
     max_concurrent: int | None = typer.Option(None, help="concurrent trials (default: what the cluster "
                                               "can hold at its largest; may change on --resume)"),
     sampler: str | None = typer.Option(None, help=f"tpe | random | cmaes | gp | qmc (default {DEFAULTS.sampler})"),
     scheduler: str | None = typer.Option(None, help="asha (early stopping on the per-epoch objective) | "
+                                                    "halving (successive halving, eta 3: every configuration "
+                                                    "runs the whole recipe compressed to epochs/3^K, the best "
+                                                    "third again at 3x the epochs, up to the full recipe) | "
                                                     f"none (default {DEFAULTS.scheduler})"),
     grace_period: str | None = typer.Option(
         None, help=f"ASHA's first rung, in epochs (default {DEFAULTS.grace_period}: after the last phase of "

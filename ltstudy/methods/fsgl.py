@@ -252,6 +252,14 @@ class FSGL(ImageMethod):
     def build_model(self) -> nn.Module:
         return FSGLNet(build_backbone(self.ctx.model_name, **self.ctx.model_options), self.ctx.num_classes)
 
+    @classmethod
+    def phase_epochs(cls, params: FSGLParams, epochs: int) -> list[int]:
+        """The epoch where the re-balanced branch starts to weigh more than the balanced one: the first t
+        with α_t = 1-(t/T)^p <= 1/2, t = ceil(T·2^(-1/p)) (100, 142, 159 of 200 for p = 1, 2, 3). The
+        re-weighting acts gradually, but before this epoch it is the lesser part of the loss, so a trial
+        judged earlier has mostly shown its balanced branch."""
+        return [math.ceil(epochs * 0.5 ** (1.0 / params.cumulative_power) - 1e-9)]
+
     def on_epoch_start(self, epoch: int) -> None:
         self.alpha_t = 1.0 - (epoch / self.ctx.epochs) ** self.p.cumulative_power
 

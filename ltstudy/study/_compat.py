@@ -20,6 +20,8 @@ from typing import Any
 #: resume tests restore a saved study in a new process.
 PICKLED = (
     "ltstudy.study.search.searcher.LtOptunaSearch",
+    "ltstudy.study.search.halving.HalvingSearch",
+    "ltstudy.study.search.halving.Budget",
     "ltstudy.study.search.space.DefineByRun",
     "ltstudy.study.search.space.Param",
     "ltstudy.study.search.concurrency.StudyConcurrency",

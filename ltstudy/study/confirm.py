@@ -33,7 +33,7 @@ from ltstudy.study.cluster.shape import TrialShape
 from ltstudy.study.options import StudyOptions, read_saved
 from ltstudy.study.process import quiet, quiet_tuner_output
 from ltstudy.study.ray_session import check_address, ray_init
-from ltstudy.study.results.selection import Objectives, confirmed_ranking, published_trial
+from ltstudy.study.results.selection import Objectives, confirmed_ranking, full_budget, published_trial
 from ltstudy.study.search.space import space_from_text
 from ltstudy.study.tracking.callback import MLflowTrialCallback
 from ltstudy.study.tracking.records import find_study, study_trials
@@ -47,7 +47,7 @@ def confirmation_points(tracker: StudyTracker, obj: Objectives, k: int, seeds: i
     seeds (the published trial's seed + 1 … + ``seeds``: paired), those not yet confirmed."""
     mlc = tracker.mlc
     trials = study_trials(mlc, tracker.experiment_id, tracker.parent_run_id)
-    done = [t for t in trials if t["status"] == "completed" and obj.metric in t["metrics"]]
+    done = [t for t in full_budget(trials) if t["status"] == "completed" and obj.metric in t["metrics"]]
     top = sorted(done, key=obj.signed, reverse=True)[:k]
     published = published_trial(done)
     if published is not None and published not in top:

@@ -25,8 +25,9 @@ from ltstudy.study.cluster.shape import TrialShape, check_trial_shape
 from ltstudy.study.data import backbone_settings
 from ltstudy.study.options import StudyOptions, read_saved
 from ltstudy.study.ray_session import check_address
+from ltstudy.study.search.halving import ETA, MIN_EPOCHS, Budget, ladder, total_epochs
 from ltstudy.study.search.optuna_storage import optuna_location, public_url, redact_url
-from ltstudy.study.search.schedulers import first_rung, make_scheduler, rung_epochs
+from ltstudy.study.search.schedulers import asha_epochs, first_rung, make_scheduler, rung_epochs
 from ltstudy.study.search.searcher import make_sampler, sampler_warning, study_seed
 from ltstudy.study.search.space import SearchSpace, default_space_path, space_from_text
 from ltstudy.study.storage import check_study_name, check_writable, is_remote, locate, storage_root
@@ -50,7 +51,13 @@ class StudyPlan:
     grace: int  # ASHA's first rung
     phases: list[int] = field(default_factory=list)  # the latest schedule phase start per corner config
     rungs: tuple[int, ...] = ()  # ASHA's rung epochs: trials write a checkpoint there
+    budgets: tuple[Budget, ...] = ()  # --scheduler halving: the budgets, shortest first
     notes: list[str] = field(default_factory=list)  # one-line warnings for the user
+
+    @property
+    def tune_trials(self) -> int:
+        """Tune trials the study runs: --num-trials, or under halving every budget's runs."""
+        return sum(b.trials for b in self.budgets) if self.budgets else self.opts.num_trials
 
     @property
     def space_text(self) -> str:
@@ -108,10 +115,12 @@ def plan_study(o: StudyOptions) -> StudyPlan:
     if not space.published_config().train.download:  # with download, run_study fetches it once
         check_data(space.published_config())
     seed = saved["seed"] if saved is not None else (o.seed if o.seed is not None else study_seed(study))
+    budgets = ladder(epochs, o.num_trials) if o.scheduler == "halving" else ()
     return StudyPlan(opts=o, space=space, space_yaml=space_yaml, study=study, storage=storage,
                      experiment_path=experiment_path, optuna_storage=optuna_storage, tracking_uri=uri,
                      fresh=not o.resume, seed=seed, max_t=epochs, grace=grace, phases=phases,
-                     rungs=rung_epochs(scheduler), notes=_notes(o, space) + _stopping_note(o, epochs, grace))
+                     rungs=rung_epochs(scheduler), budgets=budgets,
+                     notes=_notes(o, space) + _stopping_note(o, epochs, grace, rung_epochs(scheduler), budgets))
 
 
 def _check_writes(storage: str, experiment_path: str, optuna_storage: str, tracking_uri: str) -> None:
@@ -196,17 +205,30 @@ def _study_name(o: StudyOptions, space: SearchSpace) -> str:
     return study
 
 
-def _stopping_note(o: StudyOptions, epochs: int, grace: int) -> list[str]:
-    """One line when early stopping can save little: a stopped trial still runs up to ASHA's first rung."""
+def _stopping_note(o: StudyOptions, epochs: int, grace: int, rungs: tuple[int, ...],
+                   budgets: tuple[Budget, ...]) -> list[str]:
+    """One line when early stopping can save little (a stopped trial still runs up to ASHA's first rung;
+    halving with too few configurations or epochs for a second budget); halving's budgets always."""
+    full = o.num_trials * epochs
+    if o.scheduler == "halving":
+        if len(budgets) < 2:
+            return [f"halving: {o.num_trials} configuration(s) of {epochs} epochs leave one budget (it needs "
+                    f"{ETA + 1}+ configurations and {ETA * MIN_EPOCHS}+ epochs), so nothing is saved"]
+        steps = ", ".join(f"{b.trials} at {b.epochs}" for b in budgets)
+        spent = total_epochs(budgets)
+        return [f"halving: {steps} epochs; {spent:,} of {full:,} epochs ({1 - spent / full:.0%} saved); only "
+                f"full-budget runs can be the answer"]
     if o.scheduler != "asha" or epochs < 1:
         return []
     first = min(grace, epochs)
     saved = (epochs - first) / epochs
     if saved >= 0.25:
         return []
-    return [f"early stopping can save at most {saved:.0%} of a stopped trial's epochs: ASHA's first rung is at "
-            f"epoch {first} of {epochs} (after the last schedule phase of the space); --scheduler none says so, "
-            "--grace-period N judges earlier"]
+    spent = asha_epochs(o.num_trials, epochs, rungs, o.reduction_factor)
+    return [f"early stopping can save at most {saved:.0%} of a stopped trial's epochs (about {spent:,.0f} of "
+            f"{full:,} in all): ASHA's first rung is at epoch {first} of {epochs} (after the last schedule "
+            "phase of the space); --scheduler halving judges whole compressed recipes, --scheduler none says "
+            "so, --grace-period N judges earlier"]
 
 
 def _notes(o: StudyOptions, space: SearchSpace) -> list[str]:
@@ -214,6 +236,9 @@ def _notes(o: StudyOptions, space: SearchSpace) -> list[str]:
     notes = []
     if (warning := sampler_warning(o.sampler, o.num_trials)) and not o.resume:
         notes.append(warning)
+    if o.scheduler == "halving" and space.multi_objective:
+        raise ConfigError(f"--scheduler halving promotes by one objective; this study has {len(space.metrics)} "
+                          f"({', '.join(space.metrics)}): use --scheduler asha or none")
     if o.scheduler != "none" and space.multi_objective:
         notes.append(f"multi-objective study: early stopping decides on the first objective, {space.metric}")
     return notes

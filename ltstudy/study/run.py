@@ -45,6 +45,7 @@ from ltstudy.study.results.selection import Objectives
 from ltstudy.study.results.summary import StudySummary, record_summary
 from ltstudy.study.search.budget import BudgetEnd, BudgetStopper, TimeBudget, activate
 from ltstudy.study.search.concurrency import StudyConcurrency
+from ltstudy.study.search.halving import HalvingSearch
 from ltstudy.study.search.optuna_storage import open_optuna_storage, public_url
 from ltstudy.study.search.schedulers import make_scheduler
 from ltstudy.study.search.searcher import make_searcher
@@ -224,7 +225,7 @@ def _board(study: PreparedStudy, console: Any) -> ProgressBoard | None:
     plan = study.plan
     for line in _header(plan, study.tracker.experiment_id, study.parent, study.place.max_concurrent):
         console.print(line, soft_wrap=True, highlight=False, markup=False)
-    board = ProgressBoard(console, plan.space.metric, plan.space.mode, plan.opts.num_trials,
+    board = ProgressBoard(console, plan.space.metric, plan.space.mode, plan.tune_trials,
                           study.place.max_concurrent)
     if not plan.fresh:
         board.seed(study_trials(study.tracker.mlc, study.tracker.experiment_id, study.parent))
@@ -259,14 +260,17 @@ def _tuner(plan: StudyPlan, trainable: Any, callbacks: list[Any], concurrency: i
             limiter.set_max(concurrency)
             limiter.set_budget(budget)
         return tuner
+    halving = {"cls": HalvingSearch, "budgets": plan.budgets, "full_epochs": plan.max_t,
+               "warmup_epochs": space.published_config().train.warmup_epochs} if plan.budgets else {}
     searcher = StudyConcurrency(make_searcher(space, o.sampler, plan.seed, o.num_trials, plan.study,
-                                              plan.optuna_storage, fresh=True), max_concurrent=concurrency)
+                                              plan.optuna_storage, fresh=True, **halving),
+                                max_concurrent=concurrency)
     searcher.set_budget(budget)
     scheduler = make_scheduler(o.scheduler, space.metric, space.mode, plan.max_t, plan.grace,
                                o.reduction_factor, state_dir=plan.experiment_path)
     return ray.tune.Tuner(
         trainable,
-        tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=o.num_trials,
+        tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.tune_trials,
                                         reuse_actors=reuse_actors(o.workers)),
         run_config=ray.tune.RunConfig(
             name=plan.study, storage_path=plan.storage, callbacks=callbacks, verbose=o.verbose,
@@ -289,7 +293,7 @@ def _annotate(study: PreparedStudy, links: OptunaLinks) -> None:
 def _header(plan: StudyPlan, experiment_id: str, parent: str, concurrency: int) -> list[str]:
     o, s = plan.opts, plan.space
     return [
-        f"study {plan.study}: {s.method} on {s.dataset}, {o.num_trials} trials "
+        f"study {plan.study}: {s.method} on {s.dataset}, {plan.tune_trials} trials "
         f"({concurrency} at a time), sampler {o.sampler}, scheduler {o.scheduler}, {s.mode} {s.metric}"
         + (" (resumed)" if not plan.fresh else ""),
         f"MLflow: {run_url(public_url(plan.tracking_uri), experiment_id, parent)}" + (
@@ -340,9 +344,9 @@ def summarise(study: PreparedStudy, interrupted: str | None, callback: MLflowTri
 def _budget_note(plan: StudyPlan, trials: list[dict[str, Any]]) -> str | None:
     """How the time budget ended the study: the trials it cut and those it left unstarted."""
     cut = sum(t["status"] == "budget" for t in trials)
-    left = max(plan.opts.num_trials - len(trials), 0)
+    left = max(plan.tune_trials - len(trials), 0)
     if not cut and not left:
         return None
     return (f"the time budget ({plan.opts.time_budget:.0f} s) ended the study: {cut} running trial(s) cut "
-            f"(status budget), {left} of {plan.opts.num_trials} not started; continue with: "
+            f"(status budget), {left} of {plan.tune_trials} not started; continue with: "
             f"{plan.resume_command()}")

@@ -22,3 +22,15 @@ def test_stopping_that_saves_little_is_noted(tmp_path):
     _, notes = _notes(tmp_path, "ldam_drw", scheduler="none")
     assert notes == []
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # planning writes nothing
+
+
+def test_halving_states_its_budgets_and_says_when_it_saves_nothing(tmp_path):
+    plan = plan_study(StudyOptions(method="ldam_drw", scheduler="halving", fixed={"dataset": "synthetic"},
+                                   storage=str(tmp_path / "s"), tracking_uri=f"sqlite:///{tmp_path}/m.db"))
+    assert [(b.trials, b.epochs) for b in plan.budgets] == [(16, 22), (6, 67), (2, 200)]
+    assert plan.tune_trials == 24 and plan.rungs == ()
+    assert "halving: 16 at 22, 6 at 67, 2 at 200 epochs; 1,154 of 3,200 epochs (64% saved)" in plan.notes[-1]
+    plan = plan_study(StudyOptions(method="ldam_drw", scheduler="halving", num_trials=3,
+                                   fixed={"dataset": "synthetic"}, storage=str(tmp_path / "s"),
+                                   tracking_uri=f"sqlite:///{tmp_path}/m.db"))
+    assert len(plan.budgets) == 1 and "nothing is saved" in plan.notes[-1]

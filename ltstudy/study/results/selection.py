@@ -54,13 +54,21 @@ class Objectives:
 
 
 def published_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The published configuration: always Optuna trial 0 (enqueued first, see ``search.searcher``)."""
-    return next((t for t in trials if t.get("number") == 0), None)
+    """The published configuration: Optuna trial 0 (enqueued first, see ``search.searcher``), or under
+    successive halving its full-budget run (``search.halving``)."""
+    full = next((t for t in trials if t.get("published") and t.get("budget") and not t.get("partial")), None)
+    return full or next((t for t in trials if t.get("number") == 0), None)
+
+
+def full_budget(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials that ran the whole recipe: all but successive halving's shorter runs, which rank
+    configurations for promotion only and are never an answer."""
+    return [t for t in trials if not t.get("partial")]
 
 
 def candidates(trials: list[dict[str, Any]], obj: Objectives) -> list[dict[str, Any]]:
-    """Trials with every objective finite: those that completed, else (none did) the pruned ones."""
-    scored = [t for t in trials if t["status"] in ("completed", "pruned")
+    """Full-budget trials with every objective finite: those that completed, else (none did) the pruned ones."""
+    scored = [t for t in full_budget(trials) if t["status"] in ("completed", "pruned")
               and all(math.isfinite(t["metrics"].get(m, math.nan)) for m in obj.metrics)]
     return [t for t in scored if t["status"] == "completed"] or scored
 
@@ -191,7 +199,7 @@ def gain_over_published(trials: list[dict[str, Any]], best: dict[str, Any] | Non
                         obj: Objectives) -> dict[str, float] | None:
     """How much better the recommended trial is than the published configuration (validation objective,
     and the test metric of the same name, reported only); None without a finished published trial."""
-    published = next((t for t in trials if t.get("published") and t["status"] == "completed"), None)
+    published = next((t for t in full_budget(trials) if t.get("published") and t["status"] == "completed"), None)
     if best is None or published is None or obj.multi:
         return None
     gain = {obj.metric: best["metrics"][obj.metric] - published["metrics"][obj.metric]}

@@ -30,7 +30,7 @@ from ltstudy.errors import ConfigError
 from ltstudy.study import _compat
 from ltstudy.study.storage import filesystem
 
-SCHEDULERS = ("asha", "none")
+SCHEDULERS = ("asha", "halving", "none")
 #: ASHA's rungs beside the experiment. Not ``*.pkl`` / ``*.json``: on restore Tune copies the experiment
 #: folder's files of those kinds into its staging folder and uploads that folder at every save, which put the
 #: copy from resume time back over the live rungs (ray.tune.execution.experiment_state,
@@ -140,10 +140,24 @@ def first_rung(phases: list[int], grace: int | str) -> int:
     return max(phases, default=0) + 1
 
 
+def asha_epochs(num_trials: int, epochs: int, rungs: tuple[int, ...], reduction_factor: float) -> float:
+    """The epochs an ASHA study spends when each rung keeps exactly its best ``1/reduction_factor``
+    (ASHA's nominal cut; asynchronous, it keeps more while a rung is filling) and the published trial
+    always runs on: every trial runs to the first rung, each further segment by the trials left."""
+    marks = [r for r in sorted(rungs) if r < epochs] + [epochs]
+    spent, alive, last = 0.0, float(num_trials), 0
+    for i, mark in enumerate(marks):
+        spent += alive * (mark - last)
+        last = mark
+        alive = max(num_trials / reduction_factor ** (i + 1), 1.0) if num_trials > 1 else 1.0
+    return spent
+
+
 def make_scheduler(name: str, metric: str, mode: str, epochs: int, grace: int, reduction_factor: float,
                    state_dir: str) -> StudyASHA | StudyFIFO:
-    """ASHA on ``epoch`` (Tune's iteration counter restarts after a restore), or none (FIFO)."""
-    if name == "none":
+    """ASHA on ``epoch`` (Tune's iteration counter restarts after a restore), or none (FIFO; also under
+    ``halving``, whose searcher decides which configurations run longer: ``search.halving``)."""
+    if name in ("none", "halving"):
         return StudyFIFO()
     if name != "asha":
         raise ConfigError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")

@@ -151,14 +151,15 @@ def sampler_warning(name: str, num_trials: int) -> str | None:
 
 
 def make_searcher(space, sampler: str, seed: int, num_trials: int, study_name: str, optuna_storage: str,
-                  fresh: bool) -> LtOptunaSearch:
+                  fresh: bool, cls: type[LtOptunaSearch] = LtOptunaSearch, **extra: Any) -> LtOptunaSearch:
     """The searcher over ``space`` with its Optuna study named ``study_name`` in ``optuna_storage``.
 
     The published configuration is enqueued only on a fresh start: OptunaSearch re-enqueues
     ``points_to_evaluate`` into the persistent study every time it is built (``create_study(load_if_exists=True)``
-    then ``enqueue_trial``), which would run it twice.
+    then ``enqueue_trial``), which would run it twice. ``cls`` and ``extra``: a subclass and its own
+    arguments (``search.halving.HalvingSearch``).
     """
-    return LtOptunaSearch(
+    return cls(**extra,
         space=space.define_by_run(), metric=space.searcher_metric, mode=space.searcher_mode,
         points_to_evaluate=[space.published_point()] if fresh else None,
         sampler=make_sampler(sampler, seed, num_trials), study_name=study_name,

@@ -22,11 +22,12 @@ import ray.tune
 import yaml
 from mlflow.entities import Metric
 
-from ltstudy.config import CONFIRMS_KEY, PUBLISHED_KEY, TrialConfig, resolve_config
+from ltstudy.config import BUDGET_KEY, CONFIRMS_KEY, PUBLISHED_KEY, TrialConfig, resolve_config
 from ltstudy.errors import TrackingWriteError
 from ltstudy.study.search.space import Param, active_values
 from ltstudy.study.tracking.dataset import DatasetRecord, data_key, dataset_record
 from ltstudy.study.tracking.store import (
+    BUDGET_TAG,
     CHECKPOINT_TAG,
     CONFIG_ARTIFACT,
     CONFIRMS_TAG,
@@ -176,6 +177,8 @@ class MLflowTrialCallback(ray.tune.Callback):
             tags[PUBLISHED_TAG] = "true"
         if config.get(CONFIRMS_KEY):
             tags[CONFIRMS_TAG] = config[CONFIRMS_KEY]
+        if config.get(BUDGET_KEY):
+            tags[BUDGET_TAG] = config[BUDGET_KEY]
         if flat.get("feature_key"):
             tags["feature_key"] = flat["feature_key"]
         mlc.log_text(run_id, yaml.safe_dump(flat, sort_keys=False), CONFIG_ARTIFACT)

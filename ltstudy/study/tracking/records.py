@@ -12,6 +12,7 @@ from mlflow.exceptions import MlflowException
 
 from ltstudy.errors import ConfigError
 from ltstudy.study.tracking.store import (
+    BUDGET_TAG,
     CHECKPOINT_TAG,
     CONFIRMS_TAG,
     NUMBER_TAG,
@@ -39,12 +40,21 @@ def study_trials(mlc, experiment_id: str, parent_run_id: str, role: str = "trial
              "status": r.data.tags.get(STATUS_TAG, "running"), "metrics": dict(r.data.metrics),
              "params": dict(r.data.params), "mlflow_status": r.info.status,
              "published": r.data.tags.get(PUBLISHED_TAG) == "true", "confirms": r.data.tags.get(CONFIRMS_TAG),
+             "budget": r.data.tags.get(BUDGET_TAG), "partial": is_partial(r.data.tags.get(BUDGET_TAG)),
              "seed": r.data.tags.get("seed"), "error": r.data.tags.get("error"),
              "node_id": r.data.tags.get("node_id"),
              "number": int(r.data.tags[NUMBER_TAG]) if r.data.tags.get(NUMBER_TAG, "").isdigit() else None,
              "tuned": {k[len(TUNED_PREFIX):]: v for k, v in r.data.tags.items() if k.startswith(TUNED_PREFIX)},
              "tags": dict(r.data.tags), "start_time": r.info.start_time, "end_time": r.info.end_time}
             for r in runs]
+
+
+def is_partial(budget: str | None) -> bool:
+    """Whether a successive-halving run's budget (``epochs/full``) is less than the full recipe."""
+    if not budget or "/" not in budget:
+        return False
+    run, full = budget.split("/", 1)
+    return run != full
 
 
 def status_counts(trials: list[dict[str, Any]]) -> dict[str, int]:

@@ -26,6 +26,7 @@ ROLE_TAG = "ltstudy.role"
 TRIAL_TAG = "ltstudy.trial_id"
 STATUS_TAG = "ltstudy.status"  # completed | pruned | budget | failed | running | interrupted
 PUBLISHED_TAG = "ltstudy.published"  # "true" on the published configuration's trial run
+BUDGET_TAG = "ltstudy.budget"  # on a successive-halving run: "epochs/full epochs" it ran
 CONFIRMS_TAG = "ltstudy.confirms"  # on a confirmation run: the trial id it re-runs with another seed
 ENDED = ("completed", "pruned", "budget", "failed")  # statuses of a trial run that must never be touched again
 CHECKPOINT_TAG = "ltstudy.checkpoint"  # where the trial's last checkpoint lives (storage URI)

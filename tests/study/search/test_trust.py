@@ -36,7 +36,8 @@ from ltstudy.train import phase_epochs
 def test_phases_of_the_published_recipes():
     assert phase_epochs(resolve_config({"method": "ldam_drw"})) == [5, 160, 180]  # warm-up, DRW, lr steps
     assert phase_epochs(resolve_config({"method": "metasaug"})) == [160, 180]  # meta phase = lr step
-    assert phase_epochs(resolve_config({"method": "fsgl"})) == []  # cosine, continuous mixing
+    # cosine lr; the re-balanced branch outweighs the balanced one from epoch ceil(200 / sqrt 2)
+    assert phase_epochs(resolve_config({"method": "fsgl"})) == [142]
 
 
 def test_asha_first_rung_follows_the_latest_phase_any_config_can_have():
