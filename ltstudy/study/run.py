@@ -110,9 +110,13 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
 
 
 def _open_store(uri: str) -> None:
-    """Open the MLflow store once (1-3 s: SQLAlchemy, and a new SQLite file's migrations); MLflow keeps one
-    store per URI, so the study run opened later finds it ready. A store that fails here fails again there,
-    where the error is reported."""
+    """Open the MLflow store once (1-3 s: SQLAlchemy and the schema check); MLflow keeps one store per URI,
+    so the study run opened later finds it ready. A SQLite file that does not exist yet is not made here
+    (nothing is written before every node is checked): only its code is loaded. A store that fails here
+    fails again there, where the error is reported."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - the imports are most of the time
+        return
     with contextlib.suppress(Exception):
         client(uri)
 
