@@ -549,3 +549,4 @@ def test_ray_up_runs_a_study_on_the_worker_and_ray_down_leaves_no_process(tmp_pa
         assert down_rc == 0, (logs / "ray-down.log").read_text()[-4000:]
         assert not any(left_ray.values()), f"Ray processes left after ray down: {left_ray}"
         assert not any(others.values()), f"processes left on the nodes: {others}"
+        assert not [cmd for cmd in mlflow_left if "huey" in cmd], mlflow_left  # MLflow's job runner stays off
