@@ -51,7 +51,7 @@ pytestmark = pytest.mark.slow
 
 EFS = "fs-0123456789abcdef0"
 SUBNET = "10.213.19"  # a /24 only the test's namespaces route; .1 is the laptop, .2 the head, .3 the worker
-TOOLS = ("ip", "unshare", "nsenter", "mount", "sshd", "ssh", "ssh-keygen", "rsync", "sudo", "ps")
+TOOLS = ("ip", "unshare", "nsenter", "mount", "sshd", "ssh", "ssh-keygen", "rsync", "sudo")
 
 #: a node's first process: its own /tmp, /dev/shm, /run and /mnt (tmpfs), the folders it must still see
 #: (the test's folder, the Python environment) bound back at their own paths, its hostname, /etc/hosts and
