@@ -465,14 +465,14 @@ def test_ray_up_runs_a_study_on_the_worker_and_ray_down_leaves_no_process(tmp_pa
         tunnels: list[subprocess.Popen] = []
         try:
             t_up = time.time()
-            _run(laptop, [*ray, "up", str(cluster), "-y"], env, logs / "ray-up.log", 600, cwd=REPO)
+            _run(laptop, [*ray, "up", str(cluster), "-y"], env, logs / "ray-up.log", 300, cwd=REPO)
             up_s = time.time() - t_up
             tunnels.append(_background(laptop, [*ray, "dashboard", str(cluster)], env, logs / "dashboard.log"))
             _run(laptop, [sys.executable, "-c", _WAIT_HTTP, "http://127.0.0.1:8265", "120"], env,
                  logs / "wait-dashboard.log", 150)
             tokened = {**env, "RAY_AUTH_MODE": "token"}  # ray job submit then sends ~/.ray/auth_token
-            _run(laptop, [sys.executable, "-c", _WAIT_NODES, "http://127.0.0.1:8265", "300"], tokened,
-                 logs / "nodes.log", 360)
+            _run(laptop, [sys.executable, "-c", _WAIT_NODES, "http://127.0.0.1:8265", "240"], tokened,
+                 logs / "nodes.log", 300)
             node_ips = json.loads((logs / "nodes.log").read_text().strip().splitlines()[-1])
             assert sorted(node_ips.values()) == [head.ip, worker.ip], (logs / "nodes.log").read_text()
             t_worker = time.time()
@@ -482,7 +482,7 @@ def test_ray_up_runs_a_study_on_the_worker_and_ray_down_leaves_no_process(tmp_pa
                                    "ltstudy", "tune", "--address", "auto", "--method", "ce", "--num-trials", "2",
                                    "--storage", "/mnt/efs/ltstudy", "--tracking-uri", "http://127.0.0.1:5000",
                                    "--study-name", study, *tiny, "epochs=1"],
-                          tokened, logs / "job.log", 600, check=False)
+                          tokened, logs / "job.log", 300, check=False)
             job_log = (logs / "job.log").read_text()
             assert submit.returncode == 0 and "succeeded" in job_log, job_log[-6000:]
 
@@ -512,7 +512,7 @@ def test_ray_up_runs_a_study_on_the_worker_and_ray_down_leaves_no_process(tmp_pa
                 _stop(proc)
             t_down = time.time()
             try:
-                down_rc = _run(laptop, [*ray, "down", str(cluster), "-y"], env, logs / "ray-down.log", 300,
+                down_rc = _run(laptop, [*ray, "down", str(cluster), "-y"], env, logs / "ray-down.log", 120,
                                check=False).returncode
             except subprocess.TimeoutExpired:
                 down_rc = None
