@@ -517,7 +517,8 @@ def test_ray_up_runs_a_study_on_the_worker_and_ray_down_leaves_no_process(tmp_pa
             except subprocess.TimeoutExpired:
                 down_rc = None
             head_s = _until_no_ray(nodes, ("head",), 60) - t_down
-            left_on_worker = _ray_processes(nodes)["worker"]
+            left_by_down = _ray_processes(nodes)
+            left_on_worker = left_by_down["worker"]
             # Ray's local provider: `ray down` runs `ray stop` on the head only; "terminating" a worker is a line
             # in the laptop's state file. The worker's raylet exits once the GCS is gone, its log monitor does
             # not. On AWS `ray down` terminates the instance; the stand-in here is `ray stop` on it over SSH.
@@ -547,6 +548,7 @@ def test_ray_up_runs_a_study_on_the_worker_and_ray_down_leaves_no_process(tmp_pa
               f"{len(left_on_worker)}, stopped by ray stop over SSH)")
         print(f"FIGURE MLflow processes left by ray down on the head (stopped by pidfile): {len(mlflow_left)}")
         assert down_rc == 0, (logs / "ray-down.log").read_text()[-4000:]
+        assert not left_by_down["head"], f"Ray processes left on the head by ray down: {left_by_down['head']}"
         assert not any(left_ray.values()), f"Ray processes left after ray down: {left_ray}"
         assert not any(others.values()), f"processes left on the nodes: {others}"
         assert not [cmd for cmd in mlflow_left if "huey" in cmd], mlflow_left  # MLflow's job runner stays off
