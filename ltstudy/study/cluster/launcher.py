@@ -333,7 +333,9 @@ def serve_mlflow(pidfile: str | Path, log: str | Path, host: str, port: int, bac
                  timeout: float = 120.0) -> int:
     """(Re)start ``mlflow server`` in the background; returns its pid once ``/health`` answers.
 
-    One worker by default: several uvicorn workers on one SQLite file race ("database is locked").
+    One worker by default: several uvicorn workers on one SQLite file race ("database is locked"). MLflow's
+    job runner (GenAI scorers, trace archival: seven Huey consumer processes started before the server
+    answers) is off unless ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` says otherwise: ltstudy uses no MLflow job.
     """
     pidfile, log = Path(pidfile).expanduser(), Path(log).expanduser()
     stop_pidfile(pidfile)
@@ -350,7 +352,8 @@ def serve_mlflow(pidfile: str | Path, log: str | Path, host: str, port: int, bac
         cmd += ["--allowed-hosts", allowed_hosts]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)  # outlives this command and the launcher's ssh
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     pidfile.write_text(f"{proc.pid}\n")

@@ -109,14 +109,15 @@ class ClusterShape:
 
 def node_types_from_launcher_config(config: dict[str, Any]) -> list[NodeType]:
     """Node types of a cluster-launcher / autoscaler config: the head once, each worker type up to
-    ``min(its max_workers, the global max_workers)``."""
+    ``min(its max_workers, the global max_workers)``. The head's type may have workers too (Ray's ``local``
+    provider has one type, ``local.cluster.node``, for the head and its workers): they count beside the head."""
     types = config.get("available_node_types") or {}
     head = config.get("head_node_type")
     cap = int(config.get("max_workers", sum(int(t.get("max_workers", 0)) for t in types.values())))
     out = []
     for name, spec in types.items():
         resources = {k: float(v) for k, v in (spec.get("resources") or {}).items()}
-        count = 1 if name == head else min(int(spec.get("max_workers", 0)), cap)
+        count = (name == head) + min(int(spec.get("max_workers", 0)), cap)
         if count > 0:
             out.append(NodeType(name, resources, count))
     return out
@@ -178,13 +179,14 @@ def _launcher_node_types() -> list[NodeType] | None:
 
 
 def _known_node_types(config: dict[str, Any] | None) -> list[NodeType] | None:
-    """The config's node types, or None when a worker type does not say what it has (``resources: {}``,
-    left to the provider to detect): then the live nodes are all that is known."""
+    """The config's node types, or None when a type the autoscaler starts workers of does not say what it
+    has (``resources: {}``, left to the provider to detect, as Ray's ``local`` provider always does): then
+    the live nodes are all that is known."""
     if not config:
         return None
     types = node_types_from_launcher_config(config)
     head = config.get("head_node_type")
-    return None if any(not t.resources for t in types if t.name != head) else types
+    return None if any(not t.resources for t in types if t.name != head or t.max_count > 1) else types
 
 
 def _live_node_types() -> list[NodeType]:

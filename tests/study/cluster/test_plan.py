@@ -132,3 +132,16 @@ def test_node_types_without_resources_are_not_a_maximum():
     assert [t.name for t in _known_node_types(config)] == ["head", "gpu_worker"]
     config["available_node_types"]["gpu_worker"]["resources"] = {}  # left to the provider to detect
     assert _known_node_types(config) is None  # then the live nodes are all that is known
+
+
+def test_the_local_providers_one_node_type_is_the_head_and_its_workers():
+    """Ray's `local` provider (on-premise nodes) gives the autoscaler one type for the head and the workers,
+    with no resources (Ray detects them): the live nodes are what is known, not "no node holds a trial"."""
+    from ltstudy.study.cluster.shape import _known_node_types
+
+    config = {"max_workers": 2, "head_node_type": "local.cluster.node",
+              "available_node_types": {"local.cluster.node": {"resources": {}, "min_workers": 2, "max_workers": 2}}}
+    assert [(t.name, t.max_count) for t in node_types_from_launcher_config(config)] == [("local.cluster.node", 3)]
+    assert _known_node_types(config) is None
+    config["available_node_types"]["local.cluster.node"]["resources"] = {"CPU": 2}
+    assert [(t.name, t.max_count) for t in _known_node_types(config)] == [("local.cluster.node", 3)]
