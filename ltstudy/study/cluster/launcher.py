@@ -333,9 +333,7 @@ def serve_mlflow(pidfile: str | Path, log: str | Path, host: str, port: int, bac
                  timeout: float = 120.0) -> int:
     """(Re)start ``mlflow server`` in the background; returns its pid once ``/health`` answers.
 
-    One worker by default: several uvicorn workers on one SQLite file race ("database is locked"). MLflow's
-    job runner (GenAI scorers, trace archival: seven Huey consumer processes started before the server
-    answers) is off unless ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` says otherwise: ltstudy uses no MLflow job.
+    One worker (several race on one SQLite file); MLflow's job runner off (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``).
     """
     pidfile, log = Path(pidfile).expanduser(), Path(log).expanduser()
     stop_pidfile(pidfile)
