@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from ltstudy.cli.common import TRACKING, cluster_app, console
+from ltstudy.errors import LtstudyError
 
 
 @cluster_app.command("render")
@@ -108,13 +109,17 @@ def pull(
 ) -> None:
     """Copy the MLflow store, its artifacts and the Optuna journal from the head (`ray rsync-down`), so the
     records open after `ray down` (run it once the studies ended)."""
-    from ltstudy.study.cluster.launcher import pull as pull_records
+    from ltstudy.study.cluster.pull import pull as pull_records
 
-    for path in pull_records(cluster_file, to):
+    got = pull_records(cluster_file, to)
+    if not got:
+        raise LtstudyError(f"nothing to pull: no study records under /mnt/efs/ltstudy on the head of {cluster_file}")
+    for path in got:
         console.print(f"pulled {path}", soft_wrap=True)
     db = to.expanduser().resolve() / "mlflow.db"
-    console.print(f"next: ltstudy best-config export --study STUDY --tracking-uri sqlite:///{db} -o best.yaml",
-                  soft_wrap=True, markup=False)
+    if db.is_file():
+        console.print(f"next: ltstudy best-config export --study STUDY --tracking-uri sqlite:///{db} -o best.yaml",
+                      soft_wrap=True, markup=False)
 
 
 @cluster_app.command("check")

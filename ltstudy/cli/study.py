@@ -208,7 +208,7 @@ def confirm(
     from ltstudy.study.tracking.store import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
-    check_reachable(uri)
+    check_reachable(uri, existing=True)
     result = confirm_study(study, top, seeds, uri, address, max_concurrent, echo=_echo_confirmation)
     table = Table(title=f"study {study}: confirmed ranking by mean {result['metric']} ({result['mode']})")
     for col in ("trial", "mean ± 95 % t-interval, paired diff vs published (points)", "seeds"):
@@ -244,7 +244,7 @@ def best_config_export(
     if output is not None and output.is_dir():
         raise LtstudyError(f"--output {output} is a folder; give a file name")
     uri = resolve_tracking_uri(tracking_uri)
-    check_reachable(uri)
+    check_reachable(uri, existing=True)
     config = export_best(uri, study, pick)
     text = json.dumps(config, indent=2) if fmt == "json" else yaml.safe_dump(config, sort_keys=False)
     if output is None:
@@ -259,7 +259,7 @@ def _store(tracking_uri: str | None) -> str:
     from ltstudy.study.tracking.store import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
-    check_reachable(uri)
+    check_reachable(uri, existing=True)
     return uri
 
 

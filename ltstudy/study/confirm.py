@@ -37,7 +37,7 @@ from ltstudy.study.results.selection import Objectives, confirmed_ranking, full_
 from ltstudy.study.search.space import space_from_text
 from ltstudy.study.tracking.callback import MLflowTrialCallback
 from ltstudy.study.tracking.records import find_study, study_trials
-from ltstudy.study.tracking.store import CONFIG_ARTIFACT, git_commit, log_batch
+from ltstudy.study.tracking.store import CONFIG_ARTIFACT, download_artifact, git_commit, log_batch
 from ltstudy.study.tracking.study_run import StudyTracker
 from ltstudy.study.trainable import Resources, make_trainable, reuse_actors
 
@@ -59,7 +59,7 @@ def confirmation_points(tracker: StudyTracker, obj: Objectives, k: int, seeds: i
     points = []
     with tempfile.TemporaryDirectory() as tmp:
         for t in top:
-            config = yaml.safe_load(Path(mlc.download_artifacts(t["run_id"], CONFIG_ARTIFACT, tmp)).read_text())
+            config = yaml.safe_load(Path(download_artifact(mlc, t["run_id"], CONFIG_ARTIFACT, tmp)).read_text())
             first = base if base is not None else int(config.get("seed", 0))
             for i in range(1, seeds + 1):
                 if (t["trial_id"], str(first + i)) not in already:

@@ -147,6 +147,8 @@ CASES = {
                                       "--tracking-uri", "sqlite:///{root}/mlflow.db"], "does not exist"),
     "export unknown study": (["best-config", "export", "--study", "ghost", "--tracking-uri",
                               "sqlite:///{root}/mlflow.db"], "no ltstudy study named 'ghost'"),
+    "export from a missing store": (["best-config", "export", "--study", "s", "--tracking-uri",
+                                     "sqlite:///{root}/pulled.db"], "pulled.db does not exist"),
     "export unreachable tracking": (["best-config", "export", "--study", "s", "--tracking-uri",
                                      "http://127.0.0.1:{port}"], "unreachable"),
     "export bad format": (["best-config", "export", "--study", "s", "--format", "xml"], "--format must be"),
@@ -158,6 +160,8 @@ CASES = {
     # studies, confirm
     "studies unreachable tracking": (["studies", "list", "--tracking-uri", "http://127.0.0.1:{port}"],
                                      "unreachable"),
+    "studies missing store": (["studies", "list", "--tracking-uri", "sqlite:///{root}/elsewhere.db"],
+                              "elsewhere.db does not exist (no study has recorded there)"),
     "studies file store uri": (["studies", "list", "--tracking-uri", "file:///tmp/mlruns"], "use sqlite"),
     "confirm unknown study": (["confirm", "ghost", "--tracking-uri", "sqlite:///{root}/mlflow.db"],
                               "no ltstudy study named 'ghost'"),

@@ -65,7 +65,7 @@ class RenderOptions:
     spot: bool = False  # GPU workers on spot instances
 
 
-def load_cluster_file(path: str | Path) -> dict[str, Any]:
+def load_cluster_file(path: str | Path, needs: str = "available_node_types") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"cluster file not found: {path}")
@@ -73,8 +73,8 @@ def load_cluster_file(path: str | Path) -> dict[str, Any]:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"malformed YAML in {path}: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(config, dict) or "available_node_types" not in config:
-        raise ConfigError(f"{path} is not a Ray cluster-launcher file (no available_node_types)")
+    if not isinstance(config, dict) or needs not in config:
+        raise ConfigError(f"{path} is not a Ray cluster-launcher file (no {needs})")
     return config
 
 
@@ -368,33 +368,3 @@ def serve_mlflow(pidfile: str | Path, log: str | Path, host: str, port: int, bac
                 raise LtstudyError(f"mlflow server did not come up on {host}:{port} (log {log}"
                                    f"{': ' + tail[0][:300] if tail else ''})") from None
             time.sleep(0.5)
-
-
-# ------------------------------------------------------------------------------------ records home
-#: what ``cluster pull`` copies from the head's shared storage: the MLflow store, its artifacts, Optuna's journal
-PULLED = ("mlflow.db", "mlartifacts/", "optuna.journal")
-
-
-def pull_commands(cluster_file: str | Path, to: str | Path, root: str = f"{EFS_MOUNT}/ltstudy") -> list[list[str]]:
-    """The ``ray rsync-down`` commands that copy the study records from the head to ``to``."""
-    ray_bin = Path(sys.executable).with_name("ray")
-    ray_cmd = str(ray_bin) if ray_bin.exists() else "ray"
-    to = Path(to).expanduser().resolve()
-    return [[ray_cmd, "rsync-down", str(cluster_file), f"{root}/{name}", f"{to}/{name}"] for name in PULLED]
-
-
-def pull(cluster_file: str | Path, to: str | Path, run: Any = subprocess.run) -> list[str]:
-    """Copy the records home (see :func:`pull_commands`); returns what arrived. A missing one (no study used
-    the journal yet) is skipped; a failing ``ray rsync-down`` is one line."""
-    load_cluster_file(cluster_file)
-    Path(to).expanduser().mkdir(parents=True, exist_ok=True)
-    got = []
-    for cmd in pull_commands(cluster_file, to):
-        done = run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout or "").strip().splitlines()[-1:] or ["no output"]
-            if "No such file" in " ".join(tail) or "vanished" in " ".join(tail):
-                continue
-            raise LtstudyError(f"ray rsync-down {cmd[3]} failed: {tail[0][:300]}")
-        got.append(cmd[4])
-    return got

@@ -11,7 +11,7 @@ import yaml
 from ltstudy.errors import ConfigError
 from ltstudy.study.results.selection import Objectives, pick_point, recommended
 from ltstudy.study.tracking.records import find_study, study_trials
-from ltstudy.study.tracking.store import CONFIG_ARTIFACT, TrackingError
+from ltstudy.study.tracking.store import CONFIG_ARTIFACT, TrackingError, download_artifact
 
 
 def export_best(uri: str, study: str, pick: str | None = None,
@@ -38,7 +38,7 @@ def export_best(uri: str, study: str, pick: str | None = None,
             raise TrackingError(f"study {study!r} has no finished trial with {obj.metric!r}")
         confirmed = chosen.get("ranking")
     with tempfile.TemporaryDirectory() as tmp:
-        path = mlc.download_artifacts(chosen["run_id"], CONFIG_ARTIFACT, tmp)
+        path = download_artifact(mlc, chosen["run_id"], CONFIG_ARTIFACT, tmp)
         config = yaml.safe_load(Path(path).read_text())
     config["provenance"] = {
         "study": study, "trial_id": chosen["trial_id"], "run_id": chosen["run_id"],

@@ -27,6 +27,7 @@ from ltstudy.study.tracking.store import (
     TrackingError,
     check_reachable,
     client,
+    download_artifact,
     resolve_tracking_uri,
 )
 
@@ -81,8 +82,8 @@ def per_class_of(mlc, run_id: str) -> dict[str, list[float]] | None:
     """A finished trial's ``per_class_accuracy.json`` (val and, after the last epoch, test)."""
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            return json.loads(Path(mlc.download_artifacts(run_id, "per_class_accuracy.json", tmp)).read_text())
-    except (MlflowException, OSError, ValueError):
+            return json.loads(Path(download_artifact(mlc, run_id, "per_class_accuracy.json", tmp)).read_text())
+    except (MlflowException, TrackingError, OSError, ValueError):
         return None
 
 
@@ -90,15 +91,15 @@ def reliability_of_run(mlc, run_id: str) -> dict[str, Any] | None:
     """A finished trial's ``reliability.json`` (the bins of its last val and test evaluations)."""
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            return json.loads(Path(mlc.download_artifacts(run_id, RELIABILITY_JSON, tmp)).read_text())
-    except (MlflowException, OSError, ValueError):
+            return json.loads(Path(download_artifact(mlc, run_id, RELIABILITY_JSON, tmp)).read_text())
+    except (MlflowException, TrackingError, OSError, ValueError):
         return None
 
 
 def checkpoint_of_run(tracking_uri: str | None, run_id: str) -> str:
     """The checkpoint folder of a finished trial's MLflow run (tagged when the trial ended)."""
     uri = resolve_tracking_uri(tracking_uri)
-    check_reachable(uri)
+    check_reachable(uri, existing=True)
     try:
         run = client(uri).get_run(run_id)
     except MlflowException:

@@ -10,11 +10,13 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -62,8 +64,9 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail with one line before anything is written when the tracking store is out of reach."""
+def check_reachable(uri: str, timeout: float = 5.0, existing: bool = False) -> None:
+    """Fail with one line before anything is written when the tracking store is out of reach (``existing``:
+    for commands that only read, a SQLite file that is not there, which opening it would create)."""
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
@@ -73,9 +76,11 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             reason = getattr(exc, "reason", exc)
             raise TrackingError(f"tracking server {uri} is unreachable: {reason}") from None
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
-        if not folder.is_dir():
-            raise TrackingError(f"tracking store {uri}: folder {folder} does not exist")
+        path = Path(uri[len("sqlite:///"):])
+        if not path.parent.is_dir():
+            raise TrackingError(f"tracking store {uri}: folder {path.parent} does not exist")
+        if existing and not path.is_file():
+            raise TrackingError(f"tracking store {uri}: {path} does not exist (no study has recorded there)")
 
 
 def client(uri: str) -> MlflowClient:
@@ -86,6 +91,22 @@ def client(uri: str) -> MlflowClient:
         logging.getLogger(name).setLevel(logging.WARNING)
 
     return MlflowClient(tracking_uri=uri)
+
+
+def download_artifact(mlc: MlflowClient, run_id: str, path: str, dst: str) -> str:
+    """``mlc.download_artifacts``, also from a store pulled home (``ltstudy cluster pull``): its runs'
+    ``mlflow-artifacts:/…`` URIs name the server's artifact folder, here ``mlartifacts/`` beside the SQLite
+    file, which MLflow resolves through a server only."""
+    uri = mlc.tracking_uri
+    if uri.startswith("sqlite:///"):
+        artifact_uri = mlc.get_run(run_id).info.artifact_uri or ""
+        if artifact_uri.startswith("mlflow-artifacts:"):
+            served = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / urlsplit(artifact_uri).path.lstrip("/")
+            src = served / path
+            if not src.is_file():
+                raise TrackingError(f"run {run_id}: {path} is not in {served} (pull the artifacts with the store)")
+            return shutil.copy(src, Path(dst) / Path(path).name)
+    return mlc.download_artifacts(run_id, path, dst)
 
 
 def git_commit() -> str:

@@ -231,8 +231,9 @@ def test_render_writes_the_pass_role_policy_and_prints_the_iam_commands(tmp_path
 
 def test_pull_copies_the_records_home_with_ray_rsync_down(tmp_path):
     """`cluster pull` runs one `ray rsync-down FILE REMOTE LOCAL` per record; here the head's EFS is a local
-    folder and the copy is done in place of the SSH rsync (the commands are what ray gets)."""
-    from ltstudy.study.cluster.launcher import pull
+    folder and the copy is done in place of the SSH rsync (the commands are what ray gets). Ray applies the
+    file's rsync_exclude (which holds mlflow.db) to rsync-down too: the commands get a copy without it."""
+    from ltstudy.study.cluster.pull import pull
 
     head = tmp_path / "efs" / "ltstudy"
     (head / "mlartifacts" / "1").mkdir(parents=True)
@@ -244,7 +245,10 @@ def test_pull_copies_the_records_home_with_ray_rsync_down(tmp_path):
 
     def rsync_down(cmd, **kw):
         seen.append(cmd)
-        assert cmd[1:3] == ["rsync-down", str(cluster)] and cmd[3].startswith("/mnt/efs/ltstudy/")
+        assert cmd[1] == "rsync-down" and cmd[3].startswith("/mnt/efs/ltstudy/")
+        given = yaml.safe_load(Path(cmd[2]).read_text())
+        assert given["cluster_name"] == yaml.safe_load(cluster.read_text())["cluster_name"]
+        assert "rsync_exclude" not in given and "rsync_filter" not in given
         src = head / cmd[3][len("/mnt/efs/ltstudy/"):]
         if not src.exists():
             return subprocess.CompletedProcess(cmd, 23, "", f"rsync: link_stat \"{src}\" failed: No such file")

@@ -496,6 +496,10 @@ def test_ray_up_runs_a_study_on_the_worker_and_ray_down_leaves_no_process(tmp_pa
                           "http://localhost:5000", "-o", str(best)], env, logs / "export.log", 120)
             exported = yaml.safe_load(best.read_text())
             assert exported["method"] == "ce", exported
+            # the records home before `ray down` (`cluster pull`: Ray's rsync-down from the head over SSH)
+            records = laptop.home / "records"
+            _run(laptop, [*ltstudy, "cluster", "pull", str(cluster), "--to", str(records)], env, logs / "pull.log",
+                 120)
             _run(laptop, [sys.executable, "-c", _TRIAL_RUNS, "http://localhost:5000", study], env,
                  logs / "trials.log", 120)
             trials = json.loads((logs / "trials.log").read_text().strip().splitlines()[-1])
@@ -552,3 +556,8 @@ def test_ray_up_runs_a_study_on_the_worker_and_ray_down_leaves_no_process(tmp_pa
         assert not any(left_ray.values()), f"Ray processes left after ray down: {left_ray}"
         assert not any(others.values()), f"processes left on the nodes: {others}"
         assert not [cmd for cmd in mlflow_left if "huey" in cmd], mlflow_left  # MLflow's job runner stays off
+        # with no cluster left, the pulled records give the answer the tunnel gave
+        again = laptop.home / "best-pulled.yaml"
+        _run(laptop, [*ltstudy, "best-config", "export", "--study", study, "--tracking-uri",
+                      f"sqlite:///{records / 'mlflow.db'}", "-o", str(again)], env, logs / "export-pulled.log", 120)
+        assert yaml.safe_load(again.read_text())["provenance"]["run_id"] == exported["provenance"]["run_id"]

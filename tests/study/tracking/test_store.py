@@ -1,0 +1,33 @@
+"""The tracking store's read helpers on a store pulled home from a cluster (``ltstudy cluster pull``)."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ltstudy.study.tracking.store import TrackingError, check_reachable, download_artifact
+
+
+def test_a_pulled_store_reads_its_served_artifacts_from_mlartifacts_beside_it(tmp_path):
+    """Runs logged through a server with --artifacts-destination have ``mlflow-artifacts:/`` URIs, which MLflow
+    resolves through a server only; pulled home, they are read from the mlartifacts/ folder beside the file."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlc = MlflowClient(uri)
+    exp = mlc.create_experiment("pulled", artifact_location="mlflow-artifacts:/7")
+    run = mlc.create_run(exp).info.run_id
+    served = tmp_path / "mlartifacts" / "7" / run / "artifacts"
+    served.mkdir(parents=True)
+    (served / "config.yaml").write_text("method: ce\n")
+    (tmp_path / "out").mkdir()
+    got = download_artifact(mlc, run, "config.yaml", str(tmp_path / "out"))
+    assert open(got).read() == "method: ce\n"
+    with pytest.raises(TrackingError, match="reliability.json is not in .*mlartifacts/7/"):
+        download_artifact(mlc, run, "reliability.json", str(tmp_path / "out"))
+
+
+def test_reading_commands_never_create_a_sqlite_store(tmp_path):
+    missing = f"sqlite:///{tmp_path / 'pulled.db'}"
+    check_reachable(missing)  # a study may create it
+    with pytest.raises(TrackingError, match="pulled.db does not exist"):
+        check_reachable(missing, existing=True)
+    assert not (tmp_path / "pulled.db").exists()
