@@ -77,7 +77,8 @@ def mlflow_server(root: Path, backend: str | None = None) -> Iterator[str]:
         [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", backend or f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts")],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # as `ltstudy cluster mlflow`
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(uri + "/health", proc, 90, log)
