@@ -78,9 +78,10 @@ class StudyOptions:
         asha_only = [f"--{key.replace('_', '-')}" for key in ("grace_period", "reduction_factor")
                      if self.given is not None and key in self.given]
         if self.scheduler != "asha" and asha_only:
-            raise ConfigError(f"{' and '.join(asha_only)} {'sets' if len(asha_only) == 1 else 'set'} ASHA's rungs; --scheduler {self.scheduler} has none"
-                              + (" (halving promotes a third of each budget's runs, η = 3)"
-                                 if self.scheduler == "halving" else ""))
+            verb = "sets" if len(asha_only) == 1 else "set"
+            why = " (halving promotes a third of each budget's runs, η = 3)" if self.scheduler == "halving" else ""
+            raise ConfigError(f"{' and '.join(asha_only)} {verb} ASHA's rungs; --scheduler {self.scheduler} has "
+                              f"none{why}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ConfigError("--time-budget must be positive")
         if self.checkpoint_every < 1:

@@ -54,7 +54,7 @@ from ltstudy.study.tracking.callback import MLflowTrialCallback
 from ltstudy.study.tracking.dataset import DatasetRecord, dataset_record
 from ltstudy.study.tracking.links import OptunaLinks, annotate_study
 from ltstudy.study.tracking.records import status_counts, study_trials
-from ltstudy.study.tracking.store import client, git_commit, run_url
+from ltstudy.study.tracking.store import client, git_commit, run_url, sqlite_file
 from ltstudy.study.tracking.study_run import StudyTracker
 from ltstudy.study.trainable import Resources, make_trainable, reuse_actors
 
@@ -114,7 +114,7 @@ def _open_store(uri: str) -> None:
     so the study run opened later finds it ready. A SQLite file that does not exist yet is not made here
     (nothing is written before every node is checked): only its code is loaded. A store that fails here
     fails again there, where the error is reported."""
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    if (db := sqlite_file(uri)) is not None and not db.exists():
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - the imports are most of the time
         return
     with contextlib.suppress(Exception):

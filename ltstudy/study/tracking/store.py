@@ -64,6 +64,11 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` store, else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def check_reachable(uri: str, timeout: float = 5.0, existing: bool = False) -> None:
     """Fail with one line before anything is written when the tracking store is out of reach (``existing``:
     for commands that only read, a SQLite file that is not there, which opening it would create)."""
@@ -76,7 +81,7 @@ def check_reachable(uri: str, timeout: float = 5.0, existing: bool = False) -> N
             reason = getattr(exc, "reason", exc)
             raise TrackingError(f"tracking server {uri} is unreachable: {reason}") from None
     elif uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
+        path = sqlite_file(uri)
         if not path.parent.is_dir():
             raise TrackingError(f"tracking store {uri}: folder {path.parent} does not exist")
         if existing and not path.is_file():
@@ -97,11 +102,11 @@ def download_artifact(mlc: MlflowClient, run_id: str, path: str, dst: str) -> st
     """``mlc.download_artifacts``, also from a store pulled home (``ltstudy cluster pull``): its runs'
     ``mlflow-artifacts:/…`` URIs name the server's artifact folder, here ``mlartifacts/`` beside the SQLite
     file, which MLflow resolves through a server only."""
-    uri = mlc.tracking_uri
-    if uri.startswith("sqlite:///"):
+    db = sqlite_file(mlc.tracking_uri)
+    if db is not None:
         artifact_uri = mlc.get_run(run_id).info.artifact_uri or ""
         if artifact_uri.startswith("mlflow-artifacts:"):
-            served = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / urlsplit(artifact_uri).path.lstrip("/")
+            served = db.parent / "mlartifacts" / urlsplit(artifact_uri).path.lstrip("/")
             src = served / path
             if not src.is_file():
                 raise TrackingError(f"run {run_id}: {path} is not in {served} (pull the artifacts with the store)")
