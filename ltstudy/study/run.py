@@ -54,7 +54,7 @@ from ltstudy.study.tracking.callback import MLflowTrialCallback
 from ltstudy.study.tracking.dataset import DatasetRecord, dataset_record
 from ltstudy.study.tracking.links import OptunaLinks, annotate_study
 from ltstudy.study.tracking.records import status_counts, study_trials
-from ltstudy.study.tracking.store import client, git_commit, run_url, sqlite_file
+from ltstudy.study.tracking.store import client, git_commit, make_schema, run_url, sqlite_file
 from ltstudy.study.tracking.study_run import StudyTracker
 from ltstudy.study.trainable import Resources, make_trainable, reuse_actors
 
@@ -112,13 +112,14 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
 def _open_store(uri: str) -> None:
     """Open the MLflow store once (1-3 s: SQLAlchemy and the schema check); MLflow keeps one store per URI,
     so the study run opened later finds it ready. A SQLite file that does not exist yet is not made here
-    (nothing is written before every node is checked): only its code is loaded. A store that fails here
-    fails again there, where the error is reported."""
-    if (db := sqlite_file(uri)) is not None and not db.exists():
-        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - the imports are most of the time
-        return
+    (nothing is written before every node is checked): its schema is made aside, for the study run to copy
+    (:func:`~ltstudy.study.tracking.store.make_schema`). A store that fails here fails again there, where the
+    error is reported."""
     with contextlib.suppress(Exception):
-        client(uri)
+        if (db := sqlite_file(uri)) is not None and not db.exists():
+            make_schema(uri)
+        else:
+            client(uri)
 
 
 def _stage_data(plan: StudyPlan) -> StudyPlan:

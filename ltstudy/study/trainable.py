@@ -192,9 +192,17 @@ def _reporter(cfg: Any, send: Any, ctx: TrialContext, checkpoints: bool = True, 
 
 
 def _release() -> None:
-    """After a trial, in a process the next trial may reuse: give cached GPU memory back to the GPU's
-    other tenants (several trials can share one GPU)."""
+    """After a trial, in a process the next trial may reuse: the trial's garbage collected, and cached GPU
+    memory given back to the GPU's other tenants (several trials can share one GPU).
+
+    A full collection walks every object of the process: torch's, Ray's and MLflow's modules make that 0.27 s
+    on a 2-core machine, more than half of what a reused process spent between two one-second trials. After
+    the process's first trial, what is still alive (the imports, the cached dataset) is frozen
+    (``gc.freeze``): later collections walk only what later trials made. Frozen objects are still freed by
+    reference counting; only a reference cycle among them would stay."""
     gc.collect()
+    if not gc.get_freeze_count():
+        gc.freeze()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 

@@ -19,8 +19,8 @@ from support.data import write_imagenet_lt_tree
 
 pytestmark = pytest.mark.slow
 
-#: small enough for a 2-core CI box: 32 px crops, ResNet-32, two epochs, no decoding workers
-SMALL = {"image_size": 32, "model": "resnet32", "epochs": 2, "batch_size": 16, "eval_batch_size": 256,
+#: small enough for a 2-core CI box: 16 px crops, ResNet-32, two epochs, no decoding workers
+SMALL = {"image_size": 16, "model": "resnet32", "epochs": 2, "batch_size": 32, "eval_batch_size": 256,
          "num_workers": 0, "device": "cpu"}
 
 

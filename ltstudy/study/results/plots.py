@@ -63,6 +63,17 @@ def importances(study: Any, metric: str) -> tuple[dict[str, float], str | None]:
     return values, None
 
 
+class _Computed(optuna.importance.BaseImportanceEvaluator):
+    """Importances already computed, handed to Optuna's importance plot so that it does not evaluate them a
+    second time (fANOVA over 1,000 trials: 1.4 s of the report)."""
+
+    def __init__(self, values: dict[str, float]) -> None:
+        self.values = values
+
+    def evaluate(self, study: Any, params: list[str] | None = None, *, target: Any = None) -> dict[str, float]:
+        return {k: v for k, v in self.values.items() if params is None or k in params}
+
+
 def _axes_figure(result: Any):
     first = np.asarray(result, dtype=object).flat[0]
     return first.figure
@@ -80,7 +91,7 @@ def optuna_pngs(study: Any, metric: str, imp: dict[str, float] | None = None) ->
     top = list(imp)[:CONTOUR_PARAMS] or None
     draw: dict[str, Callable[[], Any]] = {
         "optimization_history": lambda: ovm.plot_optimization_history(study, target_name=metric),
-        "param_importances": lambda: ovm.plot_param_importances(study, target_name=metric),
+        "param_importances": lambda: ovm.plot_param_importances(study, evaluator=_Computed(imp), target_name=metric),
         "slice": lambda: ovm.plot_slice(study, target_name=metric),
         "contour": lambda: ovm.plot_contour(study, params=top, target_name=metric),
         "parallel_coordinate": lambda: ovm.plot_parallel_coordinate(study, target_name=metric),

@@ -1,11 +1,17 @@
-"""The tracking store's read helpers on a store pulled home from a cluster (``ltstudy cluster pull``)."""
+"""The tracking store's helpers: a store pulled home from a cluster (``ltstudy cluster pull``), a new SQLite store."""
 
 from __future__ import annotations
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ltstudy.study.tracking.store import TrackingError, check_reachable, download_artifact
+from ltstudy.study.tracking.store import (
+    TrackingError,
+    check_reachable,
+    client,
+    download_artifact,
+    make_schema,
+)
 
 
 def test_a_pulled_store_reads_its_served_artifacts_from_mlartifacts_beside_it(tmp_path):
@@ -31,3 +37,21 @@ def test_reading_commands_never_create_a_sqlite_store(tmp_path):
     with pytest.raises(TrackingError, match="pulled.db does not exist"):
         check_reachable(missing, existing=True)
     assert not (tmp_path / "pulled.db").exists()
+
+
+def test_a_new_sqlite_store_gets_its_schema_made_aside_then_copied_into_place(tmp_path, monkeypatch):
+    """``make_schema`` (run while Ray starts) writes nothing at the store's path; the first client copies the
+    migrated template there, and the store is the one MLflow would have made itself."""
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "new" / "mlflow.db"
+    db.parent.mkdir()
+    make_schema(f"sqlite:///{db}")
+    assert not db.exists()
+    mlc = client(f"sqlite:///{db}")
+    assert db.exists()
+    exp = mlc.create_experiment("study")
+    mlc.create_run(exp)
+    plain = MlflowClient(f"sqlite:///{tmp_path / 'plain.db'}")
+    ours, theirs = mlc.get_experiment("0"), plain.get_experiment("0")  # MLflow's default experiment
+    assert (ours.name, ours.artifact_location) == (theirs.name, theirs.artifact_location)
+    assert [e.name for e in mlc.search_experiments()] == ["study", "Default"]
