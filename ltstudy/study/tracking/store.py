@@ -116,9 +116,10 @@ def client(uri: str) -> MlflowClient:
     for name in ("mlflow.store.db.utils", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     db = sqlite_file(uri)
-    if db is not None and (template := _SCHEMAS.pop(db, None)) is not None and db.parent.is_dir() \
-            and not db.exists():
-        shutil.copyfile(template, db)  # MLflow's own schema check then finds it current
+    if db is not None and (template := _SCHEMAS.pop(db, None)) is not None:
+        if db.parent.is_dir() and not db.exists():
+            shutil.copyfile(template, db)  # MLflow's own schema check then finds it current
+        shutil.rmtree(template.parent, ignore_errors=True)
     return MlflowClient(tracking_uri=uri)
 
 

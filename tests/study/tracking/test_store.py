@@ -6,6 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ltstudy.study.tracking.store import (
+    _SCHEMAS,
     TrackingError,
     check_reachable,
     client,
@@ -47,8 +48,9 @@ def test_a_new_sqlite_store_gets_its_schema_made_aside_then_copied_into_place(tm
     db.parent.mkdir()
     make_schema(f"sqlite:///{db}")
     assert not db.exists()
+    template = _SCHEMAS[db]
     mlc = client(f"sqlite:///{db}")
-    assert db.exists()
+    assert db.exists() and not template.parent.exists()  # the temporary folder goes with its copy
     exp = mlc.create_experiment("study")
     mlc.create_run(exp)
     plain = MlflowClient(f"sqlite:///{tmp_path / 'plain.db'}")
