@@ -2,7 +2,8 @@
 boto3 before anything starts, one line per problem.
 
 Checks: credentials and region; every AMI exists in the region; every instance type is offered in the zones
-the nodes may use; the G and VT on-demand vCPU quota covers the GPU workers at their maximum; the EFS file
+the nodes may use; the G and VT vCPU quota (on demand, or spot requests for ``--spot`` nodes) covers the GPU
+workers at their maximum; the EFS file
 system exists and has a mount target in every pinned subnet; a pinned security group lives in the subnets'
 VPC and has the rules Ray needs (all traffic within the group, SSH from ``--ssh-cidr``) and lets NFS reach
 the mount targets; the head's role may pass the workers' instance profile (``iam:PassRole``).
@@ -19,8 +20,9 @@ from typing import Any
 from ltstudy.errors import LtstudyError
 from ltstudy.study.cluster.aws import RAY_HEAD_ROLE, client
 
-#: Service Quotas' "Running On-Demand G and VT instances" (vCPUs)
-G_QUOTA_CODE = "L-DB2E81BA"
+#: Service Quotas' vCPU quotas of G and VT instances: "Running On-Demand G and VT instances" and "All G and VT
+#: Spot Instance Requests" (a spot node counts against the second only)
+G_QUOTA_CODES = {"on-demand": "L-DB2E81BA", "spot": "L-3819A6DF"}
 
 
 class DoctorError(LtstudyError):
@@ -35,8 +37,9 @@ class DoctorError(LtstudyError):
 class Doctor:
     config: dict[str, Any]
     ssh_cidr: str | None = None
-    #: the G/VT vCPU quota; None: Service Quotas is asked (a seam: moto has no EC2 quotas)
-    g_quota: Callable[[], float] | None = None
+    #: the G/VT vCPU quota of a quota code (:data:`G_QUOTA_CODES`); None: Service Quotas is asked (a seam:
+    #: moto has no EC2 quotas)
+    g_quota: Callable[[str], float] | None = None
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -108,7 +111,7 @@ class Doctor:
                                      "subnets in zones that offer it (--subnet)")
 
     def _quota(self, ec2: Any, subnets: dict) -> None:
-        need = 0
+        need = dict.fromkeys(G_QUOTA_CODES, 0)
         head = self.config["head_node_type"]
         for name, spec in self._types().items():
             itype = spec["node_config"]["InstanceType"]
@@ -116,21 +119,26 @@ class Doctor:
                 continue
             info = ec2.describe_instance_types(InstanceTypes=[itype])["InstanceTypes"][0]
             count = 1 if name == head else spec.get("max_workers", self.config.get("max_workers", 0))
-            need += count * info["VCpuInfo"]["DefaultVCpus"]
-        if not need:
-            return
+            market = spec["node_config"].get("InstanceMarketOptions", {}).get("MarketType", "on-demand")
+            need["spot" if market == "spot" else "on-demand"] += count * info["VCpuInfo"]["DefaultVCpus"]
+        for market, vcpus in need.items():
+            if vcpus:
+                self._quota_covers(market, vcpus)
+
+    def _quota_covers(self, market: str, need: int) -> None:
+        code = G_QUOTA_CODES[market]
         try:
-            have = self.g_quota() if self.g_quota else self._client("service-quotas").get_service_quota(
-                ServiceCode="ec2", QuotaCode=G_QUOTA_CODE)["Quota"]["Value"]
+            have = self.g_quota(code) if self.g_quota else self._client("service-quotas").get_service_quota(
+                ServiceCode="ec2", QuotaCode=code)["Quota"]["Value"]
         except Exception as exc:  # noqa: BLE001
-            self.problems.append(f"G/VT vCPU quota ({G_QUOTA_CODE}) unreadable: {_reason(exc)}")
+            self.problems.append(f"G/VT {market} vCPU quota ({code}) unreadable: {_reason(exc)}")
             return
         if have < need:
-            self.problems.append(f"G/VT on-demand vCPU quota is {have:g} in {self.region}, the GPU workers at "
-                                 f"their maximum need {need}: ask for more (Service Quotas {G_QUOTA_CODE}) "
+            self.problems.append(f"G/VT {market} vCPU quota is {have:g} in {self.region}, the GPU workers at "
+                                 f"their maximum need {need}: ask for more (Service Quotas {code}) "
                                  "or lower --max-gpu-workers")
         else:
-            self.notes.append(f"G/VT vCPU quota {have:g} >= {need}")
+            self.notes.append(f"G/VT {market} vCPU quota {have:g} >= {need}")
 
     # ------------------------------------------------------------------------------------ EFS
     def _efs_id(self) -> str | None:

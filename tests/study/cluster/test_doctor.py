@@ -16,7 +16,7 @@ import yaml
 
 from ltstudy.study import _compat
 from ltstudy.study.cluster.aws import AMI_PARAMETER, RAY_HEAD_ROLE, pass_role_policy, resolve_ami
-from ltstudy.study.cluster.doctor import Doctor, DoctorError
+from ltstudy.study.cluster.doctor import G_QUOTA_CODES, Doctor, DoctorError
 from ltstudy.study.cluster.launcher import RenderOptions, render, validate
 
 from support.servers import REPO, free_port, stop_session
@@ -104,9 +104,10 @@ def _raw() -> dict:
     return yaml.safe_load((REPO / "cluster.yaml").read_text())
 
 
-def _doctor(config: dict, quota: float = 1000) -> list[str]:
+def _doctor(config: dict, quota: float = 1000, spot_quota: float = 1000) -> list[str]:
+    quotas = {G_QUOTA_CODES["on-demand"]: quota, G_QUOTA_CODES["spot"]: spot_quota}
     try:
-        Doctor(config, ssh_cidr=CIDR, g_quota=lambda: quota).run()
+        Doctor(config, ssh_cidr=CIDR, g_quota=quotas.__getitem__).run()
     except DoctorError as err:
         return err.problems
     return []
@@ -152,6 +153,8 @@ def test_the_doctor_names_each_planted_mistake(aws, capsys):
     table["group in another VPC"] = _doctor(render(_raw(), _options(aws, security_group=other_sg)))
     table["AMI of another region"] = _doctor(render(_raw(), _options(aws, image_id=foreign)))
     table["zero G vCPU quota"] = _doctor(render(_raw(), _options(aws)), quota=0)
+    table["spot nodes, zero spot quota"] = _doctor(render(_raw(), _options(aws, spot=True)), spot_quota=0)
+    table["spot nodes, zero on-demand quota"] = _doctor(render(_raw(), _options(aws, spot=True)), quota=0)
     efs.delete_mount_target(MountTargetId=aws["targets"][1])
     table["missing mount target"] = _doctor(render(_raw(), _options(aws)))
     efs.create_mount_target(FileSystemId=aws["fs"], SubnetId=aws["subnets"][1], SecurityGroups=[aws["sg"]])
@@ -163,8 +166,10 @@ def test_the_doctor_names_each_planted_mistake(aws, capsys):
     expect = {"group in another VPC": f"security group {other_sg} is in {other_vpc}",
               "AMI of another region": f"AMI {foreign} does not exist in {REGION}",
               "zero G vCPU quota": "G/VT on-demand vCPU quota is 0",
+              "spot nodes, zero spot quota": "G/VT spot vCPU quota is 0 in",
               "missing mount target": f"has no mount target in subnet {aws['subnets'][1]}",
               "no PassRole": f"the head role {RAY_HEAD_ROLE} may not pass"}
+    assert table.pop("spot nodes, zero on-demand quota") == []  # spot GPU workers ask the spot quota only
     for mistake, lines in table.items():
         assert len(lines) == 1 and expect[mistake] in lines[0] and "\n" not in lines[0], (mistake, lines)
 
