@@ -150,11 +150,16 @@ def git_commit() -> str:
 
 
 # ----------------------------------------------------------------------------------------- helpers
+def is_metric(key: str) -> bool:
+    """Whether a result key is one of the trainer's metrics (not Tune's bookkeeping)."""
+    return key.startswith(_METRIC_PREFIXES) or key in _METRIC_EXTRA
+
+
 def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The trainer's scalar metrics from a Tune result (no Tune bookkeeping, no lists, finite only)."""
     out = {}
     for key, value in result.items():
-        if not (key.startswith(_METRIC_PREFIXES) or key in _METRIC_EXTRA):
+        if not is_metric(key):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             continue

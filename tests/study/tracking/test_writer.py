@@ -282,6 +282,30 @@ def _call(fn, *args, wait: float = 10.0) -> threading.Thread:
     return thread
 
 
+def test_tune_keeps_a_results_objectives_and_the_end_record_gets_every_metric(store_uri):
+    """Tune's trial state (written for every trial at every experiment save) keeps the objectives, ``epoch`` and
+    Tune's own keys of a result; the callback keeps the rest for the trial's end record."""
+    tracker = StudyTracker(store_uri, "aside")
+    parent = tracker.open({}, resume=False)
+    ended = {}
+    cb = _callback(store_uri, parent, tracker.experiment_id, lambda tid, outcome, last: ended.update(last))
+    trial = _trial("t1")
+    cb.on_trial_start(0, [], trial)
+    for epoch in (1, 2, 3):
+        result = {**_result(epoch), "done": epoch == 3, "training_iteration": epoch}
+        cb.on_trial_result(0, [], trial, result)
+        assert set(result) == {"epoch", "epochs_total", "val_top1", "node_id", "done", "training_iteration"}
+        trial.last_result = result
+    cb.on_trial_complete(0, [], trial)
+    cb.close()
+    assert ended["val_loss"] == pytest.approx(2 / 3) and ended["train_loss"] == pytest.approx(1 / 3)
+    assert ended["val_per_class"] == [0.5, 0.5, 0.25, 0.0]
+    mlc = MlflowClient(store_uri)
+    run_id = cb.writer.run("t1").run_id
+    assert _steps(mlc, run_id, "val_loss") == [1, 2, 3] and "per_class_accuracy.json" in {
+        a.path for a in mlc.list_artifacts(run_id)}
+
+
 def test_the_callback_waits_only_when_tune_saves_its_state_and_at_trial_ends(store_uri):
     uri = store_uri
     tracker = StudyTracker(uri, "s")
