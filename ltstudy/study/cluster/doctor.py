@@ -3,10 +3,10 @@ boto3 before anything starts, one line per problem.
 
 Checks: credentials and region; every AMI exists in the region; every instance type is offered in the zones
 the nodes may use; the G and VT vCPU quota (on demand, or spot requests for ``--spot`` nodes) covers the GPU
-workers at their maximum; the EFS file
-system exists and has a mount target in every pinned subnet; a pinned security group lives in the subnets'
-VPC and has the rules Ray needs (all traffic within the group, SSH from ``--ssh-cidr``) and lets NFS reach
-the mount targets; the head's role may pass the workers' instance profile (``iam:PassRole``).
+workers at their maximum; the EFS file system exists and has a mount target in every pinned subnet; a pinned
+security group lives in the subnets' VPC and has the rules Ray needs (all traffic within the group, SSH from
+``--ssh-cidr``) and lets NFS reach the mount targets; the head's role may pass the workers' instance profile
+(``iam:PassRole``).
 """
 
 from __future__ import annotations

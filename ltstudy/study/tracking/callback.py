@@ -86,7 +86,7 @@ class MLflowTrialCallback(ray.tune.Callback):
         self._start: dict[str, float] = {}
         self._datasets: dict[tuple, DatasetRecord | None] = {}
         self.wall: dict[str, float] = {}  # trial id -> driver-side wall time, for ``bench study``
-        self._bulky: dict[str, dict[str, Any]] = {}  # trial id -> its latest BULKY entries
+        self._bulky: dict[str, dict[str, Any]] = {}  # trial id -> its latest values kept off Tune's state
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks with the experiment; the writer (a thread) and caches are rebuilt on restore.
