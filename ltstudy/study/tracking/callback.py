@@ -208,8 +208,10 @@ class MLflowTrialCallback(ray.tune.Callback):
         # Tune lets callbacks change the result before it becomes the trial's last result (and its metric
         # statistics), which Tune writes for every trial at every experiment save; the scheduler and the
         # searcher have seen the whole result already (a flattened copy)
+        # (numbers only: Tune keeps statistics of those; a string such as the placement group's id is read back)
         keep = set(self.objectives)
-        aside = [k for k in result if k in BULKY or (keep and k not in keep and is_metric(k))]
+        aside = [k for k, v in result.items() if k in BULKY
+                 or (keep and k not in keep and is_metric(k) and isinstance(v, (int, float)))]
         if aside:
             self._bulky.setdefault(trial.trial_id, {}).update({k: result.pop(k) for k in aside})
 

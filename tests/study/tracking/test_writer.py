@@ -292,9 +292,11 @@ def test_tune_keeps_a_results_objectives_and_the_end_record_gets_every_metric(st
     trial = _trial("t1")
     cb.on_trial_start(0, [], trial)
     for epoch in (1, 2, 3):
-        result = {**_result(epoch), "done": epoch == 3, "training_iteration": epoch}
+        result = {**_result(epoch), "done": epoch == 3, "training_iteration": epoch,
+                  "train_placement_group": "a1b2"}  # a multi-worker trial's group, read back by the reaper
         cb.on_trial_result(0, [], trial, result)
-        assert set(result) == {"epoch", "epochs_total", "val_top1", "node_id", "done", "training_iteration"}
+        assert set(result) == {"epoch", "epochs_total", "val_top1", "node_id", "done", "training_iteration",
+                               "train_placement_group"}
         trial.last_result = result
     cb.on_trial_complete(0, [], trial)
     cb.close()
