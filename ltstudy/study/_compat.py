@@ -93,6 +93,39 @@ def force_experiment_save(tune_controller: Any) -> None:
     controller._checkpoint_manager._should_force_sync_up = True
 
 
+def drop_missing_checkpoints(trial: Any) -> list[str]:
+    """Forget the checkpoints of a restored ``trial`` whose folders are gone; returns their paths.
+
+    The experiment state a killed driver left can be a step or two behind the storage: Tune registers a
+    trial's new checkpoint, deletes the oldest of the ``num_to_keep`` it keeps, and saves the state only
+    later. Restored from such a state, the trial's checkpoint manager still lists the deleted folder; at
+    the trial's next checkpoint Tune deletes it again, and ``_delete_fs_path`` raises for a missing path
+    (logged as "Error handling checkpoint", and the new checkpoint is left out of the next save). Where
+    even the latest listed checkpoint is gone, the trial restarts from the newest one left, or from its
+    first epoch. Private: ``Trial.run_metadata.checkpoint_manager`` with its ``_checkpoint_results`` and
+    ``_latest_checkpoint_result`` (and the metadata's cached JSON, ``invalidate_cache``)."""
+    manager = trial.run_metadata.checkpoint_manager
+    listed = list(manager._checkpoint_results)
+    latest = manager._latest_checkpoint_result
+    if latest is not None and latest not in listed:
+        listed.append(latest)
+
+    def gone(result: Any) -> bool:
+        import pyarrow.fs
+
+        ckpt = result.checkpoint
+        return ckpt.filesystem.get_file_info(ckpt.path).type == pyarrow.fs.FileType.NotFound
+
+    missing = [r for r in listed if gone(r)]
+    if missing:
+        manager._checkpoint_results = [r for r in manager._checkpoint_results if r not in missing]
+        if latest in missing:
+            manager._latest_checkpoint_result = manager._checkpoint_results[-1] if manager._checkpoint_results \
+                else None
+        trial.run_metadata.invalidate_cache()
+    return [r.checkpoint.path for r in missing]
+
+
 def save_experiment_now(tune_controller: Any, trial: Any) -> None:
     """Save the experiment state now, ``trial`` included, and wait until it is on the storage: a scheduler's
     ``on_trial_add`` runs after the controller appended the trial and before it marked the trial for the

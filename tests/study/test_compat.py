@@ -106,6 +106,36 @@ def test_forced_experiment_save(tmp_path):
         "TuneController._mark_trial_to_checkpoint"
 
 
+def test_drop_missing_checkpoints(tmp_path):
+    """A restored trial's checkpoint manager forgets folders that are gone: an older one (Tune's next
+    registration no longer deletes a missing path), then the latest too (the newest left is the latest)."""
+    from types import SimpleNamespace
+
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager, _TrainingResult
+    from ray.tune.experiment.trial import _TrainingRunMetadata
+
+    metadata = _TrainingRunMetadata()
+    manager = _CheckpointManager(CheckpointConfig(num_to_keep=3))
+    folders = [tmp_path / f"checkpoint_00000{i}" for i in range(3)]
+    for i, folder in enumerate(folders):
+        folder.mkdir()
+        manager.register_checkpoint(_TrainingResult(Checkpoint.from_directory(str(folder)), {"epoch": i}))
+    metadata.checkpoint_manager = manager
+    trial = SimpleNamespace(run_metadata=metadata)
+    assert _compat.drop_missing_checkpoints(trial) == []
+    folders[0].rmdir()
+    assert _compat.drop_missing_checkpoints(trial) == [str(folders[0])]
+    assert [r.metrics["epoch"] for r in manager.best_checkpoint_results] == [1, 2]
+    folders[2].rmdir()
+    assert _compat.drop_missing_checkpoints(trial) == [str(folders[2])]
+    assert manager.latest_checkpoint_result.metrics["epoch"] == 1
+    folders[1].rmdir()
+    assert _compat.drop_missing_checkpoints(trial) == [str(folders[1])]
+    assert manager.latest_checkpoint_result is None and manager.best_checkpoint_results == []
+    assert metadata.checkpoint_manager is manager and "checkpoint_manager" in metadata.get_json_state()
+
+
 def test_scheduler_state_is_not_a_file_tune_stages_on_restore(tmp_path):
     """On restore Tune copies the experiment folder's ``*.json`` / ``*.pkl`` into its staging folder and
     uploads that folder at every save: ASHA's rungs must not be such a file, or the copy from resume time

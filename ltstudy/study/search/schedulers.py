@@ -19,6 +19,7 @@ by ``Trial`` objects (not ids) and pause trials, so making them resume exactly w
 from __future__ import annotations
 
 import io
+import logging
 import math
 import pickle
 from typing import Any
@@ -29,6 +30,8 @@ from ltstudy.config import PUBLISHED_KEY
 from ltstudy.errors import ConfigError
 from ltstudy.study import _compat
 from ltstudy.study.storage import filesystem
+
+logger = logging.getLogger(__name__)
 
 SCHEDULERS = ("asha", "halving", "none")
 #: ASHA's rungs beside the experiment. Not ``*.pkl`` / ``*.json``: on restore Tune copies the experiment
@@ -54,9 +57,14 @@ class SavesState:
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)
-        # a new trial, not one a resumed study re-queues (no controller: a scheduler driven by hand)
-        if tune_controller is not None and not getattr(trial, "has_reported_at_least_once", True):
+        if tune_controller is None:  # a scheduler driven by hand
+            return
+        if not getattr(trial, "has_reported_at_least_once", True):  # new, not one a resumed study re-queues
             _compat.save_experiment_now(tune_controller, trial)
+        elif trial.status != "TERMINATED":  # restored from a state that may be behind its checkpoints
+            for path in _compat.drop_missing_checkpoints(trial):
+                logger.debug("trial %s: checkpoint %s is gone (the state was saved before Tune removed it)",
+                            trial.trial_id, path)
 
     def _saved_checkpoint(self, tune_controller: Any, result: dict) -> None:
         if result.get(CHECKPOINTED_KEY) and tune_controller is not None:
