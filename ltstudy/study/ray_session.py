@@ -3,15 +3,21 @@ started for the study (and shut down after it)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import ray
 
 from ltstudy.errors import ConfigError
 from ltstudy.study import _compat
+
+T = TypeVar("T")
 
 RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
 
@@ -71,3 +77,21 @@ def ray_init(address: str | None, verbose: int = 0, dashboard: bool = True) -> b
              logging_level="INFO" if verbose > 1 else "WARNING",
              **({} if dashboard or address is not None else {"include_dashboard": False}))
     return True
+
+
+def shutdown_during(work: Callable[[], T]) -> T:
+    """``work()`` while Ray shuts down in another thread (its processes take a second or two to end), with
+    no garbage collection meanwhile: Tune's objects that died in reference cycles hold object refs and
+    actor handles, and freeing one while the core worker goes away makes Ray end the process on the spot
+    ("The core worker has already been shutdown ... The process will exit", exit code 1, ``work`` cut
+    short). Collected after the shutdown, they are harmless."""
+    stopping = threading.Thread(target=ray.shutdown, name="ltstudy-ray-shutdown", daemon=True)
+    collecting = gc.isenabled()
+    gc.disable()
+    stopping.start()
+    try:
+        return work()
+    finally:
+        stopping.join()
+        if collecting:
+            gc.enable()

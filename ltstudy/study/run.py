@@ -40,7 +40,7 @@ from ltstudy.study.options import StudyOptions, write_saved
 from ltstudy.study.plan import StudyPlan, plan_study
 from ltstudy.study.process import interrupts, quiet, quiet_tuner_output
 from ltstudy.study.progress import ProgressBoard
-from ltstudy.study.ray_session import ray_init
+from ltstudy.study.ray_session import ray_init, shutdown_during
 from ltstudy.study.results.selection import Objectives
 from ltstudy.study.results.summary import StudySummary, record_summary
 from ltstudy.study.search.budget import BudgetEnd, BudgetStopper, TimeBudget, activate
@@ -99,14 +99,11 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
         if started:
             ray.shutdown()
         raise
-    stopping = threading.Thread(target=ray.shutdown, name="ltstudy-ray-shutdown", daemon=True)
-    if started:  # Ray's processes end while the summary is drawn
-        stopping.start()
-    try:
+
+    def summary() -> StudySummary:
         return summarise(study, interrupted, callback, confirmed, time.time() - tic, console is not None)
-    finally:
-        if started:
-            stopping.join()
+
+    return shutdown_during(summary) if started else summary()  # Ray's processes end while it is drawn
 
 
 def _open_store(uri: str) -> None:
