@@ -23,8 +23,10 @@ pytestmark = pytest.mark.slow
 
 # LDAM-DRW switches on its class-balanced weights at drw_start·epochs = epoch 3 of 6, so ASHA's first rung
 # is epoch 4 (cosine lr: no other phase). lr 1e-4 against 0.1 makes clear losers by validation top-1:
-# planted, on data where they really lose (20 validation images a class; with TINY's 5 every trial sits near
-# chance). Not by validation loss: a trial that learns nothing sits at ln 4, below the learners' loss.
+# planted, on data where they really lose (16-pixel images, 20 validation images a class: at epoch 4 the
+# learners reach 0.72-1.0, the losers 0.5-0.55; on TINY's 8 pixels some learners sat near chance at
+# epoch 4 too, and with losers tied at the median nothing was stopped: 3 runs of 3
+# on 2026-12-04). Not by validation loss: a trial that learns nothing sits at ln 4, below the learners' loss.
 LATE_PHASE = """\
 method: ldam_drw
 metric: val_top1
@@ -48,13 +50,13 @@ def _study(tmp, uri, name, space_text, **kw):
 def test_early_stopping_waits_for_the_last_phase_and_spares_the_published_trial(ray_local, mlflow_server,
                                                                                 tmp_path):
     summary = _study(tmp_path, mlflow_server, "late-phase", LATE_PHASE, num_trials=8, reduction_factor=2,
-                     fixed={**TINY, "val_per_class": 20, "imbalance": 10, "batch_size": 16})
+                     fixed={**TINY, "val_per_class": 20, "imbalance": 10, "batch_size": 16, "image_size": 16})
     mlc = MlflowClient(mlflow_server)
     _, exp, parent = find_study(mlflow_server, "late-phase")
     assert parent.data.tags["ltstudy.grace_period"] == "4"
     trials = study_trials(mlc, exp.experiment_id, parent.info.run_id)
     pruned = [t for t in trials if t["status"] == "pruned"]
-    assert pruned, [t["status"] for t in trials]
+    assert pruned, [(t["status"], t["params"]["lr"], t["metrics"].get("val_top1")) for t in trials]
     for t in trials:
         epochs = [m.step for m in mlc.get_metric_history(t["run_id"], "val_loss")]
         assert t["status"] == "failed" or max(epochs) >= 4, (t["status"], epochs)  # never before the rung
