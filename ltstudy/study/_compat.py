@@ -126,6 +126,17 @@ def drop_missing_checkpoints(trial: Any) -> list[str]:
     return [r.checkpoint.path for r in missing]
 
 
+def slim_latest_checkpoint(trial: Any, metrics: dict[str, Any]) -> None:
+    """Make ``metrics`` the copy of the result a trial's latest checkpoint carries (Tune writes it for every
+    trial at every experiment save; on a restore it becomes the trial's last result). Tune keeps the whole
+    result there even with ``TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE`` (set before the trimming). Private:
+    ``checkpoint_manager._latest_checkpoint_result``, and the metadata's cached JSON."""
+    latest = trial.run_metadata.checkpoint_manager._latest_checkpoint_result
+    if latest is not None and latest.metrics is not metrics:
+        latest.metrics = metrics
+        trial.run_metadata.invalidate_cache()
+
+
 def save_experiment_now(tune_controller: Any, trial: Any) -> None:
     """Save the experiment state now, ``trial`` included, and wait until it is on the storage: a scheduler's
     ``on_trial_add`` runs after the controller appended the trial and before it marked the trial for the

@@ -79,7 +79,9 @@ class StartupCallback(ray.tune.Callback):
         self._launched[trial.trial_id] = time.time()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        stamps = result.get(STARTUP_KEY)
+        # the stamps become the startup_* stages; the dict itself stays off the trial's state (Tune keeps
+        # running statistics of every number in a result, written for every trial at every save)
+        stamps = result.pop(STARTUP_KEY, None)
         launch = self._launched.pop(trial.trial_id, None)
         if not (isinstance(stamps, dict) and launch is not None and stamps.get("entered") is not None):
             return

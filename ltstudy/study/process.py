@@ -83,9 +83,11 @@ def quiet_tuner_output(verbose: int) -> contextlib.AbstractContextManager:
     the study saves the state on purpose whenever a trial is added or checkpoints (``schedulers.SavesState``).
     Tune's own per-trial loggers (``result.json``, ``progress.csv``, TensorBoard events) are off: MLflow holds
     every result, nothing reads those files, and the TensorBoard one warned at every trial end about the
-    calibration bins' empty entries."""
+    calibration bins' empty entries. The checkpoints Tune keeps per trial carry no copy of their result
+    (``TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE``, with no score attribute set): nothing reads those
+    copies, and they were a third of every trial's share of the experiment state written at each save."""
     # without those files, the ResultGrid Tune builds at the end (which ltstudy does not use) warns per trial
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     always = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-              "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+              "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE": "1"}
     return env({**always, "RAY_AIR_NEW_OUTPUT": "0"} if verbose == 0 else always)

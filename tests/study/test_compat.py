@@ -136,6 +136,29 @@ def test_drop_missing_checkpoints(tmp_path):
     assert metadata.checkpoint_manager is manager and "checkpoint_manager" in metadata.get_json_state()
 
 
+def test_slim_latest_checkpoint(tmp_path, monkeypatch):
+    """With TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE the kept checkpoints carry no metrics, but the latest
+    keeps the whole result (set before the trimming); slim_latest_checkpoint replaces that copy."""
+    from types import SimpleNamespace
+
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager, _TrainingResult
+    from ray.tune.experiment.trial import _TrainingRunMetadata
+
+    monkeypatch.setenv("TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE", "1")
+    metadata = _TrainingRunMetadata()
+    manager = metadata.checkpoint_manager = _CheckpointManager(CheckpointConfig(num_to_keep=2))
+    (tmp_path / "c").mkdir()
+    manager.register_checkpoint(_TrainingResult(Checkpoint.from_directory(str(tmp_path / "c")),
+                                                {"epoch": 1, "val_per_class": [0.5] * 100}))
+    assert [r.metrics for r in manager.best_checkpoint_results] == [{}]
+    assert "val_per_class" in manager.latest_checkpoint_result.metrics
+    before = metadata.get_json_state()
+    _compat.slim_latest_checkpoint(SimpleNamespace(run_metadata=metadata), {"epoch": 1})
+    assert manager.latest_checkpoint_result.metrics == {"epoch": 1}
+    assert len(metadata.get_json_state()) < len(before)  # the cached JSON was dropped
+
+
 def test_scheduler_state_is_not_a_file_tune_stages_on_restore(tmp_path):
     """On restore Tune copies the experiment folder's ``*.json`` / ``*.pkl`` into its staging folder and
     uploads that folder at every save: ASHA's rungs must not be such a file, or the copy from resume time

@@ -75,12 +75,24 @@ def test_every_trial_has_one_child_run_with_records(study, mlflow_server):
 
 def test_tune_state_holds_no_per_class_lists(study):
     """The per-class accuracy and calibration bins reach MLflow (above) but not Tune's trial state, which
-    Tune writes whole, for every trial, at each experiment save."""
+    Tune writes whole, for every trial, at each experiment save: not in the last result, its running
+    statistics, nor the copies of the result the kept checkpoints carry; neither are the start-up stamps."""
+    from ray.tune.experiment.trial import Trial
+
     _, tmp = study
     [state] = (tmp / "storage" / "e2e").glob("experiment_state-*.json")
-    for _, run_state in json.loads(state.read_text())["trial_data"]:
+    bulky = {"val_per_class", "test_per_class", "val_reliability", "test_reliability", "startup"}
+    for trial_json, run_state in json.loads(state.read_text())["trial_data"]:
         last = json.loads(run_state)["last_result"]
-        assert last and not {"val_per_class", "test_per_class", "val_reliability", "test_reliability"} & set(last)
+        assert last and not bulky & set(last)
+        assert not {k.split("/")[0] for k in json.loads(run_state)["metric_analysis"]} & bulky
+        trial = Trial.from_json_state(trial_json, stub=True)
+        trial.restore_run_metadata(run_state)
+        manager = trial.run_metadata.checkpoint_manager
+        assert all(r.metrics == {} for r in manager.best_checkpoint_results)
+        if manager.latest_checkpoint_result is not None:
+            assert "train_loss" not in manager.latest_checkpoint_result.metrics  # (val_loss: the objective)
+            assert manager.latest_checkpoint_result.metrics["epoch"] >= 1
 
 
 def test_failed_trial_recorded_and_study_finished(study, mlflow_server):

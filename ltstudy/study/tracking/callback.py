@@ -24,6 +24,8 @@ from mlflow.entities import Metric
 
 from ltstudy.config import BUDGET_KEY, CONFIRMS_KEY, PUBLISHED_KEY, TrialConfig, resolve_config
 from ltstudy.errors import TrackingWriteError
+from ltstudy.study import _compat
+from ltstudy.study.search.schedulers import CHECKPOINTED_KEY
 from ltstudy.study.search.space import Param, active_values
 from ltstudy.study.tracking.dataset import DatasetRecord, data_key, dataset_record
 from ltstudy.study.tracking.store import (
@@ -61,6 +63,9 @@ from ltstudy.study.tracking.writer import OpenRun, RunWriter
 #: windows of recent values of every numeric key of a trial's last result (23 of a trial's 42 KB for 45
 #: metrics), and nothing in Tune or the driver reads more than the objectives, ``epoch`` and Tune's own keys.
 BULKY = ("val_per_class", "test_per_class", "val_reliability", "test_reliability")
+#: kept off Tune's trial state besides the metrics: the lists above, and the flag that a result brought a
+#: checkpoint (the scheduler has read it; in the state it would be one more running statistic per trial)
+OFF_STATE = (*BULKY, CHECKPOINTED_KEY)
 
 class MLflowTrialCallback(ray.tune.Callback):
     """One child run per Tune trial, found again by tag on restore; written off the controller thread.
@@ -210,7 +215,7 @@ class MLflowTrialCallback(ray.tune.Callback):
         # searcher have seen the whole result already (a flattened copy)
         # (numbers only: Tune keeps statistics of those; a string such as the placement group's id is read back)
         keep = set(self.objectives)
-        aside = [k for k, v in result.items() if k in BULKY
+        aside = [k for k, v in result.items() if k in OFF_STATE
                  or (keep and k not in keep and is_metric(k) and isinstance(v, (int, float)))]
         if aside:
             self._bulky.setdefault(trial.trial_id, {}).update({k: result.pop(k) for k in aside})
@@ -223,6 +228,10 @@ class MLflowTrialCallback(ray.tune.Callback):
         if self._writer is not None:
             self._writer.flush()
         return None
+
+    def on_trial_save(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        # the checkpoint's copy of its result is the result as kept on the trial's state (above), not whole
+        _compat.slim_latest_checkpoint(trial, {k: v for k, v in (trial.last_result or {}).items() if k != "config"})
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, errored=False)
