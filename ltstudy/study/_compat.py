@@ -40,7 +40,8 @@ PICKLED = (
 
 # ------------------------------------------------------------------------------------ Ray's OptunaSearch
 def optuna_trials(searcher: Any) -> dict[str, Any]:
-    """Tune trial id -> the ``optuna.Trial`` OptunaSearch asked for it (``OptunaSearch._ot_trials``)."""
+    """Tune trial id -> the ``optuna.Trial`` OptunaSearch asked for it (``OptunaSearch._ot_trials``; an
+    :class:`~ltstudy.study.search.searcher.LtOptunaSearch` drops a trial once told)."""
     return searcher._ot_trials
 
 

@@ -28,12 +28,16 @@ class StudyConcurrency(ConcurrencyLimiter):
     budget: Any = None
 
     def suggest(self, trial_id: str) -> dict | str | None:
-        if self.budget is not None and self.budget.expired() and _compat.optuna_trials(self.searcher):
+        if self.budget is not None and self.budget.expired() and self._asked_any():
             # (the first trial, the published configuration, is asked for whatever the clock says)
             # BudgetEnd ends Tune's loop through Tune's SIGUSR1 handler; where Tune has none (not on the
             # main thread) the search has to be finished instead, or the loop would wait for ever
             return None if tune_listens() else Searcher.FINISHED
         return super().suggest(trial_id)
+
+    def _asked_any(self) -> bool:
+        """Whether the searcher has asked Optuna for a trial yet (running ones, or told and forgotten)."""
+        return bool(_compat.optuna_trials(self.searcher) or _compat.completed_trials(self.searcher))
 
     def set_state(self, state: dict) -> None:
         keep, budget = self.max_concurrent, self.budget

@@ -69,7 +69,10 @@ def scaled_settings(config: dict[str, Any], epochs: int, full: int, warmup: int)
 
 class HalvingSearch(LtOptunaSearch):
     """:class:`LtOptunaSearch` that hands out the trials of successive halving (see the module doc). Its
-    state lives in its ``__dict__``, which Tune's searcher save pickles: a resumed study goes on where it was."""
+    state lives in its ``__dict__``, which Tune's searcher save pickles: a resumed study goes on where it was.
+    A promotion names its source's Optuna trial, so told trials are kept (a halving study has a few dozen)."""
+
+    keeps_told_trials = True
 
     def __init__(self, *, budgets: tuple[Budget, ...], full_epochs: int, warmup_epochs: int, **kw: Any) -> None:
         super().__init__(**kw)

@@ -80,6 +80,7 @@ class LtOptunaSearch(OptunaSearch):
         study, ot_trial = _compat.searcher_study(self), trials[trial_id]
         if _compat.trial_finished(study, ot_trial):
             completed.add(trial_id)
+            self._forget(trial_id)
             return
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         values = [(result or {}).get(m) for m in metrics]
@@ -95,6 +96,17 @@ class LtOptunaSearch(OptunaSearch):
         else:
             study.tell(ot_trial, values if len(values) > 1 else values[0])
         completed.add(trial_id)
+        self._forget(trial_id)
+
+    #: whether a told trial stays in ``_ot_trials`` (a searcher that reads finished trials back keeps them)
+    keeps_told_trials = False
+
+    def _forget(self, trial_id: str) -> None:
+        """Drop a told trial's ``optuna.Trial`` (its end is in the storage): Tune pickles the searcher at every
+        experiment save, and the ``_ot_trials`` of every trial so far were a third of a save at 400 trials.
+        The id stays in ``_completed_trials``, which is what every hook checks first."""
+        if not self.keeps_told_trials:
+            _compat.optuna_trials(self).pop(trial_id, None)
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)

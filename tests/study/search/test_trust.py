@@ -146,6 +146,28 @@ def test_restore_fails_optuna_trials_no_tune_trial_owns(tmp_path):
     assert states == {0: optuna.trial.TrialState.RUNNING, 1: optuna.trial.TrialState.FAIL}
 
 
+def test_a_told_trial_leaves_the_searcher_state_tune_pickles_at_every_save(tmp_path):
+    """The searcher's pickle (written at every experiment save) holds the running trials, not every trial so
+    far; a late result or a second end of a told trial changes nothing, and a restore fails no told trial."""
+    storage = open_optuna_storage(str(tmp_path / "optuna.journal"))
+    s = _searcher(SPACE, storage)
+    s.suggest("a")
+    s.save(str(tmp_path / "one.pkl"))
+    for i in range(30):
+        s.suggest(f"t{i}")
+        s.on_trial_complete(f"t{i}", {"epoch": 2, "val_top1": 0.1 * (i % 7), "epochs_total": 2})
+    s.save(str(tmp_path / "many.pkl"))
+    assert set(s._ot_trials) == {"a"} and len(s._completed_trials) == 30
+    assert (tmp_path / "many.pkl").stat().st_size < 2 * (tmp_path / "one.pkl").stat().st_size
+    s.on_trial_result("t3", {"epoch": 2, "val_top1": 0.9, "epochs_total": 2})
+    s.on_trial_complete("t3", {"epoch": 2, "val_top1": 0.9, "epochs_total": 2})
+    restored = _searcher(SPACE, storage, fresh=False)
+    restored.restore(str(tmp_path / "many.pkl"))
+    states = [t.state for t in restored._ot_study.get_trials()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 30 and optuna.trial.TrialState.FAIL not in states
+    assert restored._ot_study.trials[4].value == pytest.approx(0.3)  # t3, told once
+
+
 def test_startup_trials_scale_with_the_budget_and_seeds_come_from_the_name():
     assert [startup_trials(n) for n in (4, 8, 16, 40, 200)] == [2, 2, 4, 10, 10]
     assert make_sampler("tpe", 1, 16)._n_startup_trials == 4
