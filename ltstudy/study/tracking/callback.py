@@ -67,6 +67,7 @@ BULKY = ("val_per_class", "test_per_class", "val_reliability", "test_reliability
 #: checkpoint (the scheduler has read it; in the state it would be one more running statistic per trial)
 OFF_STATE = (*BULKY, CHECKPOINTED_KEY)
 
+
 class MLflowTrialCallback(ray.tune.Callback):
     """One child run per Tune trial, found again by tag on restore; written off the controller thread.
 
