@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from ltstudy.errors import NonFiniteLossError
+
 #: equal-width confidence bins of the ECE and of the reliability diagram
 ECE_BINS = 15
 
@@ -110,7 +112,12 @@ def calibration_metrics(logits: torch.Tensor, labels: torch.Tensor, class_counts
 def evaluation_from(pred: torch.Tensor, confidence: torch.Tensor, nll: torch.Tensor, labels: torch.Tensor,
                     class_counts: torch.Tensor, many: int = 100, few: int = 20) -> tuple[dict[str, object], list[float]]:
     """Everything an evaluation reports: top-1, many / medium / few, ``loss`` (= ``nll``), ``ece`` overall and
-    per bucket, and ``reliability`` (the diagram's bins); plus the per-class accuracy."""
+    per bucket, and ``reliability`` (the diagram's bins); plus the per-class accuracy. Non-finite outputs (a
+    network that diverged in the last steps of an epoch whose mean loss was still finite) raise
+    :class:`~ltstudy.errors.NonFiniteLossError`, as a non-finite training loss does."""
+    if not torch.isfinite(confidence).all():
+        raise NonFiniteLossError(f"the network's outputs are not finite on {int((~torch.isfinite(confidence)).sum())} "
+                                 f"of {confidence.numel()} evaluated samples (it diverged)")
     metrics, per_class = accuracy_metrics(pred, labels, class_counts, many, few)
     calibration, bins = calibration_from(pred, confidence, nll, labels, class_counts, many, few)
     out: dict[str, object] = {**metrics, **calibration, "loss": calibration["nll"], "reliability": bins}

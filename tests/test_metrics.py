@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from ltstudy.metrics import accuracy_metrics, shot_masks
+from ltstudy.errors import NonFiniteLossError
+from ltstudy.metrics import accuracy_metrics, evaluation_metrics, shot_masks
 
 
 def test_bucket_edges_are_strict():
@@ -86,3 +87,12 @@ def test_bins_are_right_closed_and_a_perfectly_calibrated_set_has_zero_ece():
     conf = torch.full((10,), 0.7, dtype=torch.float64)
     assert expected_calibration_error(conf, torch.arange(10) < 7) == pytest.approx(0.0, abs=1e-12)
     assert expected_calibration_error(conf, torch.arange(10) < 2) == pytest.approx(0.5)
+
+
+def test_non_finite_outputs_are_a_diverged_network_not_a_bincount_error():
+    """A network whose weights became NaN in an epoch's last steps (its mean loss still finite) fails the trial
+    as a non-finite loss does, naming it, rather than with torch's bincount error from the calibration bins."""
+    logits = torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [0.5, 0.1]])
+    labels = torch.tensor([1, 0, 0])
+    with pytest.raises(NonFiniteLossError, match="not finite on 1 of 3 evaluated samples"):
+        evaluation_metrics(logits, labels, torch.tensor([10, 2]))
