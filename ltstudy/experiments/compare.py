@@ -180,14 +180,22 @@ class CompareTracker:
 
     def __init__(self, uri: str, name: str, methods: list[str], seeds: list[int],
                  values: dict[str, Any]) -> None:
-        from ltstudy.study.tracking.store import EXPERIMENT_KIND, TrackingError, client, git_commit, log_batch
+        from ltstudy.study.tracking.store import (
+            EXPERIMENT_KIND,
+            TrackingError,
+            artifact_location,
+            client,
+            git_commit,
+            log_batch,
+        )
 
         self.uri, self.name = uri, name
         self.mlc = client(uri)
         if self.mlc.get_experiment_by_name(name) is not None:
             raise TrackingError(f"an MLflow experiment named {name!r} already exists in {uri}; pick another "
                                 "--experiment")
-        self.experiment_id = self.mlc.create_experiment(name, tags={"ltstudy.compare": name, **EXPERIMENT_KIND})
+        self.experiment_id = self.mlc.create_experiment(name, artifact_location=artifact_location(uri, name),
+                                                        tags={"ltstudy.compare": name, **EXPERIMENT_KIND})
         self.commit = git_commit()
         run = self.mlc.create_run(self.experiment_id, run_name=name, tags={"ltstudy.role": "compare"})
         self.parent = run.info.run_id

@@ -11,11 +11,13 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -69,6 +71,19 @@ def resolve_tracking_uri(uri: str | None) -> str:
 def sqlite_file(uri: str) -> Path | None:
     """The file of a ``sqlite:///`` store, else None."""
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: a folder of ``mlruns/`` beside the file,
+    so that a store named by its path is one folder wherever the command ran (MLflow's own default is
+    ``./mlruns`` of the current folder); None for a server, which has its own artifact root. The folder's
+    name is the experiment's, made path-safe, and a random tail (a study deleted to MLflow's trash keeps its
+    folder until ``mlflow gc``; a new study of the same name gets another)."""
+    db = sqlite_file(uri)
+    if db is None:
+        return None
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", experiment).lstrip(".") or "experiment"
+    return str(db.parent / "mlruns" / f"{safe}-{uuid.uuid4().hex[:8]}")
 
 
 def check_reachable(uri: str, timeout: float = 5.0, existing: bool = False) -> None:

@@ -11,6 +11,7 @@ from ltstudy.study.tracking.store import (
     STATUS_TAG,
     STUDY_TAG,
     TrackingError,
+    artifact_location,
     client,
     log_batch,
 )
@@ -33,8 +34,9 @@ class StudyTracker:
         """
         exp = self.mlc.get_experiment_by_name(self.study)
         if exp is None:
-            self.experiment_id = self.mlc.create_experiment(self.study, tags={STUDY_TAG: self.study,
-                                                                             **EXPERIMENT_KIND})
+            self.experiment_id = self.mlc.create_experiment(
+                self.study, artifact_location=artifact_location(self.uri, self.study),
+                tags={STUDY_TAG: self.study, **EXPERIMENT_KIND})
         elif exp.lifecycle_stage == "deleted":
             raise TrackingError(f"experiment {self.study!r} is deleted in {self.uri}; restore it or pick "
                                 "another --study-name")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
 from ltstudy.study.tracking.store import (
     _SCHEMAS,
     TrackingError,
+    artifact_location,
     check_reachable,
     client,
     download_artifact,
@@ -57,3 +60,28 @@ def test_a_new_sqlite_store_gets_its_schema_made_aside_then_copied_into_place(tm
     ours, theirs = mlc.get_experiment("0"), plain.get_experiment("0")  # MLflow's default experiment
     assert (ours.name, ours.artifact_location) == (theirs.name, theirs.artifact_location)
     assert [e.name for e in mlc.search_experiments()] == ["study", "Default"]
+
+
+def test_a_named_sqlite_store_keeps_its_artifacts_beside_it_not_in_the_current_folder(tmp_path, monkeypatch):
+    """MLflow's default artifact root is ``./mlruns`` of the folder a command runs in: a study recorded in
+    ``--tracking-uri sqlite:///elsewhere/mlflow.db`` left its artifacts wherever it was started."""
+    from ltstudy.study.tracking.study_run import StudyTracker
+
+    work, store = tmp_path / "work", tmp_path / "store"
+    work.mkdir(), store.mkdir()
+    monkeypatch.chdir(work)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    studies = []
+    for k in range(2):  # the second: same name after the first went to MLflow's trash
+        tracker = StudyTracker(uri, "a study/1")
+        parent = tracker.open({}, resume=False)
+        tracker.mlc.log_text(parent, "x", "note.txt")
+        studies.append(tracker.mlc.get_experiment(tracker.experiment_id).artifact_location)
+        tracker.mlc.rename_experiment(tracker.experiment_id, f"trashed-{k}")
+        tracker.mlc.delete_experiment(tracker.experiment_id)
+    assert not list(work.iterdir())
+    first, second = (Path(p) for p in studies)
+    assert first.parent == second.parent == store / "mlruns" and first != second
+    assert first.name.startswith("a_study_1-")
+    assert len(list(store.glob("mlruns/*/*/artifacts/note.txt"))) == 2
+    assert artifact_location("http://127.0.0.1:5000", "s") is None
