@@ -28,8 +28,11 @@ class ProgressCallback(ray.tune.Callback):
         # Tune pickles callbacks with the experiment; a resumed study brings its own board.
         return {"board": None, "params": self.params, "links": None, "objectives": self.objectives}
 
+    def number(self, trial: Any) -> int | None:
+        return self.links.number(trial.trial_id) if self.links is not None else None
+
     def label(self, trial: Any) -> str:
-        number = self.links.number(trial.trial_id) if self.links is not None else None
+        number = self.number(trial)
         return f"trial {number}" if number is not None else f"trial {trial.trial_id}"
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -54,7 +57,7 @@ class ProgressCallback(ray.tune.Callback):
         outcome, why = trial_outcome(last, errored, self.objectives)
         error = why or ("the trial raised an error" if errored else None)
         self.board.end(trial.trial_id, self.label(trial), outcome, int(last.get("epoch", 0)),
-                       int(last.get("epochs_total", 0)), last.get(self.board.metric), error)
+                       int(last.get("epochs_total", 0)), last.get(self.board.metric), error, self.number(trial))
 
 
 class StartupCallback(ray.tune.Callback):

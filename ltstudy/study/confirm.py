@@ -48,7 +48,7 @@ def confirmation_points(tracker: StudyTracker, obj: Objectives, k: int, seeds: i
     mlc = tracker.mlc
     trials = study_trials(mlc, tracker.experiment_id, tracker.parent_run_id)
     done = [t for t in full_budget(trials) if t["status"] == "completed" and obj.metric in t["metrics"]]
-    top = sorted(done, key=obj.signed, reverse=True)[:k]
+    top = sorted(done, key=obj.ranked, reverse=True)[:k]
     published = published_trial(done)
     if published is not None and published not in top:
         top.append(published)  # the reference every candidate is compared with, seed by seed

@@ -13,6 +13,7 @@ from Ray Tune's callback hooks in the driver.
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -70,6 +71,7 @@ class ProgressBoard:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._ended: set[str] = set()  # trials a resumed study had already ended (seed)
+        self._best_key: tuple[float, float] = (-math.inf, -math.inf)
         self._live = None
         if self.live is None:
             self.live = self.console.is_terminal
@@ -99,7 +101,7 @@ class ProgressBoard:
                 r.epoch, r.epochs_total, r.value = int(epoch), int(epochs_total or 0), value
 
     def end(self, key: str, label: str, outcome: str, epoch: int, epochs_total: int, value: float | None,
-            error: str | None = None) -> None:
+            error: str | None = None, number: int | None = None) -> None:
         with self._lock:
             r = self.running.pop(key, None)
             wall = time.monotonic() - r.started if r is not None else None
@@ -109,9 +111,7 @@ class ProgressBoard:
                 return
             self.counts[outcome] = self.counts.get(outcome, 0) + 1
             if outcome == "completed" and value is not None and value == value:
-                sign = 1 if self.mode == "max" else -1
-                if self.best is None or sign * value > sign * self.best[0]:
-                    self.best = (value, label)
+                self._consider(value, number, label)
             line = (f"{label}: {outcome} after epoch {epoch}/{epochs_total}, {self.metric} "
                     f"{fmt_value(self.metric, value)}" + (f", {fmt_duration(wall)}" if wall is not None else "")
                     + (f" ({error})" if error else ""))
@@ -122,16 +122,22 @@ class ProgressBoard:
     def seed(self, trials: list[dict[str, Any]]) -> None:
         """Count the trials a resumed study had already finished (``records.study_trials`` rows: status,
         metrics, number) and take the best completed one so far."""
-        sign = 1 if self.mode == "max" else -1
         for t in trials:
             if t["status"] in self.counts:
                 self.counts[t["status"]] += 1
                 self._ended.add(t.get("trial_id"))
             value = t.get("metrics", {}).get(self.metric)
-            if t["status"] == "completed" and value is not None and value == value and (
-                    self.best is None or sign * value > sign * self.best[0]):
+            if t["status"] == "completed" and value is not None and value == value:
                 label = f"trial {t['number']}" if t.get("number") is not None else f"trial {t['trial_id']}"
-                self.best = (value, label)
+                self._consider(value, t.get("number"), label)
+
+    def _consider(self, value: float, number: int | None, label: str) -> None:
+        """The best so far: the better value, on a tie the earlier trial (what the summary and the export
+        pick: :meth:`~ltstudy.study.results.selection.Objectives.ranked`)."""
+        sign = 1 if self.mode == "max" else -1
+        key = (sign * value, -number if number is not None else -math.inf)
+        if self.best is None or key > self._best_key:
+            self.best, self._best_key = (value, label), key
 
     def close(self) -> None:
         if self._live is not None:

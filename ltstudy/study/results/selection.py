@@ -49,8 +49,20 @@ class Objectives:
         return tuple((1.0 if mode == "max" else -1.0) * trial["metrics"][m]
                      for m, mode in zip(self.metrics, self.modes, strict=True))
 
+    def ranked(self, trial: dict[str, Any]) -> tuple[float, ...]:
+        """Sort key, larger is better: :meth:`signed`, then on a tie the earlier trial (the lower Optuna
+        number; trial 0 is the published configuration), as Optuna's own ``best_trial`` and the progress
+        board break ties."""
+        return (*self.signed(trial), earlier(trial))
+
     def describe(self) -> str:
         return ", ".join(f"{mode} {m}" for m, mode in zip(self.metrics, self.modes, strict=True))
+
+
+def earlier(trial: dict[str, Any]) -> float:
+    """A tie-break, larger for earlier trials: minus the Optuna number (a trial without one comes last)."""
+    number = trial.get("number")
+    return -float(number) if number is not None else -math.inf
 
 
 def published_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -78,7 +90,7 @@ def pick_best(trials: list[dict[str, Any]], obj: Objectives) -> dict[str, Any] |
     pool = candidates(trials, obj)
     if obj.multi or not pool:
         return None
-    return max(pool, key=obj.signed)
+    return max(pool, key=obj.ranked)
 
 
 def pareto_front(trials: list[dict[str, Any]], obj: Objectives) -> list[dict[str, Any]]:
@@ -91,7 +103,7 @@ def pareto_front(trials: list[dict[str, Any]], obj: Objectives) -> list[dict[str
                    for j in range(len(pool)) if j != i)
 
     front = [t for i, t in enumerate(pool) if not dominated(i)]
-    return sorted(front, key=obj.signed, reverse=True)
+    return sorted(front, key=obj.ranked, reverse=True)
 
 
 _RULE = re.compile(r"^\s*(max|min)\s+(\w+)(?:\s+where\s+(.+))?\s*$")
@@ -138,7 +150,7 @@ def pick_point(trials: list[dict[str, Any]], obj: Objectives, pick: str | None) 
     if not pool:
         raise ConfigError(f"--pick {pick!r}: no Pareto point satisfies the condition")
     sign = 1.0 if mode == "max" else -1.0
-    return max(pool, key=lambda t: sign * t["metrics"][metric])
+    return max(pool, key=lambda t: (sign * t["metrics"][metric], earlier(t)))
 
 
 def t_half_width(values: list[float], level: float = 0.95) -> float:
