@@ -190,7 +190,7 @@ def fit(study: PreparedStudy, echo: Callable[..., None] | None, say: Callable[[s
             callback = MLflowTrialCallback(
                 plan.tracking_uri, study.tracker.experiment_id, study.parent, plan.study, commit=git_commit(),
                 echo=echo if console is None else None, params=plan.space.params, links=links,
-                objectives=plan.space.metrics)
+                objectives=plan.space.metrics, fresh=plan.fresh)
             callback.add_dataset(study.cfg, study.record)
             board = _board(study, console)
             trainable = make_trainable(Resources.of(o, storage=plan.storage, placement=study.place,

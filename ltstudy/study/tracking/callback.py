@@ -82,8 +82,13 @@ class MLflowTrialCallback(ray.tune.Callback):
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, study: str, *,
                  commit: str = "unknown", echo: Any = None, params: tuple[Param, ...] = (),
-                 links: Any = None, objectives: tuple[str, ...] = (), role: str = "trial") -> None:
+                 links: Any = None, objectives: tuple[str, ...] = (), role: str = "trial",
+                 fresh: bool = False) -> None:
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
+        # a study started afresh: no run carries one of its trials' ids before this process makes it, so
+        # a trial's run is created without searching the experiment for it (a search that grows with the
+        # runs); a restored callback (Tune's pickle of a resumed study) always searches
+        self.fresh = fresh
         self.study, self.commit, self.echo = study, commit, echo
         self.params, self.links = params, links  # the tuned parameters; tracking.links.OptunaLinks
         self.objectives, self.role = tuple(objectives), role
@@ -97,7 +102,7 @@ class MLflowTrialCallback(ray.tune.Callback):
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks with the experiment; the writer (a thread) and caches are rebuilt on restore.
         state = dict(self.__dict__)
-        state.update(_writer=None, _opened=set(), _start={}, _datasets={}, echo=None, links=None)
+        state.update(_writer=None, _opened=set(), _start={}, _datasets={}, echo=None, links=None, fresh=False)
         return state
 
     @property
@@ -129,7 +134,8 @@ class MLflowTrialCallback(ray.tune.Callback):
 
     def _find_or_create(self, mlc: Any, tid: str, config: dict[str, Any]) -> OpenRun:
         """The trial's run (writer thread): found by its trial-id tag, else created and described."""
-        found = mlc.search_runs([self.experiment_id], f"tags.`{TRIAL_TAG}` = '{tid}'", max_results=5)
+        found = [] if self.fresh else \
+            mlc.search_runs([self.experiment_id], f"tags.`{TRIAL_TAG}` = '{tid}'", max_results=5)
         tags = found[0].data.tags if found else {}
         if tags.get(STATUS_TAG) in ENDED:
             # the trial ended before the driver died, but Tune's state had not caught up: it replays

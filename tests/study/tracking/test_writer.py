@@ -386,3 +386,35 @@ def test_the_callback_pickles_without_its_writer(store_uri):
     copy = pickle.loads(pickle.dumps(cb))
     assert copy._writer is None and copy.uri == uri
     cb.close()
+
+
+def test_a_fresh_study_creates_its_trials_runs_without_searching_and_a_restored_one_finds_them(store_uri,
+                                                                                               monkeypatch):
+    """Finding a trial's run by tag is an SQL search that grows with the runs (15 % of the writer thread at
+    400 trials); a study started afresh has no run to find. Its pickled callback (what Tune restores on
+    ``--resume``) searches again, and finds the run instead of making a second one."""
+    import pickle
+
+    from mlflow.tracking import MlflowClient as Client
+
+    from ltstudy.study.tracking.callback import MLflowTrialCallback
+
+    searches = []
+    real = Client.search_runs
+    monkeypatch.setattr(Client, "search_runs", lambda self, *a, **k: searches.append(a) or real(self, *a, **k))
+    tracker = StudyTracker(store_uri, "fresh")
+    parent = tracker.open({}, resume=False)
+    searches.clear()
+    cb = MLflowTrialCallback(store_uri, tracker.experiment_id, parent, "fresh", fresh=True)
+    cb.on_trial_start(0, [], _trial("t1"))
+    cb.on_trial_result(0, [], _trial("t1"), {**_result(1), "done": False})
+    cb.writer.flush("t1")
+    first = cb.writer.run("t1").run_id
+    restored = pickle.loads(pickle.dumps(cb))
+    cb.close()
+    assert searches == [] and restored.fresh is False
+    restored.on_trial_start(0, [], _trial("t1"))
+    restored.writer.flush("t1")
+    assert restored.writer.run("t1").run_id == first and len(searches) == 1
+    restored.close()
+    assert len(MlflowClient(store_uri).search_runs([tracker.experiment_id], "tags.`ltstudy.trial_id` = 't1'")) == 1
