@@ -198,6 +198,8 @@ def bench_stopping_cmd(
     confirm_seeds: int = typer.Option(3, help="confirmation seeds of the winner and the published trial"),
     dataset: str = typer.Option("cifar10-lt", "--dataset", "-d"),
     data_root: str | None = typer.Option(None, help="folder holding the dataset"),
+    backbone: str | None = typer.Option(None, help="feature-stage methods: the backbone checkpoint (its data "
+                                                   "are the study's; --dataset and --data-root are not used)"),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Successive halving vs no stopping at equal total epochs: epochs, confirmed winner, test, gain."""
@@ -207,11 +209,13 @@ def bench_stopping_cmd(
         seed_list = tuple(int(s) for s in seeds.split(","))
     except ValueError:
         raise typer.BadParameter(f"--seeds takes numbers like 0,1,2; got {seeds!r}") from None
-    flags = ["--dataset", dataset, *(["--data-root", data_root] if data_root else [])]
+    flags = ["--backbone", backbone] if backbone else \
+        ["--dataset", dataset, *(["--data-root", data_root] if data_root else [])]
     r = bench_stopping(method=method, epochs=epochs, configs=configs, seeds=seed_list,
                        confirm_seeds=confirm_seeds, flags=flags, overrides=overrides or [])
     steps = ", ".join(f"{b.trials} x {b.epochs}" for b in r["budgets"])
-    table = Table(title=f"bench stopping: {method} on {dataset}, {epochs} epochs; halving {steps}, none "
+    table = Table(title=f"bench stopping: {method} on {'features of ' + backbone if backbone else dataset}, "
+                        f"{epochs} epochs; halving {steps}, none "
                         f"{r['plain']} x {epochs}; confirmed on {confirm_seeds} seeds")
     for col in ("seed", "scheduler", "trials", "epochs", "confirm epochs", "val (95% CI)", "test",
                 "gain over published (95% CI)", "wall s"):
