@@ -194,6 +194,8 @@ def bench_stopping_cmd(
     epochs: int = typer.Option(9, help="the full recipe's epochs (halving runs it at a third, a ninth, ...)"),
     configs: int = typer.Option(4, help="configurations halving starts from; no stopping gets as many as the "
                                        "same epochs buy"),
+    plain_configs: int | None = typer.Option(None, help="configurations without stopping (default: as many as "
+                                                        "halving's epochs buy; --configs: the same ones)"),
     seeds: str = typer.Option("0,1,2", help="study seeds, comma-separated"),
     confirm_seeds: int = typer.Option(3, help="confirmation seeds of the winner and the published trial"),
     dataset: str = typer.Option("cifar10-lt", "--dataset", "-d"),
@@ -212,7 +214,8 @@ def bench_stopping_cmd(
     flags = ["--backbone", backbone] if backbone else \
         ["--dataset", dataset, *(["--data-root", data_root] if data_root else [])]
     r = bench_stopping(method=method, epochs=epochs, configs=configs, seeds=seed_list,
-                       confirm_seeds=confirm_seeds, flags=flags, overrides=overrides or [])
+                       confirm_seeds=confirm_seeds, flags=flags, overrides=overrides or [],
+                       plain_configs=plain_configs)
     steps = ", ".join(f"{b.trials} x {b.epochs}" for b in r["budgets"])
     table = Table(title=f"bench stopping: {method} on {'features of ' + backbone if backbone else dataset}, "
                         f"{epochs} epochs; halving {steps}, none "

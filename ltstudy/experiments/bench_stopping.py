@@ -68,12 +68,16 @@ def short_full_pairs(halving: dict[str, Any], none: dict[str, Any]) -> list[tupl
 
 def bench_stopping(method: str = "ldam_drw", epochs: int = 9, configs: int = 4, seeds: tuple[int, ...] = (0, 1, 2),
                    confirm_seeds: int = 3, metric: str = "val_top1", concurrent: int = 2,
-                   flags: list[str] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Halving vs no stopping at equal total epochs, one pair of studies per seed (see the module doc)."""
+                   flags: list[str] | None = None, overrides: list[str] | None = None,
+                   plain_configs: int | None = None) -> dict[str, Any]:
+    """Halving vs no stopping at equal total epochs, one pair of studies per seed (see the module doc);
+    ``plain_configs``: no stopping over that many configurations instead (``configs``: the same ones as
+    halving, each at the full recipe -- what halving's saving is measured against)."""
     from ltstudy.experiments.bench_study import tune_process
 
     budgets = ladder(epochs, configs)
-    plain = max(1, total_epochs(budgets) // epochs)  # configurations the same epochs buy at the full recipe
+    # configurations the same epochs buy at the full recipe
+    plain = plain_configs or max(1, total_epochs(budgets) // epochs)
     rows, pairs = [], []
     with tempfile.TemporaryDirectory(prefix="ltstudy-bench-") as tmp:
         root = Path(tmp)

@@ -17,3 +17,28 @@ def test_pairs_join_the_shortest_budget_of_halving_to_the_full_runs_by_optuna_nu
     assert spearman([(0.1, 0.3), (0.2, 0.2), (0.3, 0.1)]) == pytest.approx(-1.0)
     assert spearman([(0.1, 0.3), (0.1, 0.2), (0.1, 0.1)]) is None  # all tied at the short budget
     assert spearman(pairs[:2]) is None
+
+
+def test_the_studies_get_the_backbone_instead_of_the_dataset_and_as_many_plain_configurations_as_asked(
+        monkeypatch, tmp_path):
+    """A feature-stage method's two studies tune on the backbone's cached features (its data are the study's);
+    ``--plain-configs`` sets the no-stopping study's size (27: the same configurations as halving's)."""
+    import ltstudy.experiments.bench_stopping as bench
+    import ltstudy.experiments.bench_study as study
+    from ltstudy.cli import main
+
+    runs = []
+    monkeypatch.setattr(study, "tune_process", lambda root, name, flags: runs.append((name, flags)) or 1.0)
+    monkeypatch.setattr(bench, "_records", lambda root, name, metric: {
+        "trials": 1, "epochs": 1, "confirm_epochs": 0, "best_trial": "t", "val": 0.5, "val_ci95": 0.0,
+        "test": 0.5, "gain": 0.0, "gain_ci95": 0.0, "published_best": True, "by_number": {}})
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "stopping", "-m", "tailcalibx", "--backbone", "bb/checkpoint.pt", "--epochs", "150",
+              "--configs", "27", "--plain-configs", "27", "--seeds", "0", "--confirm-seeds", "2"])
+    assert done.value.code == 0
+    (halving, h), (none, n) = runs
+    assert (halving, none) == ("stop-halving-0", "stop-none-0")
+    for flags in (h, n):
+        assert flags[flags.index("--backbone") + 1] == "bb/checkpoint.pt" and "--dataset" not in flags
+        assert "epochs=150" in flags
+    assert n[n.index("--num-trials") + 1] == "27" == h[h.index("--num-trials") + 1]
