@@ -130,10 +130,9 @@ def check(
     data_root: list[str] | None = typer.Option(None, "--data-root", help="data paths every node must see"),
 ) -> None:
     """Check every node: storage marker, data paths, tracking server, versions. Exit 2 on any problem."""
-    import ray
 
     from ltstudy.study.cluster.nodes import ClusterCheckError, check_nodes
-    from ltstudy.study.ray_session import check_address, ray_init
+    from ltstudy.study.ray_session import check_address, ray_init, stop_ray
     from ltstudy.study.tracking.store import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
@@ -144,7 +143,7 @@ def check(
         report = check_nodes(storage, uri, [str(Path(p).resolve()) if "://" not in p else p
                                             for p in data_root or []])
     finally:
-        ray.shutdown()
+        stop_ray()
     if report.problems:
         raise ClusterCheckError(report.problems)
     table = Table(title=f"{len(report.nodes)} nodes see {storage}")

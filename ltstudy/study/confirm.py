@@ -20,7 +20,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import ray
 import ray.tune
 import yaml
 from mlflow.entities import Metric
@@ -32,7 +31,7 @@ from ltstudy.study.cluster.placement import PlacementGroupReaper, place_study
 from ltstudy.study.cluster.shape import TrialShape
 from ltstudy.study.options import StudyOptions, read_saved
 from ltstudy.study.process import quiet, quiet_tuner_output
-from ltstudy.study.ray_session import check_address, ray_init
+from ltstudy.study.ray_session import check_address, ray_init, stop_ray
 from ltstudy.study.results.selection import Objectives, confirmed_ranking, full_budget, published_trial
 from ltstudy.study.search.space import space_from_text
 from ltstudy.study.tracking.callback import MLflowTrialCallback
@@ -142,5 +141,5 @@ def confirm_study(study: str, k: int, seeds: int, tracking_uri: str, address: st
         ranking = confirm_top(plan, tracker, trainable, k, seeds, place.max_concurrent, echo)
     finally:
         if started:
-            ray.shutdown()
+            stop_ray()
     return {"study": study, "metric": obj.metric, "mode": obj.mode, "ranking": ranking}

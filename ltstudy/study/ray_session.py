@@ -79,13 +79,20 @@ def ray_init(address: str | None, verbose: int = 0, dashboard: bool = True) -> b
     return True
 
 
+def stop_ray() -> None:
+    """``ray.shutdown()``, without the second it waits for a local Ray's autoscaler monitor
+    (:func:`~ltstudy.study._compat.stop_autoscaler_monitor`)."""
+    _compat.stop_autoscaler_monitor()
+    ray.shutdown()
+
+
 def shutdown_during(work: Callable[[], T]) -> T:
     """``work()`` while Ray shuts down in another thread (its processes take a second or two to end), with
     no garbage collection meanwhile: Tune's objects that died in reference cycles hold object refs and
     actor handles, and freeing one while the core worker goes away makes Ray end the process on the spot
     ("The core worker has already been shutdown ... The process will exit", exit code 1, ``work`` cut
     short). Collected after the shutdown, they are harmless."""
-    stopping = threading.Thread(target=ray.shutdown, name="ltstudy-ray-shutdown", daemon=True)
+    stopping = threading.Thread(target=stop_ray, name="ltstudy-ray-shutdown", daemon=True)
     collecting = gc.isenabled()
     gc.disable()
     stopping.start()

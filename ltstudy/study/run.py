@@ -24,7 +24,6 @@ from typing import Any
 
 import mlflow  # noqa: F401 - configures its loggers on import; process.quiet quietens them after that
 import optuna
-import ray
 import ray.tune
 
 from ltstudy.config import TrialConfig, stage_weights
@@ -40,7 +39,7 @@ from ltstudy.study.options import StudyOptions, write_saved
 from ltstudy.study.plan import StudyPlan, plan_study
 from ltstudy.study.process import interrupts, quiet, quiet_tuner_output
 from ltstudy.study.progress import ProgressBoard
-from ltstudy.study.ray_session import ray_init, shutdown_during
+from ltstudy.study.ray_session import ray_init, shutdown_during, stop_ray
 from ltstudy.study.results.selection import Objectives
 from ltstudy.study.results.summary import StudySummary, record_summary
 from ltstudy.study.search.budget import BudgetEnd, BudgetStopper, TimeBudget, activate
@@ -97,7 +96,7 @@ def run_study(o: StudyOptions, echo: Callable[..., None] | None = None,
         interrupted, callback, confirmed = fit(study, echo, say, console)
     except BaseException:
         if started:
-            ray.shutdown()
+            stop_ray()
         raise
 
     def summary() -> StudySummary:

@@ -62,3 +62,36 @@ def test_the_summary_drawn_while_ray_shuts_down_is_not_cut_short(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["summary", "drawn", "True"]
     assert "core worker has already been shutdown" not in done.stderr
+
+
+#: a local Ray stopped the way a study stops it, with Ray's own kill step watched: the autoscaler monitor
+#: must already be gone when Ray gets to it (else Ray's SIGTERM waits out its one second: the monitor's
+#: handler reports to the GCS Ray has just stopped)
+STOPPER = textwrap.dedent("""
+    import ray
+    from ray._private import node, ray_constants
+    from ltstudy.study import _compat
+    from ltstudy.study.ray_session import ray_init, stop_ray
+
+    seen = {}
+    kill = node.Node._kill_process_impl
+
+    def watched(self, process_type, **kwargs):
+        if process_type == ray_constants.PROCESS_TYPE_MONITOR:
+            seen["alive"] = [p.process.poll() is None for p in self.all_processes[process_type]]
+        return kill(self, process_type, **kwargs)
+
+    node.Node._kill_process_impl = watched
+    assert ray_init(None, dashboard=False)
+    monitor = ray._private.worker._global_node.all_processes[ray_constants.PROCESS_TYPE_MONITOR][0].process
+    assert monitor.poll() is None
+    stop_ray()
+    print(seen, monitor.poll() is not None, ray.is_initialized(), flush=True)
+""")
+
+
+def test_a_local_ray_is_stopped_without_waiting_for_its_autoscaler_monitor(tmp_path):
+    done = subprocess.run([sys.executable, "-c", STOPPER], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[0] == "{'alive': [False]} True False", done.stdout
