@@ -110,6 +110,15 @@ def _listed_checkpoints(storage: Path) -> dict[str, list[Path]]:
     return listed
 
 
+def _two_listed_each(storage: Path) -> bool:
+    """Whether the newest experiment state lists two checkpoints for each of two running trials."""
+    try:
+        listed = _listed_checkpoints(storage)
+    except (OSError, ValueError, KeyError):  # no state yet, or one being replaced
+        return False
+    return len(listed) == 2 and all(len(paths) == 2 for paths in listed.values())
+
+
 def test_a_state_that_lists_checkpoints_tune_had_removed_resumes(tmp_path):
     """A killed driver's experiment state can be a step or two behind: Tune registered a trial's new
     checkpoint and removed the oldest it kept (``num_to_keep=2``) after the state was saved. Here one trial's
@@ -124,8 +133,8 @@ def test_a_state_that_lists_checkpoints_tune_had_removed_resumes(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "ltstudy.cli", *argv], cwd=tmp_path, text=True,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 180
-        while len(list(storage.glob("kill/*/checkpoint_000002"))) < 2 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 180  # the state, not the disk: a folder is written before Tune lists it
+        while not _two_listed_each(storage) and time.monotonic() < deadline:
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
