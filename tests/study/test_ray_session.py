@@ -1,6 +1,7 @@
 """How a study starts or joins Ray: a local Ray for one-worker trials starts without its dashboard (its
 start costs every study 1-2 s); multi-worker trials keep it (Ray Train's placement-group cleaner needs the
-State API); a cluster is joined as it is. A study's summary is drawn while Ray shuts down, and survives it."""
+State API); a cluster is joined as it is. A study's summary is drawn while Ray shuts down, and survives it;
+a local Ray stops without waiting a second for its autoscaler monitor."""
 
 from __future__ import annotations
 
@@ -70,7 +71,6 @@ def test_the_summary_drawn_while_ray_shuts_down_is_not_cut_short(tmp_path):
 STOPPER = textwrap.dedent("""
     import ray
     from ray._private import node, ray_constants
-    from ltstudy.study import _compat
     from ltstudy.study.ray_session import ray_init, stop_ray
 
     seen = {}
