@@ -130,7 +130,6 @@ def check(
     data_root: list[str] | None = typer.Option(None, "--data-root", help="data paths every node must see"),
 ) -> None:
     """Check every node: storage marker, data paths, tracking server, versions. Exit 2 on any problem."""
-
     from ltstudy.study.cluster.nodes import ClusterCheckError, check_nodes
     from ltstudy.study.ray_session import check_address, ray_init, stop_ray
     from ltstudy.study.tracking.store import check_reachable, resolve_tracking_uri
